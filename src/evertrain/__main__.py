@@ -1,0 +1,5 @@
+import sys
+
+from evertrain.cli import main
+
+sys.exit(main())

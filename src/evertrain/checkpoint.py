@@ -1,0 +1,192 @@
+"""Checkpoints: written atomically, verified before use, pruned without ever losing the newest good one.
+
+A checkpoint is first written to `OUTPUT_DIR/.tmp-checkpoint-N/`, every file fsync'd, then renamed to
+`checkpoint-N/` and the parent folder fsync'd: a crash leaves either no checkpoint-N or a complete one.
+`trainer_state.json` is written last and lists every other file with its size and sha256 (the manifest);
+resume verifies the manifest and falls back to the previous checkpoint when the newest fails.
+Checkpoints are ordered by the global step recorded inside them, never by folder name or mtime.
+
+    python -m evertrain.checkpoint OUTPUT_DIR      # list checkpoints and whether each verifies
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
+    """Replace `path` with `data` as JSON so that readers see the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != STATE_FILE:
+            out[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": file_digest(p)}
+    return out
+
+
+def temp_path(output_dir: Path, step: int) -> Path:
+    return output_dir / f".tmp-checkpoint-{step}"
+
+
+def final_path(output_dir: Path, step: int) -> Path:
+    return output_dir / f"checkpoint-{step}"
+
+
+def commit(tmp: Path, state: dict) -> Path:
+    """Seal a fully written temporary checkpoint folder and move it into place. Main process only."""
+    state = dict(state, format=FORMAT, manifest=manifest(tmp))
+    with open(tmp / STATE_FILE, "w") as f:
+        json.dump(state, f, indent=2)
+    fsync_tree(tmp)
+    final = final_path(tmp.parent, state["global_step"])
+    if final.exists():
+        # The same step saved again (e.g. a stop right after a resume): swap, never leave a gap of nothing.
+        old = tmp.parent / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    fsync_dir(tmp.parent)
+    return final
+
+
+def read_state(path: Path) -> dict | None:
+    try:
+        with open(path / STATE_FILE) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or "manifest" not in state:
+        return None
+    return state
+
+
+def verify(ckpt: Checkpoint, *, full: bool = True) -> str | None:
+    """None when every file of the manifest is there with its size (and, if `full`, its sha256); else why not."""
+    for rel, meta in ckpt.state["manifest"].items():
+        p = ckpt.path / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']}"
+        if full and file_digest(p) != meta["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def candidates(output_dir: Path) -> list[Checkpoint]:
+    """Checkpoints whose state file parses, newest (highest recorded global step) first; not yet verified."""
+    found = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            if p.is_dir() and p.name.startswith("checkpoint-"):
+                state = read_state(p)
+                if state is not None:
+                    found.append(Checkpoint(p, state["global_step"], state))
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def newest_complete(output_dir: Path, *, warn=print) -> Checkpoint | None:
+    """The newest checkpoint that verifies; broken newer ones are reported and passed over."""
+    for ckpt in candidates(Path(output_dir)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"evertrain: skipping {ckpt.path}: {problem}")
+    return None
+
+
+def prune(output_dir: Path, keep: int, *, protected: set[str] = frozenset(), budget_bytes: int | None = None,
+          newest: Path | None = None) -> list[Path]:
+    """Delete old complete checkpoints beyond `keep` (and beyond a disk budget), oldest first.
+
+    Never deleted: the newest complete checkpoint (`newest`, which the caller has just written or verified),
+    and any checkpoint named in `protected` (pinned by a person).
+    """
+    ckpts = candidates(Path(output_dir))
+    if newest is None and ckpts:
+        newest = ckpts[0].path
+    removable = [c for c in ckpts if c.path != newest and c.name not in protected]
+    kept_count = len(ckpts) - len(removable)
+    deleted = []
+    size = {c.path: folder_size(c.path) for c in ckpts} if budget_bytes is not None else {}
+    total = sum(size.values())
+    # Oldest first: the list is newest first, so walk it from the end.
+    for idx, c in reversed(list(enumerate(removable))):
+        over_count = kept_count + idx + 1 > keep
+        over_budget = budget_bytes is not None and total > budget_bytes
+        if over_count or over_budget:
+            shutil.rmtree(c.path, ignore_errors=True)
+            total -= size.get(c.path, 0)
+            deleted.append(c.path)
+    # Debris of crashed saves: never complete, never useful.
+    for p in Path(output_dir).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    return deleted
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+if __name__ == "__main__":
+    import sys
+
+    for c in candidates(Path(sys.argv[1])):
+        print(f"{c.path}  step {c.step}  {verify(c) or 'ok'}")

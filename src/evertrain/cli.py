@@ -1,0 +1,121 @@
+"""The `evertrain` command.
+
+    evertrain train --dataset FILE --output-dir DIR     # train one file into a continuing run
+    evertrain --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from evertrain import checkpoint
+from evertrain.config import ConfigError, TrainConfig, add_arguments, overrides_from_args
+
+# Exit codes a script can rely on.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_GUARD, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="evertrain", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one JSONL file into the run in --output-dir (continuing it)")
+    p.add_argument("--dataset", type=Path, required=True, help="JSONL file to train")
+    p.add_argument("--output-dir", type=Path, required=True, help="the run's folder (checkpoints, trace)")
+    p.add_argument("--allow-repeat", action="store_true", help="train a file even if its content was trained")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"evertrain: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpoint | None) -> TrainConfig:
+    """The run's saved settings (when continuing a run), with the options given now on top."""
+    base = {}
+    if resume is not None and (resume.path / "evertrain_config.json").exists():
+        base = json.loads((resume.path / "evertrain_config.json").read_text())
+    return TrainConfig.from_dict({**base, **overrides}, source=str(output_dir))
+
+
+def cmd_train(args) -> int:
+    from evertrain import loop
+    from evertrain.data import DataError, load_file
+
+    if not args.dataset.is_file():
+        print(f"evertrain: {args.dataset}: no such file", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    resume = checkpoint.newest_complete(args.output_dir)
+    config = resolve_config(args.output_dir, overrides_from_args(args), resume)
+    try:
+        session = loop.setup(config, args.output_dir, resume=resume)
+    except loop.RunMismatch as e:
+        print(f"evertrain: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        data = load_file(args.dataset, session.tokenizer, config)
+    except DataError as e:
+        print(f"evertrain: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    earlier = session.progress.finished(data.sha256)
+    if earlier and not args.allow_repeat:
+        print(f"evertrain: {args.dataset}: this content (sha256 {data.sha256[:12]}) was already trained in this run "
+              f"as {earlier.name}, global steps {earlier.first_step}-{earlier.last_step}; "
+              "use --allow-repeat to train it again", file=sys.stderr)
+        return EXIT_DUPLICATE
+
+    stop = {"asked": False}
+
+    def on_signal(signum, _frame):
+        stop["asked"] = True
+        session.say(f"evertrain: {signal.Signals(signum).name}: checkpointing at the next step boundary")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    session.should_interrupt = lambda: stop["asked"]
+
+    G = session.global_batch
+    session.say(f"evertrain: {args.dataset.name}: {len(data.examples)} examples {dict(data.formats)}, "
+                f"{data.tokens} tokens, {data.truncated} truncated to {config.max_length}, "
+                f"{len(data.held_out)} held out, {len(data.rows)} rows, global batch {G}, "
+                f"{data.total_steps(G, config.epochs)} steps")
+    result = loop.fit(session, data)
+    loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
+    session.say(f"evertrain: {args.dataset.name} {result.status}: {result.steps} steps this call "
+                f"(file {result.file_step}/{result.expected_steps}), global step {result.step_before} -> "
+                f"{result.step_after}, mean loss {loss}, {result.tokens} tokens, {result.seconds:.1f} s, "
+                f"checkpoint {result.checkpoint}")
+    if result.status == "interrupted":
+        return EXIT_INTERRUPTED
+    problems = guard_problems(session, result)
+    for p in problems:
+        print(f"evertrain: {args.dataset.name} NOT done: {p}", file=sys.stderr)
+    return EXIT_GUARD if problems else EXIT_OK
+
+
+def guard_problems(session, result) -> list[str]:
+    """The checks home-made systems lacked: a file is done only if its steps happened and are on disk."""
+    problems = []
+    if result.steps <= 0:
+        problems.append("no optimizer step was trained")
+    if result.file_step != result.expected_steps:
+        problems.append(f"the file got {result.file_step} steps, expected {result.expected_steps}")
+    if result.step_after - result.step_before != result.steps:
+        problems.append(f"global step went {result.step_before} -> {result.step_after} for {result.steps} steps")
+    ckpt = checkpoint.final_path(session.output_dir, result.step_after)
+    state = checkpoint.read_state(ckpt)
+    if state is None or state["global_step"] != result.step_after:
+        problems.append(f"no complete checkpoint for global step {result.step_after} at {ckpt}")
+    return problems
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Training settings: one typed dataclass, documented field by field.
+
+The same fields become the options of `evertrain train` and `evertrain init` (see `add_arguments`),
+the keys of a workspace's `evertrain.toml`, and `evertrain_config.json` beside every checkpoint.
+
+    python -c "from evertrain.config import TrainConfig; print(TrainConfig())"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+LR_SCHEDULES = ("constant", "inverse_sqrt", "wsd")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of range."""
+
+
+def _opt(default, help: str, *, low=None, high=None, choices=None, flag: str | None = None, identity=False):
+    """A config field; `low`/`high` bound numbers, `identity` marks settings that define the run."""
+    meta = {"help": help, "low": low, "high": high, "choices": choices, "flag": flag, "identity": identity}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- the run's identity: fixed at the first step, a change is refused ---
+    model: str | None = _opt(
+        None, "local model directory or hub id; default: the embedded SmolLM2-135M-Instruct", identity=True)
+    lora: bool = _opt(False, "train a LoRA adapter (--lora) instead of all weights (--full)", flag="lora/full",
+                      identity=True)
+    lora_r: int = _opt(16, "LoRA rank", low=1, identity=True)
+    lora_alpha: int = _opt(32, "LoRA scaling numerator (scale = alpha / r)", low=1, identity=True)
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input", low=0.0, high=0.9, identity=True)
+    lora_target_modules: str = _opt("all-linear", "comma-separated module names, or all-linear", identity=True)
+    dtype: str = _opt("float32", "dtype the weights are loaded and kept in", choices=DTYPES, identity=True)
+
+    # --- batches and steps ---
+    batch_size: int = _opt(8, "rows per micro-batch on each process", low=1)
+    gradient_accumulation: int = _opt(1, "micro-batches per optimizer step on each process", low=1)
+    epochs: int = _opt(1, "times every example of a file is trained", low=1)
+    max_length: int = _opt(1024, "tokens per row; longer examples are truncated (and counted)", low=8)
+    packing: bool = _opt(True, "pack several examples into one row to avoid padding", flag="packing/no-packing")
+    held_out_fraction: float = _opt(
+        0.0, "fraction of each file's examples held out from training for evaluation", low=0.0, high=0.5)
+    held_out_max: int = _opt(64, "at most this many held-out examples per file", low=0)
+
+    # --- optimizer and schedule ---
+    learning_rate: float = _opt(5e-5, "peak learning rate", low=0.0, high=1.0)
+    lr_schedule: str = _opt("constant", "constant (after warmup), inverse_sqrt, or wsd (warmup-stable-decay)",
+                            choices=LR_SCHEDULES)
+    warmup_steps: int = _opt(20, "optimizer steps of linear warmup at the start of the run", low=0)
+    decay_steps: int = _opt(0, "wsd only: start the decay to zero at this file's first step, over this many steps",
+                            low=0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", low=0.0, high=1.0)
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)", low=0.0)
+    precision: str = _opt("auto", "mixed precision: auto (bf16 where the GPU has it, else none), no, bf16, fp16",
+                          choices=PRECISIONS)
+    seed: int = _opt(42, "seed of the data order and of initialisation", low=0)
+
+    # --- checkpoints and logs ---
+    save_steps: int = _opt(200, "also checkpoint every this many optimizer steps (0: only at the end of a file)",
+                           low=0)
+    keep_checkpoints: int = _opt(3, "complete checkpoints kept; the newest is never deleted", low=1)
+    log_steps: int = _opt(10, "print a progress line every this many optimizer steps", low=1)
+    trace: bool = _opt(False, "append one line per optimizer step to trace.jsonl (which lines it trained)",
+                       flag="trace/no-trace")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define a run; changing them mid-run would silently mix two models."""
+        ident = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"]}
+        if not self.lora:
+            for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+                ident.pop(name)
+        return ident
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
+        return cls(**{k: _coerce(known[k], v, source) for k, v in values.items()})
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    kind = _kind(f)
+    if value is None and f.default is None:
+        return None
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{source}: {f.name} must be {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return {"bool": bool, "int": int, "float": float}.get(str(f.type), str)
+
+
+def validate(config: TrainConfig) -> None:
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None:
+            continue
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        if meta["low"] is not None and value < meta["low"]:
+            raise ConfigError(f"{f.name} must be >= {meta['low']}, got {value!r}")
+        if meta["high"] is not None and value > meta["high"]:
+            raise ConfigError(f"{f.name} must be <= {meta['high']}, got {value!r}")
+    if config.decay_steps and config.lr_schedule != "wsd":
+        raise ConfigError("decay_steps only applies to lr_schedule = wsd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One command-line option per TrainConfig field; unset options stay None (= keep the default/config)."""
+    for f in fields(TrainConfig):
+        meta, kind = f.metadata, _kind(f)
+        default_text = "" if f.default is None else f" (default: {f.default})"
+        if kind is bool:
+            on, off = (meta["flag"] or f"{f.name}/no-{f.name}").split("/")
+            parser.add_argument(f"--{on.replace('_', '-')}", dest=f.name, action="store_true", default=None,
+                                help=meta["help"] + default_text)
+            parser.add_argument(f"--{off.replace('_', '-')}", dest=f.name, action="store_false", default=None,
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                                choices=meta["choices"], help=meta["help"] + default_text)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig settings given on the command line (those not given are left out)."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+
+
+def to_json(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

