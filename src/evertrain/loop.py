@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -96,6 +97,8 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     from accelerate import Accelerator
 
     output_dir = Path(output_dir)
+    # Launched as several processes on a machine without CUDA: accelerate only picks gloo when told "cpu".
+    cpu = cpu or ("LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=_precision(config.precision), cpu=cpu)
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         raise NotImplementedError("evertrain checkpoints single-process and DDP runs; FSDP and DeepSpeed "
@@ -191,7 +194,7 @@ def fit(session: Session, data: FileData) -> FileResult:
             batch = collate(mine, data, session.tokenizer.pad_token_id, acc.device)
             sync = m == accum - 1
             with nullcontext() if sync else acc.no_sync(model):
-                out = model(**batch, num_items_in_batch=max(n_target, 1))
+                out = model(**batch, use_cache=False, num_items_in_batch=max(n_target, 1))
                 # DDP averages gradients over processes; each loss is already a share of the global sum.
                 acc.backward(out.loss * world)
             loss_sum += out.loss.detach()
@@ -236,7 +239,8 @@ def collate(rows: list[list[int]], data: FileData, pad_id: int, device) -> dict[
     """Rows of examples -> input_ids, labels, position_ids, right-padded to the longest row.
 
     No attention mask is passed: position ids that restart at 0 for every example (and for the padding) make
-    transformers build a block-diagonal causal mask, so packed examples never attend to each other.
+    transformers build a block-diagonal causal mask, so packed examples never attend to each other. That
+    detection only runs without a KV cache, hence use_cache=False in the forward pass.
     """
     ids, labels, pos = [], [], []
     for row in rows or [[]]:

@@ -1,0 +1,34 @@
+"""Shared fixtures: the tiny model folder, JSONL writers, and the real CLI run in-process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def text_rows(n: int, tag: str = "x") -> list[dict]:
+    """n distinct text examples of varied lengths."""
+    return [{"text": f"{tag} example {i}: " + "abc " * (i % 7 + 1)} for i in range(n)]
+
+
+def cli(*args) -> int:
+    """Run the real `evertrain` command in this process; returns its exit code."""
+    from evertrain.cli import main
+
+    return main([str(a) for a in args])

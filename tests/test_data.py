@@ -1,0 +1,120 @@
+"""The data formats, their labels, packing, and every kind of bad input (library and CLI)."""
+
+import json
+
+import pytest
+import torch
+from conftest import cli, text_rows, write_jsonl
+
+from evertrain.config import TrainConfig
+from evertrain.data import IGNORE, DataError, load_file, pack
+from evertrain.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+def labelled_text(tok, example):
+    return tok.decode([t for t in example.labels if t != IGNORE])
+
+
+def test_formats_and_loss_masks(tmp_path, tok, tiny_model):
+    f = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"text": "plain text"},
+        {"prompt": "Q: two?", "completion": " A: 2"},
+        {"prompt": "Q: three?", "response": " A: 3"},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"},
+                      {"role": "assistant", "content": "hello again"}]},
+    ])
+    data = load_file(f, tok, TrainConfig(model=str(tiny_model), packing=False))
+    text, pc, pr, chat = data.examples
+    assert dict(data.formats) == {"text": 1, "prompt_completion": 2, "messages": 1}
+    eos = tok.eos_token
+    # text: every token but the first (which nothing predicts) is a target, and EOS is appended
+    assert labelled_text(tok, text) == "lain text" + eos
+    assert pc.input_ids[-1] == tok.eos_token_id and labelled_text(tok, pc) == " A: 2" + eos
+    assert labelled_text(tok, pr) == " A: 3" + eos
+    # messages: exactly the assistant turns, both of them, each with its end-of-turn marker
+    assert labelled_text(tok, chat) == f"hello{eos}\nhello again{eos}\n"
+    assert [e.line for e in data.examples] == [0, 1, 2, 3]
+
+
+def test_truncation_is_counted_not_dropped(tmp_path, tok, tiny_model):
+    f = write_jsonl(tmp_path / "long.jsonl", [{"text": "y" * 100}, {"text": "short"}])
+    data = load_file(f, tok, TrainConfig(model=str(tiny_model), max_length=16, packing=False))
+    assert len(data.examples) == 2 and data.truncated == 1
+    assert len(data.examples[0].input_ids) == 16
+
+
+BAD = {
+    "invalid_json": (b'{"text": "ok"}\n{"text": broken\n', "line 2: invalid JSON"),
+    "not_utf8": (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8"),
+    "unknown_keys": (b'{"text": "ok"}\n{"txt": "typo"}\n', "line 2: unknown keys ['txt']"),
+    "extra_key": (b'{"text": "ok", "source": "web"}\n', "line 1: unknown keys ['source', 'text']"),
+    "non_string": (b'{"prompt": "q", "completion": 42}\n', 'line 1: "completion" must be a string, got int'),
+    "non_string_content": (b'{"messages": [{"role": "assistant", "content": ["a"]}]}\n',
+                           "line 1: messages[0].content must be a string, got list"),
+    "no_assistant": (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: no assistant turn"),
+    "bad_role": (b'{"messages": [{"role": "bot", "content": "hi"}]}\n', "line 1: messages[0] has unknown role"),
+    "not_object": (b'["text"]\n', "line 1: expected a JSON object, got list"),
+    "empty_file": (b"", "holds no examples"),
+    "blank_only": (b"\n  \n", "holds no examples"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_names_file_and_line(tmp_path, tok, tiny_model, kind):
+    content, message = BAD[kind]
+    f = tmp_path / f"{kind}.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_file(f, tok, TrainConfig(model=str(tiny_model)))
+    assert str(f) in str(err.value) and message in str(err.value)
+
+
+def test_every_bad_line_is_reported(tmp_path, tok, tiny_model):
+    f = write_jsonl(tmp_path / "many.jsonl", ['{"text": "good"}', "nope", '{"text": 1}', '{"text": "good"}', "{"])
+    with pytest.raises(DataError) as err:
+        load_file(f, tok, TrainConfig(model=str(tiny_model)))
+    assert [p.split(":")[0] for p in err.value.problems] == ["line 2", "line 3", "line 5"]
+
+
+def test_cli_rejects_bad_file_and_trains_nothing(tmp_path, tiny_model, capsys):
+    out = tmp_path / "run"
+    assert cli("train", "--dataset", write_jsonl(tmp_path / "good.jsonl", text_rows(5)), "--output-dir", out,
+               "--model", tiny_model) == 0
+    before = sorted(p.name for p in out.iterdir())
+    bad = write_jsonl(tmp_path / "bad.jsonl", text_rows(3) + ['{"text": 7}'])
+    assert cli("train", "--dataset", bad, "--output-dir", out) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 4" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # no new checkpoint, nothing trained
+
+
+def test_packing_puts_every_example_in_one_row_within_capacity():
+    lengths = [5, 17, 3, 30, 12, 12, 1, 29, 8]
+    rows = pack(lengths, 32)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 32 for r in rows)
+    assert len(rows) < len(lengths)
+
+
+def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok, tiny_model):
+    """The logits of an example inside a packed row equal its logits alone."""
+    from transformers import AutoModelForCausalLM
+
+    from evertrain.loop import collate
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"text": "first example here"}, {"text": "second one"}])
+    data = load_file(f, tok, TrainConfig(model=str(tiny_model), packing=True))
+    assert data.rows == [[0, 1]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in collate(data.rows, data, tok.pad_token_id, "cpu").items()
+                          if k != "labels"}, use_cache=False).logits[0]
+        n0 = len(data.examples[0].input_ids)
+        alone = model(input_ids=torch.tensor([data.examples[1].input_ids])).logits[0]
+    torch.testing.assert_close(packed[n0:n0 + alone.shape[0]], alone)

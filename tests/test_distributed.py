@@ -1,0 +1,45 @@
+"""The same command under `accelerate launch` with 2 CPU processes (gloo): same global batch, same model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import cli, text_rows, write_jsonl
+from safetensors.torch import load_file as load_tensors
+
+from evertrain import checkpoint, trace
+
+
+def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tiny_model):
+    files = [write_jsonl(tmp_path / "a.jsonl", text_rows(13, "a")), write_jsonl(tmp_path / "b.jsonl", text_rows(5, "b"))]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    two, one = tmp_path / "two", tmp_path / "one"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD"))}
+    for f in files:
+        proc = subprocess.run(
+            [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+             "-m", "evertrain", "train", "--dataset", str(f), "--output-dir", str(two), "--model", str(tiny_model),
+             "--batch-size", "2", "--gradient-accumulation", "2", "--no-packing", "--trace",
+             "--learning-rate", "1e-3"], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count(" done: ") == 1  # only the main process reports
+    # global batch = 2 rows x 2 processes x 2 micro-batches = 8: 13 rows -> 2 steps, 5 rows -> 1 step
+    assert [c.step for c in checkpoint.candidates(two)] == [3, 2]
+    newest = checkpoint.newest_complete(two)
+    assert {p.name for p in newest.path.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
+    cov = trace.coverage(two / "trace.jsonl")
+    assert sorted(sorted(c.items()) for c in cov.values()) == sorted(
+        [sorted((i, 1) for i in range(13)), sorted((i, 1) for i in range(5))])
+
+    # One process with the same global batch (4 rows x 2 micro-batches) must land on the same weights:
+    # proof that the two ranks together trained every row of every step, each weighted once.
+    for f in files:
+        assert cli("train", "--dataset", f, "--output-dir", one, "--model", tiny_model, "--batch-size", 4,
+                   "--gradient-accumulation", 2, "--no-packing", "--learning-rate", 1e-3) == 0
+    a = load_tensors(checkpoint.final_path(one, 3) / "model.safetensors")
+    b = load_tensors(newest.path / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,59 @@
+"""Kill -9 in the middle of a file, run the same command again: same weights as a run never interrupted."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import text_rows, write_jsonl
+from safetensors.torch import load_file as load_tensors
+
+from evertrain import checkpoint, trace
+
+
+def command(data, out, model):
+    return [sys.executable, "-m", "evertrain", "train", "--dataset", str(data), "--output-dir", str(out),
+            "--model", str(model), "--batch-size", "2", "--no-packing", "--save-steps", "5", "--trace",
+            "--keep-checkpoints", "2", "--learning-rate", "1e-3"]
+
+
+def trained_steps(out) -> int:
+    try:
+        return (out / "trace.jsonl").read_text().count('"step"')
+    except FileNotFoundError:
+        return 0
+
+
+def run_and_kill_after(cmd, out, steps: int, deadline_s: float = 120) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + deadline_s
+    while trained_steps(out) < steps and proc.poll() is None:
+        assert time.monotonic() < end, "the run never reached the step to kill it at"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill_9_mid_file_then_resume_gives_identical_weights(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(61))  # 31 steps of 2 rows
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    subprocess.run(command(data, whole, tiny_model), check=True, env=env, capture_output=True)
+
+    run_and_kill_after(command(data, broken, tiny_model), broken, 8)
+    assert checkpoint.newest_complete(broken).step < 31  # really killed mid-file
+    run_and_kill_after(command(data, broken, tiny_model), broken, 22)
+    done = subprocess.run(command(data, broken, tiny_model), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumes at its step" in done.stdout
+
+    a = load_tensors(checkpoint.final_path(whole, 31) / "model.safetensors")
+    b = load_tensors(checkpoint.final_path(broken, 31) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the trace holds only committed history: every step once, every line once
+    steps = [r["step"] for r in trace.read(broken / "trace.jsonl")]
+    assert steps == list(range(1, 32))
+    assert trace.coverage(broken / "trace.jsonl") == trace.coverage(whole / "trace.jsonl")
+    assert set(next(iter(trace.coverage(broken / "trace.jsonl").values())).values()) == {1}
