@@ -1,6 +1,7 @@
 """The `evertrain` command.
 
     evertrain train --dataset FILE --output-dir DIR     # train one file into a continuing run
+    evertrain dashboard DIR                             # live web page of a run, http://127.0.0.1:8777/
     evertrain --help
 """
 
@@ -29,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-repeat", action="store_true", help="train a file even if its content was trained")
     add_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("dashboard", help="serve a live web page of a workspace or train output dir")
+    p.add_argument("dir", type=Path, nargs="?", default=Path("."), help="workspace or --output-dir (default: .)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; off loopback a token is required")
+    p.add_argument("--port", type=int, default=8777, help="port (0: any free one)")
+    p.add_argument("--token", help="the token clients must send (default off loopback: a random one, printed)")
+    p.set_defaults(func=cmd_dashboard)
 
     args = parser.parse_args(argv)
     try:
@@ -99,6 +107,19 @@ def cmd_train(args) -> int:
     for p in problems:
         print(f"evertrain: {args.dataset.name} NOT done: {p}", file=sys.stderr)
     return EXIT_GUARD if problems else EXIT_OK
+
+
+def cmd_dashboard(args) -> int:
+    from evertrain.dashboard import server
+
+    if not args.dir.is_dir():
+        print(f"evertrain: {args.dir}: no such folder", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return server.serve(args.dir, args.host, args.port, args.token)
+    except OSError as e:
+        print(f"evertrain: dashboard: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def guard_problems(session, result) -> list[str]:

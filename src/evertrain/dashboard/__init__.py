@@ -1,0 +1,1 @@
+"""The web dashboard of a run: `evertrain dashboard DIR` (see server.py)."""

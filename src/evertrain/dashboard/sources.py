@@ -1,0 +1,371 @@
+"""What the dashboard shows, read from the files of a run: the one place that knows the data contract.
+
+Every function takes a `Run` (where things are) and returns plain JSON-able dicts. Nothing here writes; the
+ledger is opened read-only, so the dashboard never holds a lock the daemon waits on.
+
+    python -m evertrain.dashboard.sources DIR      # print what /api/state would answer, as JSON
+
+A *work dir* is a daemon workspace (DIR/evertrain.toml; checkpoints in DIR/current_model/) or the OUTPUT_DIR of
+`evertrain train` (checkpoints directly in it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evertrain import checkpoint
+
+CONFIG_FILE = "evertrain.toml"          # marks a daemon workspace (see daemon/workspace.py)
+STATUS_FILE = "status/training_status.json"
+LEDGER_FILE = "ledger.sqlite"
+SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.json$")
+MAX_POINTS = 2000                       # metric points sent at once; longer histories are thinned
+SHOWN_CHECKPOINTS = 10
+TRAIN_QUIET_SECONDS = 120               # a `train` run with no metrics line for this long is not training
+METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_second", "file_step", "file_total_steps", "time")
+
+
+@dataclass
+class Run:
+    root: Path
+    daemon: bool = False
+    model_dir: Path = field(init=False)
+    metrics: "JsonlTail" = field(init=False)
+    evals: "JsonlTail" = field(init=False)
+    snapshots: "SnapshotCache" = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).absolute()
+        self.daemon = (self.root / CONFIG_FILE).is_file()
+        self.model_dir = self.root / "current_model" if self.daemon else self.root
+        self.metrics = JsonlTail(self, "metrics.jsonl", key="step", keep=METRIC_FIELDS + ("file", "file_name"))
+        self.evals = JsonlTail(self, "evals.jsonl")
+        self.snapshots = SnapshotCache(self)
+
+    def find(self, *relative: str) -> Path | None:
+        """The first of the places the contract allows for a file (the work dir, then the model folder, where
+        the core writes when the daemon hands it current_model/ as its output dir)."""
+        for base in (self.root, self.model_dir):
+            for rel in relative:
+                p = base / rel
+                if p.exists():
+                    return p
+        return None
+
+
+def open_run(root: Path) -> Run:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (give a workspace or the output dir of `evertrain train`)")
+    return Run(root)
+
+
+# ------------------------------------------------------------------------------------------------- jsonl
+
+class JsonlTail:
+    """An append-only JSONL log read incrementally: each call parses only the bytes added since the last.
+
+    With `key` (metrics: the global step), a record whose key is not above the previous one means the run
+    resumed from an older checkpoint and trained those steps again: the newer lines replace the older ones,
+    as only they are the run's committed history."""
+
+    def __init__(self, run: Run, name: str, key: str | None = None, keep: tuple[str, ...] | None = None):
+        self.run, self.name, self.key, self.keep = run, name, key, keep
+        self.path: Path | None = None
+        self.offset = 0
+        self.records: list[dict] = []
+        self.lock = threading.Lock()
+
+    def read(self) -> list[dict]:
+        with self.lock:
+            path = self.run.find(f"logs/{self.name}", self.name)
+            if path is None:
+                return self.records
+            size = path.stat().st_size
+            if path != self.path or size < self.offset:  # another file, or rewritten: start over
+                self.path, self.offset, self.records = path, 0, []
+            if size > self.offset:
+                with open(path, "rb") as f:
+                    f.seek(self.offset)
+                    chunk = f.read(size - self.offset)
+                end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+                self.offset += end
+                for line in chunk[:end].splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue  # a line torn by a crash
+                    if not isinstance(rec, dict):
+                        continue
+                    if self.keep is not None:  # a run that never ends: hold only what is shown
+                        rec = {k: rec.get(k) for k in self.keep}
+                    if self.key is not None:
+                        k = rec.get(self.key)
+                        if not isinstance(k, int):
+                            continue
+                        while self.records and self.records[-1][self.key] >= k:
+                            self.records.pop()
+                    self.records.append(rec)
+            return self.records
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+def metrics(run: Run, since: int = 0, max_points: int = MAX_POINTS) -> dict:
+    """Steps after `since` as columns (thinned to at most `max_points`, the last step always kept), and the
+    span of global steps of every file (the chart's file boundaries), from the whole history."""
+    records = run.metrics.read()
+    new = records[bisect.bisect_right(records, since, key=lambda r: r["step"]):]
+    stride = max(1, -(-len(new) // max_points))
+    if stride > 1:
+        new = new[::stride] + ([new[-1]] if (len(new) - 1) % stride else [])
+    spans: list[dict] = []
+    for r in records:
+        if spans and spans[-1]["file"] == r.get("file") and spans[-1]["last_step"] == r["step"] - 1:
+            spans[-1]["last_step"] = r["step"]
+        else:
+            spans.append({"file": r.get("file"), "file_name": r.get("file_name"), "first_step": r["step"],
+                          "last_step": r["step"]})
+    return {"since": since, "last_step": records[-1]["step"] if records else 0, "stride": stride,
+            "columns": {k: [r.get(k) for r in new] for k in METRIC_FIELDS},
+            "files": spans}
+
+
+# ------------------------------------------------------------------------------------------------- evals
+
+def forgetting(run: Run) -> dict:
+    """The forgetting matrix: a row per evaluation event (after file i finished, or a periodic one), a column
+    per evaluated file in training order, cell = mean held-out loss; plus each file's loss right before it
+    started training (the `before` row), so a reader sees what training it gained and what later files cost."""
+    columns: dict[str, dict] = {}   # sha256 -> {"file", "file_name"}, in first-seen order
+    rows: dict[tuple, dict] = {}
+    before: dict[str, float] = {}
+    for e in run.evals.read():
+        sha = e.get("file")
+        if not isinstance(sha, str) or not isinstance(e.get("loss"), (int, float)):
+            continue
+        if e.get("before_file") is not None:
+            before[sha] = e["loss"]
+            columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
+            continue
+        after = e.get("after_file")
+        if after is not None:
+            columns.setdefault(after, {"file": after, "file_name": e.get("after_file_name")})
+        columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
+        row = rows.setdefault((e.get("step"), after), {
+            "step": e.get("step"), "after_file": after, "after_file_name": e.get("after_file_name"), "cells": {}})
+        row["cells"][sha] = e["loss"]
+    order = list(columns)
+    return {"files": list(columns.values()),
+            "before": [before.get(sha) for sha in order],
+            "rows": [dict(r, cells=[r["cells"].get(sha) for sha in order])
+                     for r in sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0))]}
+
+
+# ------------------------------------------------------------------------------------------------- snapshots
+
+SUMMARY_TEXT = 240  # characters of a prediction/generation kept in the per-step summary
+
+
+class SnapshotCache:
+    """snapshots/evolution/step-NNNNNNNN.json files, each parsed once (they are written once, atomically)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.summaries: dict[tuple, dict] = {}  # (path, mtime_ns, size) -> summary
+        self.lock = threading.Lock()
+
+    def folder(self) -> Path | None:
+        return self.run.find("snapshots/evolution")
+
+    def paths(self) -> dict[int, Path]:
+        folder = self.folder()
+        out = {}
+        if folder is not None and folder.is_dir():
+            for p in folder.iterdir():
+                m = SNAPSHOT_NAME.match(p.name)
+                if m:
+                    out[int(m.group(1))] = p
+        return dict(sorted(out.items()))
+
+    def summary(self, path: Path) -> dict | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = (path, st.st_mtime_ns, st.st_size)
+        with self.lock:
+            if key in self.summaries:
+                return self.summaries[key]
+        snap = read_json(path)
+        if snap is None:
+            return None
+        summary = {"step": snap.get("step"), "file_name": snap.get("file_name"), "time": snap.get("time"),
+                   "examples": {e["id"]: {"loss": e.get("loss"), "token_accuracy": e.get("token_accuracy"),
+                                          "prediction": _clip(e.get("prediction")),
+                                          "generation": _clip(e.get("generation")),
+                                          "label": example_label(e)}
+                                for e in snap.get("examples", []) if isinstance(e, dict) and "id" in e}}
+        with self.lock:
+            self.summaries = {k: v for k, v in self.summaries.items() if k[0] != path}
+            self.summaries[key] = summary
+        return summary
+
+
+def snapshots_index(run: Run) -> dict:
+    """Every snapshot step, and every tracked example with its loss/accuracy/outputs at each step."""
+    steps, examples = [], {}
+    for step, path in run.snapshots.paths().items():
+        s = run.snapshots.summary(path)
+        if s is None:
+            continue
+        steps.append({"step": step, "file_name": s["file_name"], "time": s["time"]})
+        for ex_id, e in s["examples"].items():
+            ex = examples.setdefault(ex_id, {"id": ex_id, "label": e["label"], "steps": []})
+            ex["steps"].append({"step": step, "loss": e["loss"], "token_accuracy": e["token_accuracy"],
+                                "prediction": e["prediction"], "generation": e["generation"]})
+    return {"steps": steps, "examples": list(examples.values())}
+
+
+def snapshot(run: Run, step: int) -> dict | None:
+    path = run.snapshots.paths().get(step)
+    return read_json(path) if path is not None else None
+
+
+def example_label(e: dict) -> str:
+    where = e.get("source") or "example"
+    if e.get("line") is not None:
+        where = f"line {e['line'] + 1}"
+    text = (e.get("input") or e.get("expected") or "").strip().replace("\n", " ")
+    return f"{e.get('id')} ({where}): {text[:60]}"
+
+
+def _clip(text):
+    if isinstance(text, str) and len(text) > SUMMARY_TEXT:
+        return text[:SUMMARY_TEXT] + "…"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+def files(run: Run) -> list[dict]:
+    """Every file of the run with its state, in arrival order: the ledger's files table for a daemon
+    workspace; for a `train` output dir, the files recorded in the newest checkpoint (finished ones, then
+    part-way ones)."""
+    ledger = run.root / LEDGER_FILE
+    if ledger.is_file():
+        return ledger_files(ledger)
+    ckpt = newest(run)
+    if ckpt is None:
+        return []
+    progress = ckpt.state.get("evertrain", {})
+    out = [{"original_name": f["name"], "sha256": f["sha256"], "state": f.get("status", "done"),
+            "examples": f.get("examples"), "tokens": f.get("tokens"), "expected_steps": f.get("expected_steps"),
+            "steps_trained": f.get("steps"), "first_step": f.get("first_step"), "last_step": f.get("last_step")}
+           for f in progress.get("files", [])]
+    for c in progress.get("cursors", {}).values():
+        out.append({"original_name": c["name"], "sha256": c["sha256"], "state": "interrupted",
+                    "expected_steps": c.get("total_steps"), "steps_trained": c.get("file_step"),
+                    "first_step": c.get("first_step"), "last_step": None})
+    return out
+
+
+LEDGER_COLUMNS = ("id", "original_name", "sha256", "size", "priority", "state", "format", "examples", "tokens",
+                  "expected_steps", "steps_trained", "first_step", "last_step", "arrived_at", "started_at",
+                  "finished_at", "error")
+
+
+def ledger_files(path: Path) -> list[dict]:
+    """The files table of daemon/ledger.py, read-only; columns an older ledger lacks come back as None."""
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=2)
+    try:
+        have = {r[1] for r in db.execute("PRAGMA table_info(files)")}
+        cols = ", ".join(c if c in have else f"NULL AS {c}" for c in LEDGER_COLUMNS)
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute(f"SELECT {cols} FROM files ORDER BY id")]
+    finally:
+        db.close()
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints, status
+
+def newest(run: Run) -> checkpoint.Checkpoint | None:
+    """The newest checkpoint whose state parses (not verified: hashing weights every poll would be slow)."""
+    found = checkpoint.candidates(run.model_dir)
+    return found[0] if found else None
+
+
+def checkpoints(run: Run) -> list[dict]:
+    out = []
+    for c in checkpoint.candidates(run.model_dir)[:SHOWN_CHECKPOINTS]:
+        try:
+            created = (c.path / checkpoint.STATE_FILE).stat().st_mtime
+        except OSError:
+            continue  # pruned while we looked
+        out.append({"name": c.name, "step": c.step, "created_at": created,
+                    "bytes": sum(m.get("size", 0) for m in c.state.get("manifest", {}).values()),
+                    "files": len(c.state.get("files", []))})
+    return out
+
+
+def status(run: Run) -> dict:
+    """The daemon's status file; for a `train` output dir (no daemon), what the last metrics line says."""
+    if run.daemon:
+        st = read_json(run.root / STATUS_FILE)
+        if st is not None:
+            return dict(st, source="daemon")
+        return {"state": "never ran", "source": "daemon"}
+    last = run.metrics.records[-1] if run.metrics.read() else None
+    ckpt = newest(run)
+    st = {"state": "idle", "source": "train", "global_step": ckpt.step if ckpt else 0,
+          "last_checkpoint": ckpt.name if ckpt else None, "updated_at": None}
+    if last is None:
+        return st
+    st.update(global_step=max(st["global_step"], last["step"]), loss=last.get("loss"),
+              learning_rate=last.get("lr"), updated_at=last.get("time"))
+    part_way = last.get("file_step") != last.get("file_total_steps") or bool(
+        ckpt and ckpt.state.get("evertrain", {}).get("cursors"))
+    if part_way:
+        # No daemon reports on a `train` process: steps logged lately mean it is still at work.
+        recent = isinstance(last.get("time"), (int, float)) and time.time() - last["time"] < TRAIN_QUIET_SECONDS
+        st.update(state="training" if recent else "interrupted", current_file=last.get("file_name"),
+                  file_step=last.get("file_step"), file_total_steps=last.get("file_total_steps"),
+                  tokens_per_second=last.get("tokens_per_second"))
+    return st
+
+
+def state(run: Run) -> dict:
+    """Everything /api/state answers: one poll gives the whole top of the page."""
+    return {"root": str(run.root), "kind": "workspace" if run.daemon else "train output dir",
+            "status": status(run), "files": files(run), "checkpoints": checkpoints(run),
+            "forgetting": forgetting(run), "snapshots": snapshot_marker(run)}
+
+
+def snapshot_marker(run: Run) -> dict:
+    """Enough for the page to know whether to fetch the snapshot index again."""
+    paths = run.snapshots.paths()
+    last = max(paths) if paths else None
+    return {"count": len(paths), "last_step": last,
+            "last_mtime": paths[last].stat().st_mtime_ns if last is not None else None}
+
+
+def read_json(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(state(open_run(Path(sys.argv[1] if len(sys.argv) > 1 else os.getcwd()))), indent=2))

@@ -1,0 +1,421 @@
+// The evertrain dashboard: polls the JSON API every 2 s and redraws what changed.
+// Everything from the run (file names, texts) goes into the page as text nodes, never as HTML.
+"use strict";
+
+const POLL_MS = 2000;
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined) continue;
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("data-") || k === "title" || k === "style") node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  return node;
+}
+
+const fmt = {
+  num: (x, d = 4) => (x === null || x === undefined ? "—" : Number(x).toPrecision(d)),
+  loss: (x) => (x === null || x === undefined ? "—" : Number(x).toFixed(3)),
+  pct: (x) => (x === null || x === undefined ? "—" : (100 * x).toFixed(0) + "%"),
+  int: (x) => (x === null || x === undefined ? "—" : Number(x).toLocaleString("en-US")),
+  bytes: (b) => {
+    if (b === null || b === undefined) return "—";
+    const u = ["B", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
+    return b.toFixed(i ? 1 : 0) + " " + u[i];
+  },
+  secs: (s) => {
+    if (s === null || s === undefined) return "—";
+    s = Math.round(s);
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), r = s % 60;
+    return h ? `${h}h ${m}m` : m ? `${m}m ${r}s` : `${r}s`;
+  },
+  time: (t) => (t ? new Date(t * 1000).toLocaleString() : "—"),
+};
+
+async function get(path) {
+  const r = await fetch(path, { cache: "no-store" });
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(`${path}: ${r.status} ${body.error || r.statusText}`);
+  return body;
+}
+
+// ---------------------------------------------------------------------------------------------- status
+
+function renderStatus(st, root, kind) {
+  $("root").textContent = `${root} (${kind})`;
+  const state = st.state || "unknown";
+  $("state").textContent = state;
+  $("state").dataset.state = state;
+  $("updated").textContent = st.updated_at ? "updated " + new Date(st.updated_at * 1000).toLocaleTimeString() : "";
+  $("current-file").textContent = st.current_file || "—";
+  const done = st.file_step || 0, total = st.file_total_steps || 0;
+  const pct = total ? Math.min(100, (100 * done) / total) : 0;
+  $("progress-bar").style.width = pct + "%";
+  $("progress-bar").dataset.pct = pct.toFixed(1);
+  $("progress-text").textContent = total ? `step ${done} / ${total} of this file (${pct.toFixed(0)}%)` : "";
+  const items = [
+    ["global step", fmt.int(st.global_step)],
+    ["loss", fmt.loss(st.loss)],
+    ["learning rate", fmt.num(st.learning_rate, 3)],
+    ["tokens / s", st.tokens_per_second ? fmt.int(Math.round(st.tokens_per_second)) : "—"],
+    ["file ETA", fmt.secs(st.eta_file_seconds)],
+    ["queue ETA", fmt.secs(st.eta_queue_seconds)],
+    ["queued", fmt.int(st.queue_length)],
+    ["done", fmt.int(st.files_done)],
+    ["failed", fmt.int(st.files_failed)],
+    ["last checkpoint", st.last_checkpoint || "—"],
+  ];
+  // A train output dir has no daemon: no queue, no ETA; show only what the run has.
+  const shown = items.filter(([k, v]) => v !== "—" || st.source === "daemon");
+  $("numbers").replaceChildren(...shown.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: v }))));
+  if (st.alert) showError(st.alert);
+}
+
+// ---------------------------------------------------------------------------------------------- files
+
+const PRIORITY_RANK = { urgent: 0, high: 1, normal: 2, low: 3 };
+
+function stateChip(state) {
+  return el("span", { class: "chip", "data-state": state, text: state });
+}
+
+function renderFiles(files) {
+  const queue = files.filter((f) => f.state === "training" || f.state === "queued" || f.state === "interrupted");
+  queue.sort((a, b) => (a.state !== "training") - (b.state !== "training")
+    || (PRIORITY_RANK[a.priority] ?? 2) - (PRIORITY_RANK[b.priority] ?? 2) || (a.id ?? 0) - (b.id ?? 0));
+  const history = files.filter((f) => !queue.includes(f)).reverse();
+  const steps = (f) => `${fmt.int(f.steps_trained)} / ${fmt.int(f.expected_steps)}`;
+  $("queue").tBodies[0].replaceChildren(...(queue.length ? queue.map((f, i) => el("tr",
+    { "data-sha256": f.sha256 || "", "data-state": f.state },
+    el("td", { text: f.id ?? i + 1 }), el("td", { class: "name", text: f.original_name, title: f.sha256 || "" }),
+    el("td", {}, stateChip(f.state)), el("td", { text: f.priority || "—" }), el("td", { text: steps(f) }),
+    el("td", { text: fmt.int(f.examples) }))) : [emptyRow(6, "The queue is empty.")]));
+  $("files").tBodies[0].replaceChildren(...(history.length ? history.map((f, i) => el("tr",
+    { "data-sha256": f.sha256 || "", "data-state": f.state },
+    el("td", { text: f.id ?? history.length - i }),
+    el("td", { class: "name", text: f.original_name, title: f.sha256 || "" }),
+    el("td", {}, stateChip(f.state)), el("td", { text: steps(f) }),
+    el("td", { text: f.first_step ? `${f.first_step}–${f.last_step ?? "…"}` : "—" }),
+    el("td", { text: fmt.int(f.examples) }), el("td", { text: fmt.int(f.tokens) }),
+    el("td", { class: "note", text: (f.error || "").split("\n")[0], title: f.error || "" }))) :
+    [emptyRow(8, "No file has finished yet.")]));
+}
+
+function emptyRow(cols, text) {
+  return el("tr", {}, el("td", { colSpan: cols, class: "muted", text }));
+}
+
+// ---------------------------------------------------------------------------------------------- loss chart
+
+const series = { step: [], loss: [], lr: [] };
+let spans = [];
+let lastStep = 0;
+let lossPlot = null;
+
+function boundaryPlugin(getSpans) {
+  // Dashed vertical line and the file's name where each file's first step is.
+  return {
+    hooks: {
+      draw: (u) => {
+        const ctx = u.ctx, top = u.bbox.top, height = u.bbox.height;
+        ctx.save();
+        ctx.font = `${11 * devicePixelRatio}px system-ui, sans-serif`;
+        ctx.fillStyle = "#555";
+        ctx.strokeStyle = "#9aa3ad";
+        ctx.lineWidth = devicePixelRatio;
+        ctx.setLineDash([4 * devicePixelRatio, 4 * devicePixelRatio]);
+        for (const s of getSpans()) {
+          let x = Math.round(u.valToPos(s.first_step - 0.5, "x", true));
+          if (x > u.bbox.left + u.bbox.width + 1) continue;
+          x = Math.max(x, u.bbox.left);  // the first file starts at the left edge
+          ctx.beginPath();
+          ctx.moveTo(x, top);
+          ctx.lineTo(x, top + height);
+          ctx.stroke();
+          ctx.fillText(" " + (s.file_name || (s.file || "").slice(0, 12)), x, top + 12 * devicePixelRatio);
+        }
+        ctx.restore();
+      },
+    },
+  };
+}
+
+function chartWidth(node) {
+  return Math.max(300, node.clientWidth || node.parentElement.clientWidth - 32);
+}
+
+function drawLoss() {
+  const node = $("loss-chart");
+  node.dataset.points = series.step.length;
+  node.dataset.lastStep = lastStep;
+  node.dataset.boundaries = spans.length;
+  node.dataset.files = spans.map((s) => s.file_name).join("|");
+  $("loss-empty").hidden = series.step.length > 0;
+  if (!series.step.length) return;
+  const data = [series.step, series.loss, series.lr];
+  if (!lossPlot) {
+    lossPlot = new uPlot({
+      width: chartWidth(node), height: 300,
+      plugins: [boundaryPlugin(() => spans)],
+      scales: { x: { time: false } },
+      axes: [
+        { label: "global step" },
+        { scale: "loss", label: "loss", stroke: "#1f6feb", grid: { stroke: "#eef1f4" } },
+        { scale: "lr", label: "learning rate", side: 1, stroke: "#c2410c", grid: { show: false },
+          values: (u, vals) => vals.map((v) => v.toExponential(1)) },
+      ],
+      series: [
+        { label: "step" },
+        { label: "loss", scale: "loss", stroke: "#1f6feb", width: 1.5, value: (u, v) => fmt.loss(v) },
+        { label: "learning rate", scale: "lr", stroke: "#c2410c", width: 1.5, dash: [6, 3],
+          value: (u, v) => (v === null ? "—" : v.toExponential(2)) },
+      ],
+    }, data, node);
+  } else {
+    lossPlot.setData(data);
+  }
+}
+
+async function pollMetrics() {
+  const m = await get(`/api/metrics?since=${lastStep}`);
+  if (m.last_step < lastStep) {  // the run resumed from an older checkpoint: history was rewritten
+    series.step = []; series.loss = []; series.lr = []; lastStep = 0;
+    return pollMetrics();
+  }
+  const c = m.columns;
+  series.step.push(...c.step);
+  series.loss.push(...c.loss);
+  series.lr.push(...c.lr);
+  if (c.step.length) lastStep = c.step[c.step.length - 1];
+  spans = m.files;
+  if (c.step.length || !lossPlot) drawLoss();
+}
+
+// ---------------------------------------------------------------------------------------------- forgetting
+
+function heatColor(x, lo, hi) {
+  // green (low loss) -> yellow -> red (high loss), on a log scale: losses span decades.
+  const t = hi > lo ? (Math.log(x) - Math.log(lo)) / (Math.log(hi) - Math.log(lo)) : 0;
+  const hue = 130 * (1 - Math.min(1, Math.max(0, t)));
+  return `hsl(${hue}, 65%, 78%)`;
+}
+
+function renderForgetting(fm) {
+  const table = $("forgetting");
+  $("forgetting-empty").hidden = fm.rows.length > 0 || fm.before.some((x) => x !== null);
+  if ($("forgetting-empty").hidden === false) { table.replaceChildren(); return; }
+  const values = [...fm.before, ...fm.rows.flatMap((r) => r.cells)].filter((x) => x !== null && x > 0);
+  const lo = Math.min(...values), hi = Math.max(...values);
+  // Each file's loss right after it trained: the reference for what later files made it forget.
+  const fresh = fm.files.map((f, j) => {
+    const own = fm.rows.find((r) => r.after_file === f.file);
+    return own ? own.cells[j] : null;
+  });
+  const head = el("tr", {}, el("th", { class: "corner", text: "after ↓   evaluated on →" }),
+    ...fm.files.map((f) => el("th", { class: "col", title: f.file, text: f.file_name || f.file.slice(0, 12) })));
+  const cell = (x, j, rowFile, kind) => {
+    if (x === null || x === undefined) return el("td", { class: "empty", text: "" });
+    let title = `${fm.files[j].file_name}: loss ${x.toFixed(4)}`;
+    if (kind === "after" && fresh[j] !== null && rowFile !== fm.files[j].file) {
+      const d = x - fresh[j];
+      title += ` (${d >= 0 ? "+" : ""}${d.toFixed(4)} since it trained)`;
+    }
+    return el("td", { class: rowFile === fm.files[j].file ? "cell own" : "cell", style: `background:${heatColor(x, lo, hi)}`,
+      title, "data-loss": x.toFixed(4), "data-col-file": fm.files[j].file_name || "", text: x.toFixed(3) });
+  };
+  const rows = [];
+  if (fm.before.some((x) => x !== null)) {
+    rows.push(el("tr", { "data-row": "before" }, el("th", { class: "rowh", text: "before its training" }),
+      ...fm.before.map((x, j) => cell(x, j, null, "before"))));
+  }
+  for (const r of fm.rows) {
+    const label = r.after_file ? `after ${r.after_file_name || r.after_file.slice(0, 12)}` : "periodic";
+    rows.push(el("tr", { "data-row": r.after_file_name || "periodic", "data-step": r.step },
+      el("th", { class: "rowh", title: r.after_file || "" }, label, el("span", { class: "muted small", text: `  step ${r.step}` })),
+      ...r.cells.map((x, j) => cell(x, j, r.after_file, "after"))));
+  }
+  table.replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+// ---------------------------------------------------------------------------------------------- evolution
+
+let index = { steps: [], examples: [] };
+const snapshotCache = new Map();
+let exPlot = null;
+
+function selection() {
+  const h = new URLSearchParams(location.hash.slice(1));
+  return { example: h.get("example"), step: h.get("step") === null ? null : Number(h.get("step")) };
+}
+
+function select(example, step) {
+  const h = new URLSearchParams(location.hash.slice(1));
+  if (example !== undefined) h.set("example", example);
+  if (step !== undefined) h.set("step", step);
+  history.replaceState(null, "", "#" + h.toString());
+  renderEvolution();
+}
+
+function renderIndex(idx) {
+  index = idx;
+  const has = idx.steps.length > 0 && idx.examples.length > 0;
+  $("evolution-empty").hidden = has;
+  $("evolution-body").hidden = !has;
+  if (!has) return;
+  const sel = $("example");
+  const current = sel.value;
+  sel.replaceChildren(...idx.examples.map((e) => el("option", { value: e.id, text: e.label })));
+  if (current) sel.value = current;
+  const slider = $("step-slider");
+  const atEnd = Number(slider.value) === Number(slider.max);
+  slider.max = idx.steps.length - 1;
+  if (atEnd && selection().step === null) slider.value = slider.max;  // follow the newest snapshot
+  renderEvolution();
+}
+
+async function renderEvolution() {
+  if (!index.steps.length || !index.examples.length) return;
+  const sel = selection();
+  const example = index.examples.find((e) => e.id === sel.example) || index.examples[0];
+  $("example").value = example.id;
+  let pos = index.steps.length - 1;
+  if (sel.step !== null) {
+    const found = index.steps.findIndex((s) => s.step === sel.step);
+    if (found >= 0) pos = found;
+  } else {
+    pos = Number($("step-slider").value);
+  }
+  $("step-slider").value = pos;
+  const step = index.steps[pos].step;
+  $("step-label").textContent = `step ${step}  (${pos + 1} of ${index.steps.length})`;
+  const snap = await snapshotAt(step);
+  const ex = snap && snap.examples.find((e) => e.id === example.id);
+  const box = $("evolution");
+  box.dataset.example = example.id;
+  box.dataset.step = step;
+  if (!ex) {
+    $("ev-input").textContent = "";
+    $("ev-expected").textContent = "(this example is not in the snapshot of this step)";
+    $("ev-tokens").replaceChildren();
+    $("ev-generation").textContent = "";
+    $("ev-scores").textContent = "";
+  } else {
+    $("ev-input").textContent = ex.input || "";
+    $("ev-input").hidden = !ex.input;
+    $("ev-expected").textContent = ex.expected;
+    $("ev-tokens").replaceChildren(...ex.tokens.map((t) => el("span", {
+      class: "tok " + (t.correct ? "ok" : "bad"), "data-correct": t.correct ? "1" : "0",
+      title: t.correct ? `right: ${JSON.stringify(t.expected)}  (loss ${t.loss.toFixed(3)})`
+        : `predicted ${JSON.stringify(t.predicted)}, expected ${JSON.stringify(t.expected)}  (loss ${t.loss.toFixed(3)})`,
+      text: visible(t.predicted),
+    })));
+    $("ev-scores").textContent = `loss ${fmt.loss(ex.loss)} · ${fmt.pct(ex.token_accuracy)} of ${ex.tokens.length} tokens right`;
+    $("ev-generation").textContent = ex.generation ?? "(no generation in this snapshot)";
+    box.dataset.accuracy = ex.token_accuracy;
+  }
+  renderExampleHistory(example, step);
+}
+
+function visible(token) {
+  // Whitespace and newlines as visible marks, so a wrong space shows as a coloured box.
+  return token.replace(/\n/g, "↵").replace(/ /g, "·") || "∅";
+}
+
+async function snapshotAt(step) {
+  if (!snapshotCache.has(step)) {
+    const snap = await get(`/api/snapshot/${step}`).catch(() => null);
+    if (!snap) return null;
+    snapshotCache.set(step, snap);
+  }
+  return snapshotCache.get(step);
+}
+
+function renderExampleHistory(example, step) {
+  const fileAt = new Map(index.steps.map((s) => [s.step, s.file_name]));
+  $("ev-history").tBodies[0].replaceChildren(...example.steps.slice().reverse().map((s) => el("tr", {
+    class: s.step === step ? "selected" : "", "data-step": s.step,
+    onclick: () => select(example.id, s.step),
+  }, el("td", { text: s.step }), el("td", { text: fileAt.get(s.step) || "" }), el("td", { text: fmt.loss(s.loss) }),
+  el("td", { text: fmt.pct(s.token_accuracy) }), el("td", { class: "text-cell", text: s.prediction ?? "" }),
+  el("td", { class: "text-cell", text: s.generation ?? "—" }))));
+  const node = $("example-chart");
+  const data = [example.steps.map((s) => s.step), example.steps.map((s) => s.loss),
+    example.steps.map((s) => s.token_accuracy)];
+  if (!exPlot) {
+    exPlot = new uPlot({
+      width: chartWidth(node), height: 180,
+      scales: { x: { time: false }, acc: { range: [0, 1] } },
+      axes: [{ label: "global step" }, { scale: "loss", label: "loss", stroke: "#1f6feb" },
+        { scale: "acc", label: "token accuracy", side: 1, grid: { show: false }, stroke: "#15803d",
+          values: (u, vals) => vals.map((v) => Math.round(v * 100) + "%") }],
+      series: [{ label: "step" },
+        { label: "loss", scale: "loss", stroke: "#1f6feb", width: 2, points: { show: true } },
+        { label: "token accuracy", scale: "acc", stroke: "#15803d", width: 2, points: { show: true },
+          value: (u, v) => fmt.pct(v) }],
+    }, data, node);
+  } else {
+    exPlot.setData(data);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- checkpoints
+
+function renderCheckpoints(list) {
+  $("checkpoints").tBodies[0].replaceChildren(...(list.length ? list.map((c) => el("tr", { "data-step": c.step },
+    el("td", { class: "name", text: c.name }), el("td", { text: fmt.int(c.step) }),
+    el("td", { text: fmt.time(c.created_at) }), el("td", { text: fmt.bytes(c.bytes) }),
+    el("td", { text: c.files })))
+    : [emptyRow(5, "No checkpoint yet.")]));
+}
+
+// ---------------------------------------------------------------------------------------------- polling
+
+let lastState = "", lastSnapshots = "";
+
+function showError(text) {
+  $("error").hidden = !text;
+  $("error").textContent = text || "";
+}
+
+async function poll() {
+  try {
+    const s = await get("/api/state");
+    renderStatus(s.status, s.root, s.kind);
+    const key = JSON.stringify([s.files, s.checkpoints, s.forgetting]);
+    if (key !== lastState) {  // redraw tables only when they changed: keeps hover and selection steady
+      lastState = key;
+      renderFiles(s.files);
+      renderCheckpoints(s.checkpoints);
+      renderForgetting(s.forgetting);
+    }
+    await pollMetrics();
+    const snapKey = JSON.stringify(s.snapshots);
+    if (snapKey !== lastSnapshots) {
+      lastSnapshots = snapKey;
+      renderIndex(await get("/api/snapshots"));
+    }
+    if (!s.status.alert) showError("");
+    document.body.dataset.loaded = "1";
+  } catch (e) {
+    showError(`Cannot read the run: ${e.message}`);
+  }
+}
+
+$("example").addEventListener("change", (e) => select(e.target.value, undefined));
+$("step-slider").addEventListener("input", (e) => select(undefined, index.steps[Number(e.target.value)].step));
+window.addEventListener("hashchange", renderEvolution);
+window.addEventListener("resize", () => {
+  for (const [plot, id] of [[lossPlot, "loss-chart"], [exPlot, "example-chart"]]) {
+    if (plot) plot.setSize({ width: chartWidth($(id)), height: plot.height });
+  }
+});
+
+poll();
+setInterval(poll, POLL_MS);
