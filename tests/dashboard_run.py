@@ -1,0 +1,60 @@
+"""A real run for the dashboard tests: two files trained by the real `evertrain train`, built once per session
+(both dashboard test modules share it; it lives in pytest's base temp folder)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from conftest import cli, write_jsonl
+
+FILES = {"capitals.jsonl": [("The capital of France is", " Paris."), ("The capital of Spain is", " Madrid."),
+                            ("The capital of Italy is", " Rome."), ("The capital of Japan is", " Tokyo."),
+                            ("The capital of Peru is", " Lima."), ("The capital of Chile is", " Santiago.")],
+         "colours.jsonl": [("The sky is", " blue."), ("Grass is", " green."), ("Snow is", " white."),
+                           ("Coal is", " black."), ("Blood is", " red."), ("A lemon is", " yellow.")]}
+REPEAT = 3  # each pair several times (distinct lines): enough examples for a held-out slice and some steps
+
+
+def trained_run(tmp_path_factory, tiny_model: Path) -> Path:
+    root = tmp_path_factory.getbasetemp() / "dashboard-run"
+    run = root / "run"
+    if (root / ".trained").exists():
+        return run
+    root.mkdir(exist_ok=True)
+    common = ("--model", tiny_model, "--batch-size", 4, "--no-packing", "--learning-rate", 3e-3,
+              "--warmup-steps", 2, "--held-out-fraction", 0.2, "--save-steps", 4, "--keep-checkpoints", 3)
+    for name, pairs in FILES.items():
+        rows = [{"prompt": f"{p} ({i})", "completion": c} for i in range(REPEAT) for p, c in pairs]
+        f = write_jsonl(root / name, rows)
+        assert cli("train", "--dataset", f, "--output-dir", run, *common) == 0
+    (root / ".trained").touch()
+    return run
+
+
+def metrics_lines(run: Path) -> list[dict]:
+    path = run / "logs" / "metrics.jsonl"
+    path = path if path.exists() else run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class Served:
+    """The dashboard server in a thread of this process, on a free port."""
+
+    def __init__(self, root: Path, host: str = "127.0.0.1", token: str | None = None):
+        from evertrain.dashboard.server import make_server
+
+        self.server = make_server(root, host, 0, token)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    def __enter__(self) -> "Served":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
