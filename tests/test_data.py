@@ -113,7 +113,7 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok, tiny_model):
     assert data.rows == [[0, 1]]
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
-        packed = model(**{k: v for k, v in collate(data.rows, data, tok.pad_token_id, "cpu").items()
+        packed = model(**{k: v for k, v in collate([[data.examples[i] for i in r] for r in data.rows], tok.pad_token_id, "cpu").items()
                           if k != "labels"}, use_cache=False).logits[0]
         n0 = len(data.examples[0].input_ids)
         alone = model(input_ids=torch.tensor([data.examples[1].input_ids])).logits[0]

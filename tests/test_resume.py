@@ -16,7 +16,7 @@ from evertrain import checkpoint, trace
 def command(data, out, model):
     return [sys.executable, "-m", "evertrain", "train", "--dataset", str(data), "--output-dir", str(out),
             "--model", str(model), "--batch-size", "2", "--no-packing", "--save-steps", "5", "--trace",
-            "--keep-checkpoints", "2", "--learning-rate", "1e-3"]
+            "--keep-checkpoints", "2", "--learning-rate", "1e-3", "--held-out-fraction", "0"]
 
 
 def trained_steps(out) -> int:
@@ -57,3 +57,21 @@ def test_kill_9_mid_file_then_resume_gives_identical_weights(tmp_path, tiny_mode
     assert steps == list(range(1, 32))
     assert trace.coverage(broken / "trace.jsonl") == trace.coverage(whole / "trace.jsonl")
     assert set(next(iter(trace.coverage(broken / "trace.jsonl").values())).values()) == {1}
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_is_not_reported_done(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(61))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(data, out, tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while trained_steps(out) < 3:
+        assert proc.poll() is None and time.monotonic() < end
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted" in stdout and " done: " not in stdout
+    stopped_at = checkpoint.newest_complete(out).step
+    assert stopped_at == trained_steps(out) < 31  # the checkpoint holds every step the trace shows
+    state = checkpoint.newest_complete(out).state["evertrain"]
+    assert state["files"] == [] and list(state["cursors"].values())[0]["file_step"] == stopped_at

@@ -13,7 +13,7 @@ from evertrain.schedule import lr_factor
 
 
 def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
 def train(out, f, *extra):

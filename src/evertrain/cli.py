@@ -1,6 +1,7 @@
 """The `evertrain` command.
 
     evertrain train --dataset FILE --output-dir DIR     # train one file into a continuing run
+    evertrain report DIR                                # forgetting matrix of a run
     evertrain dashboard DIR                             # live web page of a run, http://127.0.0.1:8777/
     evertrain --help
 """
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-repeat", action="store_true", help="train a file even if its content was trained")
     add_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="print the forgetting matrix and each file's held-out loss before/after")
+    p.add_argument("dir", type=Path, nargs="?", default=Path("."), help="a workspace or a train --output-dir")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="serve a live web page of a workspace or train output dir")
     p.add_argument("dir", type=Path, nargs="?", default=Path("."), help="workspace or --output-dir (default: .)")
@@ -107,6 +112,16 @@ def cmd_train(args) -> int:
     for p in problems:
         print(f"evertrain: {args.dataset.name} NOT done: {p}", file=sys.stderr)
     return EXIT_GUARD if problems else EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from evertrain.evals import report
+
+    if not args.dir.is_dir():
+        print(f"evertrain: {args.dir}: no such folder", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(report(args.dir))
+    return EXIT_OK
 
 
 def cmd_dashboard(args) -> int:

@@ -50,8 +50,11 @@ class TrainConfig:
     max_length: int = _opt(1024, "tokens per row; longer examples are truncated (and counted)", low=8)
     packing: bool = _opt(True, "pack several examples into one row to avoid padding", flag="packing/no-packing")
     held_out_fraction: float = _opt(
-        0.0, "fraction of each file's examples held out from training for evaluation", low=0.0, high=0.5)
+        0.02, "fraction of each file's examples held out from training, to measure forgetting", low=0.0, high=0.5)
     held_out_max: int = _opt(64, "at most this many held-out examples per file", low=0)
+    replay_fraction: float = _opt(0.0, "extra rows per step replayed from earlier files, as a fraction of the "
+                                  "global batch (0.05 suits shifting data)", low=0.0, high=1.0)
+    replay_buffer: int = _opt(1024, "at most this many earlier examples kept for replay", low=1)
 
     # --- optimizer and schedule ---
     learning_rate: float = _opt(5e-5, "peak learning rate", low=0.0, high=1.0)
@@ -71,6 +74,16 @@ class TrainConfig:
                            low=0)
     keep_checkpoints: int = _opt(3, "complete checkpoints kept; the newest is never deleted", low=1)
     log_steps: int = _opt(10, "print a progress line every this many optimizer steps", low=1)
+    eval_steps: int = _opt(0, "also evaluate all held-out slices every this many steps (0: at the end of "
+                           "each file only)", low=0)
+    snapshot_budget: float = _opt(0.03, "snapshots may cost at most this fraction of training time "
+                                  "(0: no snapshots; above 1 is allowed)", low=0.0)
+    snapshot_per_file: int = _opt(4, "examples of each file tracked in evolution snapshots", low=0)
+    snapshot_max_examples: int = _opt(32, "at most this many tracked examples from files (probes come on top)",
+                                      low=1)
+    snapshot_generate: int = _opt(2, "tracked examples that also get a greedy generation", low=0)
+    snapshot_new_tokens: int = _opt(32, "tokens a snapshot generation may add", low=1)
+    snapshot_seconds: float = _opt(2.0, "wall-clock limit of one snapshot generation", low=0.1)
     trace: bool = _opt(False, "append one line per optimizer step to trace.jsonl (which lines it trained)",
                        flag="trace/no-trace")
 
@@ -144,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{on.replace('_', '-')}", dest=f.name, action="store_true", default=None,
                                 help=meta["help"] + default_text)
             parser.add_argument(f"--{off.replace('_', '-')}", dest=f.name, action="store_false", default=None,
-                                help=argparse.SUPPRESS)
+                                help=f"the opposite of --{on.replace('_', '-')}")
         else:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                                 choices=meta["choices"], help=meta["help"] + default_text)

@@ -23,9 +23,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from evertrain import checkpoint, models
+from evertrain import checkpoint, evals, metrics, models, replay, snapshots
 from evertrain.config import TrainConfig
-from evertrain.data import IGNORE, FileData
+from evertrain.data import IGNORE, Example, FileData
 from evertrain.schedule import lr_factor
 from evertrain.state import FileCursor, FileRecord, TrainingProgress
 from evertrain.trace import Trace
@@ -56,6 +56,9 @@ class Session:
     saved_step: int | None = None                       # global step of the newest checkpoint on disk
     protected: set[str] = field(default_factory=set)   # checkpoint names pruning must keep (pinned)
     budget_bytes: int | None = None                     # disk budget for checkpoints, if any
+    workdir: Path | None = None    # where logs/ and snapshots/ go: the workspace, or output_dir for `train`
+    replay_pool: list | None = None
+    tensorboard: object = None     # SummaryWriter, False when tensorboard is not installed
     # Set by the daemon: asked before every optimizer step; True stops `fit` after a checkpoint.
     should_interrupt: Callable[[], bool] = lambda: False
     # Set by the daemon: told about every optimizer step (status file, progress bar).
@@ -65,6 +68,10 @@ class Session:
     def global_batch(self) -> int:
         c = self.config
         return c.batch_size * self.accelerator.num_processes * c.gradient_accumulation
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.workdir / "logs"
 
     @property
     def is_main(self) -> bool:
@@ -92,7 +99,7 @@ class FileResult:
 # ------------------------------------------------------------------------------------------------- setup
 
 def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoint | None | str = "newest",
-          cpu: bool = False) -> Session:
+          workdir: Path | None = None, cpu: bool = False) -> Session:
     """Build the accelerator, then load `resume` (by default the newest complete checkpoint of `output_dir`)."""
     from accelerate import Accelerator
 
@@ -139,7 +146,9 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     model, optimizer = accelerator.prepare(model, optimizer)
     session = Session(config, output_dir, accelerator, model, tokenizer, optimizer, progress, identity,
                       last_checkpoint=newest.path if newest else None,
-                      saved_step=newest.step if newest else None)
+                      saved_step=newest.step if newest else None, workdir=Path(workdir or output_dir))
+    if session.is_main:
+        session.logs_dir.mkdir(parents=True, exist_ok=True)
     if newest is not None:
         _restore_rng(newest.path, accelerator.process_index)
         session.say(f"evertrain: resumed {newest.path} at global step {progress.global_step}")
@@ -168,7 +177,13 @@ def fit(session: Session, data: FileData) -> FileResult:
                                             session.model, session.optimizer)
     G, world, rank, accum = session.global_batch, acc.num_processes, acc.process_index, cfg.gradient_accumulation
     total = data.total_steps(G, cfg.epochs)
-    cursor = _open_cursor(session, data, total)
+    cursor, first_time = _open_cursor(session, data, total)
+    if first_time:
+        evals.store_held_out(session, data)
+        metrics.log_evals(session, evals.evaluate(session, [data.sha256], before_file=data))
+        snapshots.track_file(session, data)
+        metrics.file_event(session, f"start {data.path.name} ({data.sha256[:12]}) at global step "
+                                    f"{progress.global_step}: {total} steps")
     if cfg.lr_schedule == "wsd" and cfg.decay_steps and progress.decay_start is None:
         progress.decay_start, progress.decay_steps = progress.global_step, cfg.decay_steps
 
@@ -178,9 +193,11 @@ def fit(session: Session, data: FileData) -> FileResult:
     while cursor.file_step < total:
         if session.should_interrupt():
             break
-        rows = data.step_rows(cursor.file_step, G, cfg.seed)
-        examples = [data.examples[i] for r in rows for i in data.rows[r]]
-        n_target = sum(e.target_tokens for e in examples)  # the same on every process: the loss's denominator
+        t_step = time.perf_counter()
+        rows = [[data.examples[i] for i in data.rows[r]] for r in data.step_rows(cursor.file_step, G, cfg.seed)]
+        replayed = replay.draw(session, data.sha256)
+        rows += [[e] for _sha, e in replayed]
+        n_target = sum(e.target_tokens for row in rows for e in row)  # the loss's denominator, on every process
         lr = cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
                                            progress.decay_start, progress.decay_steps)
         for group in optimizer.param_groups:
@@ -188,10 +205,10 @@ def fit(session: Session, data: FileData) -> FileResult:
 
         loss_sum = torch.zeros((), device=acc.device)
         for m in range(accum):
-            mine = [data.rows[r] for i, r in enumerate(rows) if i % (world * accum) == m * world + rank]
+            mine = [row for i, row in enumerate(rows) if i % (world * accum) == m * world + rank]
             if not mine and world == 1:
                 continue
-            batch = collate(mine, data, session.tokenizer.pad_token_id, acc.device)
+            batch = collate(mine, session.tokenizer.pad_token_id, acc.device)
             sync = m == accum - 1
             with nullcontext() if sync else acc.no_sync(model):
                 out = model(**batch, use_cache=False, num_items_in_batch=max(n_target, 1))
@@ -210,24 +227,37 @@ def fit(session: Session, data: FileData) -> FileResult:
 
         progress.global_step += 1
         cursor.file_step += 1
-        step_tokens = sum(len(e.input_ids) for e in examples)
+        trained = [e for row in rows[:len(rows) - len(replayed)] for e in row]
+        step_tokens = sum(len(e.input_ids) for row in rows for e in row)
         progress.tokens_seen += step_tokens
-        progress.examples_seen += len(examples)
+        progress.examples_seen += len(trained)
         tokens_trained += step_tokens
         losses.append(step_loss)
+        progress.train_seconds += time.perf_counter() - t_step
         if session.trace and session.is_main:
-            session.trace.write({"step": progress.global_step, "file": data.sha256,
-                                 "examples": sorted(e.line for e in examples)})
-        log_step(session, data, cursor, total, step_loss, lr, grad_norm, step_tokens, len(examples), t0,
-                 tokens_trained)
+            record = {"step": progress.global_step, "file": data.sha256, "examples": sorted(e.line for e in trained)}
+            if replayed:
+                record["replay"] = [[sha, e.line] for sha, e in replayed]
+            session.trace.write(record)
+        log_step(session, data, cursor, total, step_loss, lr, grad_norm, step_tokens, len(trained), len(replayed),
+                 t0, tokens_trained)
+        if snapshots.due(session, cursor.file_step, total):
+            snapshots.take(session, data)
+        if cfg.eval_steps and progress.global_step % cfg.eval_steps == 0 and cursor.file_step < total:
+            metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session)))
         if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and cursor.file_step < total:
             save_checkpoint(session)
 
     done = cursor.file_step >= total
     if done:
         _close_cursor(session, data, cursor, total)
+        metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session), after_file=data))
+        replay.add_file(session, data)
+        metrics.file_event(session, f"finished {data.path.name} at global step {progress.global_step}")
     if done or session.saved_step != progress.global_step:
         save_checkpoint(session)
+    if done:
+        replay.trim(session)
     return FileResult(status="done" if done else "interrupted", steps=progress.global_step - step_before,
                       expected_steps=total, file_step=cursor.file_step, step_before=step_before,
                       step_after=progress.global_step, loss=sum(losses) / len(losses) if losses else None,
@@ -235,7 +265,7 @@ def fit(session: Session, data: FileData) -> FileResult:
                       checkpoint=session.last_checkpoint if done or cursor.file_step > file_step_before else None)
 
 
-def collate(rows: list[list[int]], data: FileData, pad_id: int, device) -> dict[str, torch.Tensor]:
+def collate(rows: list[list[Example]], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Rows of examples -> input_ids, labels, position_ids, right-padded to the longest row.
 
     No attention mask is passed: position ids that restart at 0 for every example (and for the padding) make
@@ -244,15 +274,9 @@ def collate(rows: list[list[int]], data: FileData, pad_id: int, device) -> dict[
     """
     ids, labels, pos = [], [], []
     for row in rows or [[]]:
-        r_ids, r_lab, r_pos = [], [], []
-        for i in row:
-            e = data.examples[i]
-            r_ids += e.input_ids
-            r_lab += e.labels
-            r_pos += range(len(e.input_ids))
-        ids.append(r_ids)
-        labels.append(r_lab)
-        pos.append(r_pos)
+        ids.append([t for e in row for t in e.input_ids])
+        labels.append([t for e in row for t in e.labels])
+        pos.append([p for e in row for p in range(len(e.input_ids))])
     width = max(1, max(len(r) for r in ids))
     for r_ids, r_lab, r_pos in zip(ids, labels, pos):
         pad = width - len(r_ids)
@@ -263,11 +287,12 @@ def collate(rows: list[list[int]], data: FileData, pad_id: int, device) -> dict[
     return {"input_ids": as_tensor(ids), "labels": as_tensor(labels), "position_ids": as_tensor(pos)}
 
 
-def _open_cursor(session: Session, data: FileData, total: int) -> FileCursor:
+def _open_cursor(session: Session, data: FileData, total: int) -> tuple[FileCursor, bool]:
     progress, cfg = session.progress, session.config
     settings = {"global_batch": session.global_batch, "epochs": cfg.epochs, "packing": cfg.packing,
                 "max_length": cfg.max_length, "seed": cfg.seed, "held_out": len(data.held_out)}
     cursor = progress.cursors.get(data.sha256)
+    first_time = cursor is None
     if cursor is None:
         cursor = FileCursor(sha256=data.sha256, name=data.path.name, file_step=0, total_steps=total,
                             first_step=progress.global_step + 1, settings=settings)
@@ -280,7 +305,7 @@ def _open_cursor(session: Session, data: FileData, total: int) -> FileCursor:
     elif cursor.file_step:
         session.say(f"evertrain: {data.path.name} resumes at its step {cursor.file_step}/{total}")
     progress.current = data.sha256
-    return cursor
+    return cursor, first_time
 
 
 def _close_cursor(session: Session, data: FileData, cursor: FileCursor, total: int) -> None:
@@ -294,17 +319,16 @@ def _close_cursor(session: Session, data: FileData, cursor: FileCursor, total: i
 
 
 def log_step(session: Session, data: FileData, cursor: FileCursor, total: int, loss: float, lr: float,
-             grad_norm, step_tokens: int, n_examples: int, t0: float, tokens_trained: int) -> None:
-    """metrics.jsonl gets every step; the console a line every `log_steps`; the daemon its callback."""
+             grad_norm, step_tokens: int, n_examples: int, n_replayed: int, t0: float, tokens_trained: int) -> None:
+    """metrics.jsonl (and TensorBoard) get every step; the console a line every `log_steps`; the daemon its hook."""
     progress, elapsed = session.progress, time.perf_counter() - t0
     record = {"step": progress.global_step, "file": data.sha256, "file_name": data.path.name,
               "file_step": cursor.file_step, "file_total_steps": total, "loss": loss, "lr": lr,
               "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": step_tokens,
-              "examples": n_examples, "tokens_per_second": tokens_trained / elapsed if elapsed else 0.0,
-              "time": time.time()}
+              "examples": n_examples, "replayed": n_replayed,
+              "tokens_per_second": tokens_trained / elapsed if elapsed else 0.0, "time": time.time()}
+    metrics.log_step(session, record)
     if session.is_main:
-        with open(session.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
         if cursor.file_step % session.config.log_steps == 0 or cursor.file_step == total:
             session.say(f"  step {progress.global_step:>7}  {data.path.name} {cursor.file_step}/{total}  "
                         f"loss {loss:.4f}  lr {lr:.3g}  {record['tokens_per_second']:.0f} tok/s")

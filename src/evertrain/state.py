@@ -48,6 +48,11 @@ class TrainingProgress:
     current: str | None = None                                     # sha256 of the file in training, if any
     cursors: dict[str, FileCursor] = field(default_factory=dict)   # files part-way through, by sha256
     files: list[FileRecord] = field(default_factory=list)          # finished files, in order
+    evals: int = 0             # held-out evaluations done (one per evaluated file)
+    train_seconds: float = 0.0     # wall time inside optimizer steps: the base of the snapshot budget
+    snapshot_seconds: float = 0.0  # wall time spent taking snapshots
+    snapshots_taken: int = 0
+    snapshots_skipped: int = 0     # wanted but skipped to stay within the snapshot budget
     decay_start: int | None = None   # wsd: global step where the decay began (None: not decaying)
     decay_steps: int = 0
 

@@ -1,0 +1,142 @@
+"""Held-out evaluation and forgetting: is the model still good at what earlier files taught it?
+
+Each file's held-out slice (`held_out_fraction`, never trained) is kept tokenized in OUTPUT_DIR/held_out/<sha256>.json.
+Before a file trains, its own slice is evaluated ("before"); at the end of every file (and every `eval_steps`)
+the slice of every file seen so far is evaluated. Each result is one line of WORKDIR/logs/evals.jsonl.
+Row i of the forgetting matrix is the evaluation after file i; column j is file j's held-out loss.
+
+    evertrain report DIR        # print the forgetting matrix and each file's loss before/after its training
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from evertrain.checkpoint import write_json_atomic
+from evertrain.data import IGNORE, Example, FileData
+
+EVAL_ROWS = 16  # held-out examples per forward pass
+
+
+def held_out_path(output_dir: Path, sha256: str) -> Path:
+    return Path(output_dir) / "held_out" / f"{sha256}.json"
+
+
+def store_held_out(session, data: FileData) -> None:
+    """Keep a file's held-out slice with the run, so later files (and later processes) can evaluate it."""
+    path = held_out_path(session.output_dir, data.sha256)
+    if not data.held_out or path.exists() or not session.is_main:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"name": data.path.name, "examples": [
+        {"line": e.line, "input_ids": e.input_ids, "labels": e.labels} for e in data.held_out]}, indent=None)
+
+
+def load_held_out(output_dir: Path, sha256: str) -> tuple[str, list[Example]] | None:
+    path = held_out_path(output_dir, sha256)
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    return d["name"], [Example(line=e["line"], format="", input_ids=e["input_ids"], labels=e["labels"])
+                       for e in d["examples"]]
+
+
+@torch.no_grad()
+def mean_loss(session, examples: list[Example]) -> tuple[float, int]:
+    """Mean token loss over examples (each its own row), and the number of target tokens."""
+    from evertrain.loop import collate
+
+    model, device = session.model, session.accelerator.device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), EVAL_ROWS):
+        chunk = examples[i:i + EVAL_ROWS]
+        n = sum(e.target_tokens for e in chunk)
+        if n == 0:
+            continue
+        batch = collate([[e] for e in chunk], session.tokenizer.pad_token_id, device)
+        total += model(**batch, use_cache=False, num_items_in_batch=n).loss.item() * n
+        count += n
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def evaluate(session, shas: list[str], *, after_file: FileData | None = None,
+             before_file: FileData | None = None) -> list[dict]:
+    """Evaluate the held-out slices of `shas` now; append the results to logs/evals.jsonl."""
+    results = []
+    for sha in shas:
+        found = load_held_out(session.output_dir, sha)
+        if found is None:
+            continue
+        name, examples = found
+        loss, tokens = mean_loss(session, examples)
+        results.append({"step": session.progress.global_step,
+                        "after_file": after_file.sha256 if after_file else None,
+                        "after_file_name": after_file.path.name if after_file else None,
+                        "before_file": before_file.sha256 if before_file else None,
+                        "file": sha, "file_name": name, "loss": loss, "tokens": tokens,
+                        "examples": len(examples), "time": time.time()})
+    if results and session.is_main:
+        with open(session.logs_dir / "evals.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    session.progress.evals += len(results)
+    return results
+
+
+def seen_files(session) -> list[str]:
+    """Every file of the run so far, finished or part-way, in training order."""
+    progress = session.progress
+    done = [f.sha256 for f in progress.files]
+    return done + [s for s in progress.cursors if s not in done]
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+def read_evals(workdir: Path) -> list[dict]:
+    path = Path(workdir) / "logs" / "evals.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def forgetting_matrix(evals: list[dict]) -> dict:
+    """{"files": [names], "rows": [[loss or None]]}: row i = after training file i, column j = file j."""
+    order, names = [], {}
+    for e in evals:
+        for sha, name in ((e["after_file"], e["after_file_name"]), (e["file"], e["file_name"])):
+            if sha and sha not in names:
+                names[sha] = name
+                order.append(sha)
+    after = [s for s in order if any(e["after_file"] == s for e in evals)]
+    cell = {(e["after_file"], e["file"]): e["loss"] for e in evals if e["after_file"]}
+    before = {e["file"]: e["loss"] for e in evals if e.get("before_file") == e["file"]}
+    return {"files": [names[s] for s in order], "shas": order, "after": [names[s] for s in after], "after_shas": after,
+            "rows": [[cell.get((a, s)) for s in order] for a in after],
+            "before": [before.get(s) for s in order]}
+
+
+def report(workdir: Path) -> str:
+    m = forgetting_matrix(read_evals(workdir))
+    if not m["rows"]:
+        return ("no evaluations yet: set held_out_fraction > 0 (e.g. 0.02) so each file keeps a held-out slice, "
+                "then train files")
+    width = max(12, *(len(n) for n in m["files"]))
+    fmt = lambda x: "      -" if x is None else f"{x:7.3f}"  # noqa: E731
+    lines = ["Forgetting matrix: held-out loss of each file (columns) after training each file (rows).",
+             " " * width + "  " + "  ".join(f"{j + 1:>7}" for j in range(len(m["files"])))]
+    for name, row in zip(m["after"], m["rows"]):
+        lines.append(f"{name:>{width}}  " + "  ".join(fmt(x) for x in row))
+    lines += ["", "Per file: held-out loss before its training, right after it, and now (the last evaluation)."]
+    last_row = m["rows"][-1]
+    for j, (name, sha) in enumerate(zip(m["files"], m["shas"])):
+        own = m["after_shas"].index(sha) if sha in m["after_shas"] else None
+        right_after = m["rows"][own][j] if own is not None else None
+        lines.append(f"{j + 1:>3}. {name:<{width}}  before {fmt(m['before'][j])}  after {fmt(right_after)}  "
+                     f"now {fmt(last_row[j])}")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Evolution snapshots: what the model guesses for a few tracked examples, step after step.
+
+Tracked examples are the user's probes (WORKDIR/probes.jsonl, any data format) plus `snapshot_per_file`
+examples picked deterministically from each file as it arrives (kept in WORKDIR/snapshots/tracked.json).
+At snapshot steps (log-spaced global steps, plus the first and last step of every file) ONE batched forward
+pass gives, under teacher forcing, each target token's loss and the model's top-1 guess; a few probes also get
+a greedy generation bounded by `snapshot_new_tokens` tokens and `snapshot_seconds` of wall clock (never a hang).
+Snapshots cost at most `snapshot_budget` of training time: when over, the schedule backs off.
+Written to WORKDIR/snapshots/evolution/step-NNNNNNNN.json.
+
+    evertrain train --dataset FILE --output-dir DIR    # then look at DIR/snapshots/evolution/
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evertrain.checkpoint import write_json_atomic
+from evertrain.data import IGNORE, DataError, Example, FileData, read_jsonl, tokenize
+
+
+def is_log_spaced(step: int) -> bool:
+    """1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, ...: about four snapshots per doubling of the step."""
+    return step >= 1 and step in _log_steps(step)
+
+
+def _log_steps(limit: int) -> set[int]:
+    k = int(math.log2(limit) * 4) + 2
+    return {round(2 ** (i / 4)) for i in range(k)}
+
+
+def tracked_path(workdir: Path) -> Path:
+    return Path(workdir) / "snapshots" / "tracked.json"
+
+
+def load_tracked(session) -> list[dict]:
+    """Probes first (re-read every time, so a person can edit probes.jsonl), then the examples picked from files."""
+    tracked = []
+    probes = session.workdir / "probes.jsonl"
+    if probes.exists():
+        try:
+            for i, (line, fmt, payload) in enumerate(read_jsonl(probes)):
+                e = tokenize(session.tokenizer, fmt, payload, line, session.config.max_length)
+                tracked.append({"id": f"probe-{line}", "source": "probe", "file": None, "line": line,
+                                "input_ids": e.input_ids, "labels": e.labels})
+        except DataError as err:
+            session.say(f"evertrain: probes ignored: {err}")
+    path = tracked_path(session.workdir)
+    if path.exists():
+        tracked += json.loads(path.read_text())
+    return tracked
+
+
+def track_file(session, data: FileData) -> None:
+    """Pick this file's tracked examples (a fixed choice: content hash and seed) and remember them."""
+    cfg = session.config
+    if not cfg.snapshot_per_file or not session.is_main:
+        return
+    path = tracked_path(session.workdir)
+    tracked = json.loads(path.read_text()) if path.exists() else []
+    if any(t["file"] == data.sha256 for t in tracked):
+        return
+    rng = np.random.default_rng([int(data.sha256[32:48], 16), cfg.seed, 11])
+    picks = sorted(rng.permutation(len(data.examples))[:cfg.snapshot_per_file].tolist())
+    for i in picks:
+        e = data.examples[i]
+        tracked.append({"id": f"{data.sha256[:12]}-{e.line}", "source": "file", "file": data.sha256,
+                        "file_name": data.path.name, "line": e.line, "input_ids": e.input_ids, "labels": e.labels})
+    # Bounded: the newest files' picks win; probes are never dropped (they are not in this list).
+    tracked = tracked[-cfg.snapshot_max_examples:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, tracked, indent=None)
+
+
+def due(session, file_step: int, total: int) -> bool:
+    """Is a snapshot wanted after this step, and affordable within the budget?"""
+    cfg, p = session.config, session.progress
+    if not cfg.snapshot_budget or not session.is_main:
+        return False
+    wanted = file_step in (1, total) or is_log_spaced(p.global_step)
+    within_budget = p.snapshot_seconds <= cfg.snapshot_budget * p.train_seconds
+    if wanted and not within_budget:
+        p.snapshots_skipped += 1
+    return wanted and within_budget
+
+
+@torch.no_grad()
+def take(session, data: FileData) -> Path | None:
+    """Record the model's guesses for every tracked example at the current global step."""
+    from evertrain.loop import collate
+
+    t0 = time.perf_counter()
+    tracked = load_tracked(session)
+    if not tracked:
+        return None
+    tok, cfg, model = session.tokenizer, session.config, session.accelerator.unwrap_model(session.model)
+    examples = [Example(line=t["line"] or 0, format="", input_ids=t["input_ids"], labels=t["labels"])
+                for t in tracked]
+    was_training = model.training
+    model.eval()
+    batch = collate([[e] for e in examples], tok.pad_token_id, session.accelerator.device)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+    # Position t predicts token t+1: align logits[:, :-1] with labels[:, 1:].
+    labels = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
+    guesses = logits[:, :-1].argmax(-1)
+    records = []
+    for row, t in enumerate(tracked):
+        mask = labels[row] != IGNORE
+        exp_ids, pred_ids, tok_loss = labels[row][mask].tolist(), guesses[row][mask].tolist(), losses[row][mask]
+        prompt_ids = [i for i, lab in zip(t["input_ids"], t["labels"]) if lab == IGNORE]
+        records.append({
+            "id": t["id"], "source": t["source"], "file": t["file"], "line": t["line"],
+            "input": tok.decode(prompt_ids), "expected": tok.decode(exp_ids),
+            "tokens": [{"expected": tok.decode([a]), "predicted": tok.decode([b]), "correct": a == b, "loss": float(x)}
+                       for a, b, x in zip(exp_ids, pred_ids, tok_loss.tolist())],
+            "prediction": tok.decode(pred_ids), "generation": None,
+            "loss": float(tok_loss.mean()) if exp_ids else None,
+            "token_accuracy": sum(a == b for a, b in zip(exp_ids, pred_ids)) / len(exp_ids) if exp_ids else None})
+    # Generations for the first few examples that have a real prompt (probes come first in the list).
+    prompts = [(r, [i for i, lab in zip(t["input_ids"], t["labels"]) if lab == IGNORE]) for r, t in zip(records, tracked)]
+    for rec, prompt_ids in [(r, p) for r, p in prompts if len(p) > 1][:cfg.snapshot_generate]:
+        rec["generation"] = generate(session, model, prompt_ids)
+    model.train(was_training)
+    seconds = time.perf_counter() - t0
+    step = session.progress.global_step
+    out = session.workdir / "snapshots" / "evolution" / f"step-{step:08d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, {"step": step, "file": data.sha256, "file_name": data.path.name, "time": time.time(),
+                            "seconds": seconds, "examples": records}, indent=None)
+    session.progress.snapshot_seconds += seconds
+    session.progress.snapshots_taken += 1
+    return out
+
+
+def generate(session, model, prompt_ids: list[int]) -> str:
+    """Greedy continuation, bounded in tokens and in wall-clock time."""
+    cfg, tok = session.config, session.tokenizer
+    ids = torch.tensor([prompt_ids], device=session.accelerator.device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=cfg.snapshot_new_tokens, max_time=cfg.snapshot_seconds,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+    return tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
