@@ -14,6 +14,7 @@ FILES = {"capitals.jsonl": [("The capital of France is", " Paris."), ("The capit
                             ("The capital of Peru is", " Lima."), ("The capital of Chile is", " Santiago.")],
          "colours.jsonl": [("The sky is", " blue."), ("Grass is", " green."), ("Snow is", " white."),
                            ("Coal is", " black."), ("Blood is", " red."), ("A lemon is", " yellow.")]}
+PROBE = ("The capital of Peru is", " Lima.")
 REPEAT = 3  # each pair several times (distinct lines): enough examples for a held-out slice and some steps
 
 
@@ -22,9 +23,13 @@ def trained_run(tmp_path_factory, tiny_model: Path) -> Path:
     run = root / "run"
     if (root / ".trained").exists():
         return run
-    root.mkdir(exist_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    write_jsonl(run / "probes.jsonl", [{"prompt": PROBE[0], "completion": PROBE[1]}])
+    # Snapshots may cost what they like here: the tiny model trains so fast that the default budget of 3%
+    # would leave too few of them to look at.
     common = ("--model", tiny_model, "--batch-size", 4, "--no-packing", "--learning-rate", 3e-3,
-              "--warmup-steps", 2, "--held-out-fraction", 0.2, "--save-steps", 4, "--keep-checkpoints", 3)
+              "--warmup-steps", 2, "--held-out-fraction", 0.2, "--save-steps", 4, "--keep-checkpoints", 3,
+              "--snapshot-budget", 100, "--snapshot-per-file", 2, "--snapshot-new-tokens", 6)
     for name, pairs in FILES.items():
         rows = [{"prompt": f"{p} ({i})", "completion": c} for i in range(REPEAT) for p, c in pairs]
         f = write_jsonl(root / name, rows)
@@ -33,9 +38,7 @@ def trained_run(tmp_path_factory, tiny_model: Path) -> Path:
     return run
 
 
-def metrics_lines(run: Path) -> list[dict]:
-    path = run / "logs" / "metrics.jsonl"
-    path = path if path.exists() else run / "metrics.jsonl"
+def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dashboard_run import Served, metrics_lines, trained_run
+from dashboard_run import Served, lines, trained_run
 
 from evertrain.dashboard import server, sources
 
@@ -41,7 +41,7 @@ def get_json(port, path, **kw):
 
 
 def test_api_answers_with_the_run(run_dir):
-    m = metrics_lines(run_dir)
+    m = lines(run_dir / "logs" / "metrics.jsonl")
     last = m[-1]["step"]
     with Served(run_dir) as s:
         state = get_json(s.port, "/api/state")

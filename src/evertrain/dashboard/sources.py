@@ -212,7 +212,8 @@ class SnapshotCache:
                    "examples": {e["id"]: {"loss": e.get("loss"), "token_accuracy": e.get("token_accuracy"),
                                           "prediction": _clip(e.get("prediction")),
                                           "generation": _clip(e.get("generation")),
-                                          "label": example_label(e)}
+                                          "source": e.get("source"), "file": e.get("file"), "line": e.get("line"),
+                                          "text": _clip(e.get("input") or e.get("expected"))}
                                 for e in snap.get("examples", []) if isinstance(e, dict) and "id" in e}}
         with self.lock:
             self.summaries = {k: v for k, v in self.summaries.items() if k[0] != path}
@@ -223,13 +224,14 @@ class SnapshotCache:
 def snapshots_index(run: Run) -> dict:
     """Every snapshot step, and every tracked example with its loss/accuracy/outputs at each step."""
     steps, examples = [], {}
+    names = {r["file"]: r["file_name"] for r in run.metrics.read()}
     for step, path in run.snapshots.paths().items():
         s = run.snapshots.summary(path)
         if s is None:
             continue
         steps.append({"step": step, "file_name": s["file_name"], "time": s["time"]})
         for ex_id, e in s["examples"].items():
-            ex = examples.setdefault(ex_id, {"id": ex_id, "label": e["label"], "steps": []})
+            ex = examples.setdefault(ex_id, {"id": ex_id, "label": example_label(ex_id, e, names), "steps": []})
             ex["steps"].append({"step": step, "loss": e["loss"], "token_accuracy": e["token_accuracy"],
                                 "prediction": e["prediction"], "generation": e["generation"]})
     return {"steps": steps, "examples": list(examples.values())}
@@ -240,12 +242,13 @@ def snapshot(run: Run, step: int) -> dict | None:
     return read_json(path) if path is not None else None
 
 
-def example_label(e: dict) -> str:
-    where = e.get("source") or "example"
-    if e.get("line") is not None:
-        where = f"line {e['line'] + 1}"
-    text = (e.get("input") or e.get("expected") or "").strip().replace("\n", " ")
-    return f"{e.get('id')} ({where}): {text[:60]}"
+def example_label(ex_id: str, e: dict, names: dict[str, str]) -> str:
+    """What the example picker shows: where the example comes from, and how its text begins."""
+    where = "probes.jsonl" if e["source"] == "probe" else names.get(e["file"]) or (e["file"] or "?")[:12]
+    if e["line"] is not None:
+        where += f" line {e['line'] + 1}"
+    text = (e["text"] or "").strip().replace("\n", " ")
+    return f"{where}: {text[:70]}"
 
 
 def _clip(text):

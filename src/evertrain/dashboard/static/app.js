@@ -4,6 +4,8 @@
 
 const POLL_MS = 2000;
 const $ = (id) => document.getElementById(id);
+// Tick spacings for the global-step axis: whole steps only.
+const STEP_INCRS = [1, 2, 5].flatMap((m) => [0, 1, 2, 3, 4, 5, 6, 7, 8].map((e) => m * 10 ** e)).sort((a, b) => a - b);
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -166,7 +168,7 @@ function drawLoss() {
       plugins: [boundaryPlugin(() => spans)],
       scales: { x: { time: false } },
       axes: [
-        { label: "global step" },
+        { label: "global step", incrs: STEP_INCRS },
         { scale: "loss", label: "loss", stroke: "#1f6feb", grid: { stroke: "#eef1f4" } },
         { scale: "lr", label: "learning rate", side: 1, stroke: "#c2410c", grid: { show: false },
           values: (u, vals) => vals.map((v) => v.toExponential(1)) },
@@ -352,7 +354,7 @@ function renderExampleHistory(example, step) {
     exPlot = new uPlot({
       width: chartWidth(node), height: 180,
       scales: { x: { time: false }, acc: { range: [0, 1] } },
-      axes: [{ label: "global step" }, { scale: "loss", label: "loss", stroke: "#1f6feb" },
+      axes: [{ label: "global step", incrs: STEP_INCRS }, { scale: "loss", label: "loss", stroke: "#1f6feb" },
         { scale: "acc", label: "token accuracy", side: 1, grid: { show: false }, stroke: "#15803d",
           values: (u, vals) => vals.map((v) => Math.round(v * 100) + "%") }],
       series: [{ label: "step" },

@@ -1,0 +1,162 @@
+"""The dashboard in a real browser (Debian's headless chromium) on a run that trained two files: the loss
+chart, the file table, the forgetting matrix and the evolution viewer show the run's real numbers and texts.
+
+    apt-get install -y chromium && pytest tests/test_dashboard_browser.py
+Without chromium the test is skipped, except under CI=true, where it fails.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from dashboard_run import Served, lines, trained_run
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"chromium is required under CI and missing ({CHROMIUM}); the test set-up installs it")
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium) to drive the dashboard")
+    return path
+
+
+def chromium(browser: str, profile: Path, url: str, *args: str) -> str:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions",
+           "--hide-scrollbars", f"--user-data-dir={profile}", "--virtual-time-budget=8000", *args, url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict):
+        self.tag, self.attrs, self.children, self.parts = tag, attrs, [], []
+
+    def text(self) -> str:
+        return "".join(p if isinstance(p, str) else p.text() for p in self.parts)
+
+    def walk(self):
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def find(self, **attrs) -> "Node":
+        found = self.find_all(**attrs)
+        assert found, f"no element with {attrs}"
+        return found[0]
+
+    def find_all(self, tag: str | None = None, **attrs) -> list["Node"]:
+        attrs = {k.rstrip("_").replace("_", "-"): v for k, v in attrs.items()}  # class_ -> class, data_x -> data-x
+        return [n for n in self.walk() if (tag is None or n.tag == tag)
+                and all(n.attrs.get(k) == v or (k == "class" and v in (n.attrs.get("class") or "").split())
+                        for k, v in attrs.items())]
+
+
+class Tree(HTMLParser):
+    """The dumped DOM as a tree: enough to ask for an element's attributes and its text."""
+
+    VOID = {"meta", "link", "input", "br", "img", "hr", "col", "source", "wbr"}
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.root = Node("root", {})
+        self.stack = [self.root]
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(node)
+        self.stack[-1].parts.append(node)
+        if tag not in self.VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                break
+
+    def handle_data(self, data):
+        self.stack[-1].parts.append(data)
+
+
+def test_dashboard_shows_the_real_run(browser, tmp_path, tmp_path_factory, tiny_model):
+    run = trained_run(tmp_path_factory, tiny_model)
+    metrics = lines(run / "logs" / "metrics.jsonl")
+    evals = lines(run / "logs" / "evals.jsonl")
+    snaps = sorted((run / "snapshots" / "evolution").glob("step-*.json"))
+    assert len(snaps) >= 3 and evals, "the run must have snapshots and evaluations to show"
+    # Not the defaults (first example, newest step): a file's example at an earlier step, chosen by the URL.
+    chosen_snap = json.loads(snaps[len(snaps) // 2].read_text())
+    example = next(e for e in chosen_snap["examples"] if e["source"] == "file")
+    example_steps = [s for s in snaps if any(e["id"] == example["id"] for e in json.loads(s.read_text())["examples"])]
+
+    with Served(run) as s:
+        url = f"http://127.0.0.1:{s.port}/#example={example['id']}&step={chosen_snap['step']}"
+        dom = Tree(chromium(browser, tmp_path / "profile", url, "--dump-dom")).root
+        shot = tmp_path / "dashboard.png"
+        chromium(browser, tmp_path / "profile", url, f"--screenshot={shot}", "--window-size=1400,2200")
+
+    assert dom.find(tag="body").attrs.get("data-loaded") == "1", "the page never finished a poll"
+    assert dom.find(id="error").attrs.get("hidden") is not None, dom.find(id="error").text()
+
+    # Loss chart: every step of the run, drawn (uPlot made a canvas), both files' boundaries.
+    chart = dom.find(id="loss-chart")
+    assert chart.attrs["data-points"] == str(len(metrics))
+    assert chart.attrs["data-last-step"] == str(metrics[-1]["step"])
+    assert chart.attrs["data-files"] == "capitals.jsonl|colours.jsonl"
+    assert chart.find_all("canvas")
+
+    # File table: both files done, with the steps and global-step spans the run recorded.
+    rows = dom.find(id="files").find_all("tr", data_state="done")
+    by_name = {r.find(class_="name").text(): [td.text() for td in r.find_all("td")] for r in rows}
+    assert set(by_name) == {"capitals.jsonl", "colours.jsonl"}
+    for name in by_name:
+        steps = [m["step"] for m in metrics if m["file_name"] == name]
+        cells = by_name[name]
+        assert f"{len(steps)} / {len(steps)}" in cells and f"{steps[0]}–{steps[-1]}" in cells, cells
+
+    # Forgetting matrix: every evaluation's loss is a cell, in the row of its event and the column of its file.
+    matrix = dom.find(id="forgetting")
+    header = [th.text() for th in matrix.find_all("th", class_="col")]
+    assert header == ["capitals.jsonl", "colours.jsonl"]
+    for e in evals:
+        row = matrix.find(tag="tr", data_row="before" if e.get("before_file") else e["after_file_name"])
+        cells = row.find_all("td")
+        cell = cells[header.index(e["file_name"])]
+        assert cell.attrs["data-loss"] == f"{e['loss']:.4f}" and cell.text() == f"{e['loss']:.3f}"
+
+    # Evolution viewer: the chosen example at the chosen step, its tokens right/wrong as the snapshot says.
+    ev = dom.find(id="evolution")
+    assert (ev.attrs["data-example"], ev.attrs["data-step"]) == (example["id"], str(chosen_snap["step"]))
+    assert dom.find(id="ev-expected").text() == example["expected"]
+    assert dom.find(id="ev-input").text() == example["input"]
+    tokens = dom.find(id="ev-tokens").find_all("span", class_="tok")
+    assert [t.attrs["data-correct"] == "1" for t in tokens] == [t["correct"] for t in example["tokens"]]
+    assert f"{round(100 * example['token_accuracy'])}% of {len(example['tokens'])} tokens right" in \
+        dom.find(id="ev-scores").text()
+    assert dom.find(id="ev-generation").text() == (example["generation"] or "(no generation in this snapshot)")
+    history = [r for r in dom.find(id="ev-history").find_all("tr") if "data-step" in r.attrs]
+    assert [int(r.attrs["data-step"]) for r in history] == sorted(
+        (int(p.stem.split("-")[1]) for p in example_steps), reverse=True)
+    assert "selected" in history[[int(r.attrs["data-step"]) for r in history].index(chosen_snap["step"])].attrs["class"]
+    probe = dom.find(tag="option", value="probe-0")
+    assert probe.text().startswith("probes.jsonl line 1: The capital of Peru is")
+
+    # Checkpoints: the newest is the run's last step.
+    newest = next(r for r in dom.find(id="checkpoints").find_all("tr") if "data-step" in r.attrs)
+    assert newest.attrs["data-step"] == str(metrics[-1]["step"])
+
+    assert shot.stat().st_size > 20_000  # a real picture, kept in the test's folder for a person to look at
+    docs = os.environ.get("EVERTRAIN_DASHBOARD_SCREENSHOT")
+    if docs:  # e.g. docs/dashboard.png for the README
+        shutil.copy(shot, docs)
