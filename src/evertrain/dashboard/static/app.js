@@ -57,7 +57,8 @@ function renderStatus(st, root, kind) {
   $("state").dataset.state = state;
   $("updated").textContent = st.updated_at ? "updated " + new Date(st.updated_at * 1000).toLocaleTimeString() : "";
   $("current-file").textContent = st.current_file || "—";
-  const done = st.file_step || 0, total = st.file_total_steps || 0;
+  // Progress only while a file is in hand: a finished file's 100% would read as work going on.
+  const done = st.current_file ? st.file_step || 0 : 0, total = st.current_file ? st.file_total_steps || 0 : 0;
   const pct = total ? Math.min(100, (100 * done) / total) : 0;
   $("progress-bar").style.width = pct + "%";
   $("progress-bar").dataset.pct = pct.toFixed(1);
@@ -106,8 +107,14 @@ function renderFiles(files) {
     el("td", {}, stateChip(f.state)), el("td", { text: steps(f) }),
     el("td", { text: f.first_step ? `${f.first_step}–${f.last_step ?? "…"}` : "—" }),
     el("td", { text: fmt.int(f.examples) }), el("td", { text: fmt.int(f.tokens) }),
-    el("td", { class: "note", text: (f.error || "").split("\n")[0], title: f.error || "" }))) :
+    el("td", { class: "note", text: oneLine(f.error), title: f.error || "" }))) :
     [emptyRow(8, "No file has finished yet.")]));
+}
+
+function oneLine(text) {
+  // An error names the file, then its problems line by line: all of it, on one line, clipped.
+  const flat = (text || "").split("\n").map((l) => l.trim()).filter(Boolean).join(" · ");
+  return flat.length > 160 ? flat.slice(0, 160) + "…" : flat;
 }
 
 function emptyRow(cols, text) {
@@ -288,9 +295,9 @@ async function renderEvolution() {
   const example = index.examples.find((e) => e.id === sel.example) || index.examples[0];
   $("example").value = example.id;
   let pos = index.steps.length - 1;
-  if (sel.step !== null) {
-    const found = index.steps.findIndex((s) => s.step === sel.step);
-    if (found >= 0) pos = found;
+  if (sel.step !== null) {  // the snapshot nearest to the asked step
+    const dist = index.steps.map((s) => Math.abs(s.step - sel.step));
+    pos = dist.indexOf(Math.min(...dist));
   } else {
     pos = Number($("step-slider").value);
   }
@@ -312,12 +319,13 @@ async function renderEvolution() {
     $("ev-input").textContent = ex.input || "";
     $("ev-input").hidden = !ex.input;
     $("ev-expected").textContent = ex.expected;
+    // Each target token: the model's guess on top, and under a wrong guess, what was expected.
     $("ev-tokens").replaceChildren(...ex.tokens.map((t) => el("span", {
       class: "tok " + (t.correct ? "ok" : "bad"), "data-correct": t.correct ? "1" : "0",
       title: t.correct ? `right: ${JSON.stringify(t.expected)}  (loss ${t.loss.toFixed(3)})`
         : `predicted ${JSON.stringify(t.predicted)}, expected ${JSON.stringify(t.expected)}  (loss ${t.loss.toFixed(3)})`,
-      text: visible(t.predicted),
-    })));
+    }, el("span", { class: "pred", text: visible(t.predicted) }),
+    el("span", { class: "exp", text: t.correct ? "\u00a0" : visible(t.expected) }))));
     $("ev-scores").textContent = `loss ${fmt.loss(ex.loss)} · ${fmt.pct(ex.token_accuracy)} of ${ex.tokens.length} tokens right`;
     $("ev-generation").textContent = ex.generation ?? "(no generation in this snapshot)";
     box.dataset.accuracy = ex.token_accuracy;
