@@ -154,12 +154,14 @@ def test_metrics_follow_appends_resumes_and_torn_lines(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
     write_lines(path, [step(1), step(2), step(3)])
     run = sources.open_run(tmp_path)
-    assert sources.metrics(run)["columns"]["step"] == [1, 2, 3]
+    first = sources.metrics(run)
+    assert first["columns"]["step"] == [1, 2, 3]
     # The run resumed from the checkpoint of step 1 and trained steps 2.. again: the new lines count.
     with open(path, "a") as f:
         f.write(json.dumps(step(2, loss=0.5)) + "\nnot json\n" + '{"step": 3, "lo')  # a line still being written
     m = sources.metrics(run)
     assert m["columns"]["step"] == [1, 2] and m["columns"]["loss"] == [1.0, 0.5]
+    assert m["history"] != first["history"]  # tells the page to drop the points it holds
     with open(path, "a") as f:
         f.write('ss": 0.25, "file": "b", "file_name": "b.jsonl"}\n')
     m = sources.metrics(run)

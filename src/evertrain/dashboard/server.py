@@ -129,7 +129,9 @@ class Handler(BaseHTTPRequestHandler):
         if server.token is None:
             host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
             if server.loopback and not is_loopback(host):
-                self.json({"error": "this dashboard answers only to localhost"}, HTTPStatus.FORBIDDEN)
+                self.json({"error": f"bound to loopback, this dashboard answers only to localhost or 127.0.0.1, "
+                                    f"not {host!r}; to reach it by another name, start it with --host and use "
+                                    "the token it prints"}, HTTPStatus.FORBIDDEN)
                 return False
             return True
         given = []

@@ -82,6 +82,7 @@ class JsonlTail:
         self.path: Path | None = None
         self.offset = 0
         self.records: list[dict] = []
+        self.rewrites = 0  # times earlier records were replaced: a reader holding old ones starts over
         self.lock = threading.Lock()
 
     def read(self) -> list[dict]:
@@ -92,6 +93,7 @@ class JsonlTail:
             size = path.stat().st_size
             if path != self.path or size < self.offset:  # another file, or rewritten: start over
                 self.path, self.offset, self.records = path, 0, []
+                self.rewrites += 1
             if size > self.offset:
                 with open(path, "rb") as f:
                     f.seek(self.offset)
@@ -111,6 +113,8 @@ class JsonlTail:
                         k = rec.get(self.key)
                         if not isinstance(k, int):
                             continue
+                        if self.records and self.records[-1][self.key] >= k:
+                            self.rewrites += 1
                         while self.records and self.records[-1][self.key] >= k:
                             self.records.pop()
                     self.records.append(rec)
@@ -135,6 +139,7 @@ def metrics(run: Run, since: int = 0, max_points: int = MAX_POINTS) -> dict:
             spans.append({"file": r.get("file"), "file_name": r.get("file_name"), "first_step": r["step"],
                           "last_step": r["step"]})
     return {"since": since, "last_step": records[-1]["step"] if records else 0, "stride": stride,
+            "history": run.metrics.rewrites,
             "columns": {k: [r.get(k) for r in new] for k in METRIC_FIELDS},
             "files": spans}
 
@@ -328,8 +333,8 @@ def status(run: Run) -> dict:
         return {"state": "never ran", "source": "daemon"}
     last = run.metrics.records[-1] if run.metrics.read() else None
     ckpt = newest(run)
-    st = {"state": "idle", "source": "train", "global_step": ckpt.step if ckpt else 0,
-          "last_checkpoint": ckpt.name if ckpt else None, "updated_at": None}
+    st = {"state": "idle" if last or ckpt else "no run yet", "source": "train",
+          "global_step": ckpt.step if ckpt else 0, "last_checkpoint": ckpt.name if ckpt else None, "updated_at": None}
     if last is None:
         return st
     st.update(global_step=max(st["global_step"], last["step"]), loss=last.get("loss"),
@@ -356,8 +361,11 @@ def snapshot_marker(run: Run) -> dict:
     """Enough for the page to know whether to fetch the snapshot index again."""
     paths = run.snapshots.paths()
     last = max(paths) if paths else None
-    return {"count": len(paths), "last_step": last,
-            "last_mtime": paths[last].stat().st_mtime_ns if last is not None else None}
+    try:
+        mtime = paths[last].stat().st_mtime_ns if last is not None else None
+    except OSError:
+        mtime = None
+    return {"count": len(paths), "last_step": last, "last_mtime": mtime}
 
 
 def read_json(path: Path):

@@ -93,16 +93,16 @@ function renderFiles(files) {
   const queue = files.filter((f) => f.state === "training" || f.state === "queued" || f.state === "interrupted");
   queue.sort((a, b) => (a.state !== "training") - (b.state !== "training")
     || (PRIORITY_RANK[a.priority] ?? 2) - (PRIORITY_RANK[b.priority] ?? 2) || (a.id ?? 0) - (b.id ?? 0));
-  const history = files.filter((f) => !queue.includes(f)).reverse();
+  const past = files.filter((f) => !queue.includes(f)).reverse();
   const steps = (f) => `${fmt.int(f.steps_trained)} / ${fmt.int(f.expected_steps)}`;
   $("queue").tBodies[0].replaceChildren(...(queue.length ? queue.map((f, i) => el("tr",
     { "data-sha256": f.sha256 || "", "data-state": f.state },
     el("td", { text: f.id ?? i + 1 }), el("td", { class: "name", text: f.original_name, title: f.sha256 || "" }),
     el("td", {}, stateChip(f.state)), el("td", { text: f.priority || "—" }), el("td", { text: steps(f) }),
     el("td", { text: fmt.int(f.examples) }))) : [emptyRow(6, "The queue is empty.")]));
-  $("files").tBodies[0].replaceChildren(...(history.length ? history.map((f, i) => el("tr",
+  $("files").tBodies[0].replaceChildren(...(past.length ? past.map((f, i) => el("tr",
     { "data-sha256": f.sha256 || "", "data-state": f.state },
-    el("td", { text: f.id ?? history.length - i }),
+    el("td", { text: f.id ?? past.length - i }),
     el("td", { class: "name", text: f.original_name, title: f.sha256 || "" }),
     el("td", {}, stateChip(f.state)), el("td", { text: steps(f) }),
     el("td", { text: f.first_step ? `${f.first_step}–${f.last_step ?? "…"}` : "—" }),
@@ -126,6 +126,7 @@ function emptyRow(cols, text) {
 const series = { step: [], loss: [], lr: [] };
 let spans = [];
 let lastStep = 0;
+let rewrites = null;  // the server's count of history rewrites: a change means our points are stale
 let lossPlot = null;
 
 function boundaryPlugin(getSpans) {
@@ -194,10 +195,11 @@ function drawLoss() {
 
 async function pollMetrics() {
   const m = await get(`/api/metrics?since=${lastStep}`);
-  if (m.last_step < lastStep) {  // the run resumed from an older checkpoint: history was rewritten
-    series.step = []; series.loss = []; series.lr = []; lastStep = 0;
+  if (rewrites !== null && m.history !== rewrites) {  // the run resumed from an older checkpoint: start over
+    series.step = []; series.loss = []; series.lr = []; lastStep = 0; rewrites = null;
     return pollMetrics();
   }
+  rewrites = m.history;
   const c = m.columns;
   series.step.push(...c.step);
   series.loss.push(...c.loss);
