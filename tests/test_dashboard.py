@@ -229,6 +229,20 @@ def test_workspace_layout_status_and_non_finite_numbers(tmp_path, run_dir):
         state = json.loads(body)
     assert state["kind"] == "workspace"
     assert state["status"]["state"] == "paused" and state["status"]["loss"] is None
-    assert state["checkpoints"] and state["checkpoints"][0]["name"].startswith("checkpoint-")
+    newest, older = state["checkpoints"][:2]
+    assert newest["name"] == f"checkpoint-{newest['step']}" and not newest["pinned"]
     # No ledger yet (the daemon never ran here): the files recorded in the newest checkpoint.
     assert [f["original_name"] for f in state["files"]] == ["capitals.jsonl", "colours.jsonl"]
+
+    # With a ledger: its files (a duplicate says of which file) and its pins.
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    db.executescript("CREATE TABLE files (id INTEGER PRIMARY KEY, original_name TEXT, state TEXT, duplicate_of INT);"
+                     "CREATE TABLE pins (name TEXT PRIMARY KEY, step INTEGER, pinned_at REAL);"
+                     "INSERT INTO files VALUES (1, 'a.jsonl', 'done', NULL), (2, 'copy-of-a.jsonl', 'duplicate', 1);"
+                     f"INSERT INTO pins VALUES ('{older['name']}', {older['step']}, 0);")
+    db.commit()
+    db.close()
+    state = sources.state(sources.open_run(tmp_path))
+    assert [(f["original_name"], f["state"], f["duplicate_of"]) for f in state["files"]] == [
+        ("a.jsonl", "done", None), ("copy-of-a.jsonl", "duplicate", 1)]
+    assert [c["pinned"] for c in state["checkpoints"][:2]] == [False, True]

@@ -18,6 +18,7 @@ import re
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,19 +287,34 @@ def files(run: Run) -> list[dict]:
     return out
 
 
-LEDGER_COLUMNS = ("id", "original_name", "sha256", "size", "priority", "state", "format", "examples", "tokens",
-                  "expected_steps", "steps_trained", "first_step", "last_step", "arrived_at", "started_at",
-                  "finished_at", "error")
+LEDGER_COLUMNS = ("id", "original_name", "name", "sha256", "size", "priority", "state", "format", "examples",
+                  "tokens", "expected_steps", "steps_trained", "first_step", "last_step", "duplicate_of",
+                  "arrived_at", "started_at", "finished_at", "error")
 
 
 def ledger_files(path: Path) -> list[dict]:
-    """The files table of daemon/ledger.py, read-only; columns an older ledger lacks come back as None."""
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=2)
-    try:
+    """The files table of daemon/ledger.py; columns an older ledger lacks come back as None."""
+    with read_only(path) as db:
         have = {r[1] for r in db.execute("PRAGMA table_info(files)")}
         cols = ", ".join(c if c in have else f"NULL AS {c}" for c in LEDGER_COLUMNS)
-        db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute(f"SELECT {cols} FROM files ORDER BY id")]
+
+
+def ledger_pins(path: Path) -> set[str]:
+    """Checkpoint names a person pinned (`evertrain pin`)."""
+    with read_only(path) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pins'").fetchone():
+            return set()
+        return {r[0] for r in db.execute("SELECT name FROM pins")}
+
+
+@contextmanager
+def read_only(path: Path):
+    """The ledger opened read-only: the dashboard never takes a lock the daemon would wait for."""
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=2)
+    db.row_factory = sqlite3.Row
+    try:
+        yield db
     finally:
         db.close()
 
@@ -312,6 +328,8 @@ def newest(run: Run) -> checkpoint.Checkpoint | None:
 
 
 def checkpoints(run: Run) -> list[dict]:
+    ledger = run.root / LEDGER_FILE
+    pins = ledger_pins(ledger) if ledger.is_file() else set()
     out = []
     for c in checkpoint.candidates(run.model_dir)[:SHOWN_CHECKPOINTS]:
         try:
@@ -320,7 +338,7 @@ def checkpoints(run: Run) -> list[dict]:
             continue  # pruned while we looked
         out.append({"name": c.name, "step": c.step, "created_at": created,
                     "bytes": sum(m.get("size", 0) for m in c.state.get("manifest", {}).values()),
-                    "files": len(c.state.get("files", []))})
+                    "files": len(c.state.get("files", [])), "pinned": c.name in pins})
     return out
 
 

@@ -107,7 +107,8 @@ function renderFiles(files) {
     el("td", {}, stateChip(f.state)), el("td", { text: steps(f) }),
     el("td", { text: f.first_step ? `${f.first_step}–${f.last_step ?? "…"}` : "—" }),
     el("td", { text: fmt.int(f.examples) }), el("td", { text: fmt.int(f.tokens) }),
-    el("td", { class: "note", text: oneLine(f.error), title: f.error || "" }))) :
+    el("td", { class: "note", text: f.duplicate_of ? `same content as #${f.duplicate_of}: not trained again`
+      : oneLine(f.error), title: f.error || "" }))) :
     [emptyRow(8, "No file has finished yet.")]));
 }
 
@@ -381,7 +382,8 @@ function renderExampleHistory(example, step) {
 
 function renderCheckpoints(list) {
   $("checkpoints").tBodies[0].replaceChildren(...(list.length ? list.map((c) => el("tr", { "data-step": c.step },
-    el("td", { class: "name", text: c.name }), el("td", { text: fmt.int(c.step) }),
+    el("td", { class: "name" }, c.name, c.pinned ? el("span", { class: "chip pin", text: "pinned" }) : ""),
+    el("td", { text: fmt.int(c.step) }),
     el("td", { text: fmt.time(c.created_at) }), el("td", { text: fmt.bytes(c.bytes) }),
     el("td", { text: c.files })))
     : [emptyRow(5, "No checkpoint yet.")]));
