@@ -5,6 +5,7 @@ cases (resumed steps, torn lines, long histories, a ledger in use, NaN)."""
 import http.client
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -88,6 +89,15 @@ def test_no_path_reaches_a_file_outside_the_static_folder(run_dir):
         # What is whitelisted is served, and is exactly the packaged file.
         status, _h, body = request(s.port, "/static/style.css")
         assert status == 200 and body == (server.STATIC_DIR / "style.css").read_bytes()
+
+
+def test_page_needs_nothing_from_the_network():
+    """Offline: every script and style the page loads is one of the packaged static files."""
+    page = (server.STATIC_DIR / "index.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert refs and all(r.startswith("/static/") and r[len("/static/"):] in server.static_files() for r in refs)
+    for name in ("index.html", "app.js", "style.css", "uPlot.min.css"):
+        assert not re.search(r"https?://", (server.STATIC_DIR / name).read_text()), name
 
 
 def test_loopback_server_refuses_a_foreign_host_header(run_dir):

@@ -160,3 +160,16 @@ def test_dashboard_shows_the_real_run(browser, tmp_path, tmp_path_factory, tiny_
     docs = os.environ.get("EVERTRAIN_DASHBOARD_SCREENSHOT")
     if docs:  # e.g. docs/dashboard.png for the README
         shutil.copy(shot, docs)
+
+
+def test_dashboard_off_loopback_works_in_a_browser_with_the_printed_token(browser, tmp_path, tmp_path_factory,
+                                                                          tiny_model):
+    run = trained_run(tmp_path_factory, tiny_model)
+    with Served(run, host="0.0.0.0", token="tok-for-the-test") as s:
+        base = f"http://127.0.0.1:{s.port}/"
+        refused = Tree(chromium(browser, tmp_path / "p1", base, "--dump-dom")).root
+        dom = Tree(chromium(browser, tmp_path / "p2", base + "?token=tok-for-the-test", "--dump-dom")).root
+    assert "token required" in refused.text() and not refused.find_all(id="loss-chart")
+    # The token became a cookie: the page and every API call after it were let in.
+    assert dom.find(tag="body").attrs.get("data-loaded") == "1"
+    assert dom.find(id="loss-chart").attrs["data-points"] == str(len(lines(run / "logs" / "metrics.jsonl")))
