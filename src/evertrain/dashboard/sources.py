@@ -37,7 +37,7 @@ METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_second", "file_s
 @dataclass
 class Run:
     root: Path
-    daemon: bool = False
+    daemon: bool = field(init=False)      # a daemon workspace (else a `train` output dir)
     model_dir: Path = field(init=False)
     metrics: "JsonlTail" = field(init=False)
     evals: "JsonlTail" = field(init=False)
