@@ -162,3 +162,16 @@ def test_checkpoints_are_ordered_by_recorded_step_not_name(tmp_path, tiny_model)
     # checkpoint-9 sorts after checkpoint-10 as a string; the newest is the one with the higher step
     assert [c.step for c in checkpoint.candidates(out)] == [10, 9]
     assert checkpoint.newest_complete(out).path.name == "checkpoint-10"
+
+
+def test_a_save_cut_short_by_a_crash_is_never_resumed(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    assert train(out, write_jsonl(tmp_path / "a.jsonl", text_rows(4)), "--model", tiny_model) == 0
+    # what a crash mid-save leaves: a temporary folder, even one with a plausible state file
+    half = checkpoint.temp_path(out, 99)
+    half.mkdir()
+    (half / "trainer_state.json").write_text('{"global_step": 99, "manifest": {}}')
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    assert checkpoint.newest_complete(out).step == 1
+    assert train(out, write_jsonl(tmp_path / "b.jsonl", text_rows(3, "b"))) == 0
+    assert checkpoint.newest_complete(out).step == 2 and not half.exists()

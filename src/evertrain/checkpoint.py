@@ -11,12 +11,13 @@ Checkpoints are ordered by the global step recorded inside them, never by folder
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from evertrain.data import sha256_file
 
 STATE_FILE = "trainer_state.json"
 FORMAT = 1
@@ -62,19 +63,11 @@ def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
     os.replace(tmp, path)
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest(folder: Path) -> dict[str, dict]:
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != STATE_FILE:
-            out[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": file_digest(p)}
+            out[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return out
 
 
@@ -125,7 +118,7 @@ def verify(ckpt: Checkpoint, *, full: bool = True) -> str | None:
             return f"{rel} is missing"
         if p.stat().st_size != meta["size"]:
             return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']}"
-        if full and file_digest(p) != meta["sha256"]:
+        if full and sha256_file(p) != meta["sha256"]:
             return f"{rel} does not match its sha256"
     return None
 
