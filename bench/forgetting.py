@@ -77,12 +77,12 @@ def main() -> None:
     print(f"{'':>22}" + "".join(f"{'replay ' + str(r):>33}" for r in results))
     print(f"{'after':>22}" + ("".join(f"{n.split('-')[1][:9]:>11}" for n in names)) * len(results))
     for i, name in enumerate(names):
-        row = "".join(f"{x:11.3f}" if x is not None else f"{'-':>11}" for r in results for x in results[r][0]["rows"][i])
+        row = "".join(f"{x:11.3f}" if x is not None else f"{'-':>11}" for r in results for x in results[r][0]["rows"][i]["cells"])
         print(f"{name:>22}{row}")
     print("\nRise of each earlier file's loss from right after its training to the end (lower = less forgetting),")
     print("and as a ratio to the first column's rise:")
     for j, name in enumerate(names[:-1]):
-        rises = [results[r][0]["rows"][-1][j] - results[r][0]["rows"][j][j] for r in results]
+        rises = [results[r][0]["rows"][-1]["cells"][j] - results[r][0]["rows"][j]["cells"][j] for r in results]
         print(f"  {name:<20}" + "".join(f"  replay {r}: {x:+.3f} ({x / rises[0]:.2f}x)" for r, x in zip(results, rises)))
     print("\nwall time: " + ", ".join(f"replay {r}: {results[r][1]:.0f} s" for r in results))
 

@@ -14,8 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from evertrain.checkpoint import write_json_atomic
 from evertrain.data import IGNORE, Example, FileData
 
@@ -45,9 +43,10 @@ def load_held_out(output_dir: Path, sha256: str) -> tuple[str, list[Example]] | 
                        for e in d["examples"]]
 
 
-@torch.no_grad()
 def mean_loss(session, examples: list[Example]) -> tuple[float, int]:
     """Mean token loss over examples (each its own row), and the number of target tokens."""
+    import torch  # here, not at the top: the dashboard reads evaluations without loading torch
+
     from evertrain.loop import collate
 
     model, device = session.model, session.accelerator.device
@@ -60,7 +59,8 @@ def mean_loss(session, examples: list[Example]) -> tuple[float, int]:
         if n == 0:
             continue
         batch = collate([[e] for e in chunk], session.tokenizer.pad_token_id, device)
-        total += model(**batch, use_cache=False, num_items_in_batch=n).loss.item() * n
+        with torch.no_grad():
+            total += model(**batch, use_cache=False, num_items_in_batch=n).loss.item() * n
         count += n
     model.train(was_training)
     return (total / count if count else float("nan")), count
@@ -99,26 +99,47 @@ def seen_files(session) -> list[str]:
 # ------------------------------------------------------------------------------------------------- report
 
 def read_evals(workdir: Path) -> list[dict]:
+    """logs/evals.jsonl; a line torn by a crash mid-write is passed over."""
     path = Path(workdir) / "logs" / "evals.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
 
 
 def forgetting_matrix(evals: list[dict]) -> dict:
-    """{"files": [names], "rows": [[loss or None]]}: row i = after training file i, column j = file j."""
-    order, names = [], {}
+    """The forgetting matrix of a run's evaluations.
+
+    A row per evaluation event (after file i finished, or a periodic one), ordered by step; a column per evaluated
+    file in training order; cell = mean held-out loss. `before` holds each file's loss right before its training.
+    """
+    columns: dict[str, dict] = {}  # sha256 -> {"file", "file_name"}, in first-seen order
+    rows: dict[tuple, dict] = {}
+    before: dict[str, float] = {}
     for e in evals:
-        for sha, name in ((e["after_file"], e["after_file_name"]), (e["file"], e["file_name"])):
-            if sha and sha not in names:
-                names[sha] = name
-                order.append(sha)
-    after = [s for s in order if any(e["after_file"] == s for e in evals)]
-    cell = {(e["after_file"], e["file"]): e["loss"] for e in evals if e["after_file"]}
-    before = {e["file"]: e["loss"] for e in evals if e.get("before_file") == e["file"]}
-    return {"files": [names[s] for s in order], "shas": order, "after": [names[s] for s in after], "after_shas": after,
-            "rows": [[cell.get((a, s)) for s in order] for a in after],
-            "before": [before.get(s) for s in order]}
+        sha = e.get("file")
+        if not isinstance(sha, str) or not isinstance(e.get("loss"), (int, float)):
+            continue
+        if e.get("before_file") is not None:
+            before[sha] = e["loss"]
+            columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
+            continue
+        after = e.get("after_file")
+        if after is not None:
+            columns.setdefault(after, {"file": after, "file_name": e.get("after_file_name")})
+        columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
+        row = rows.setdefault((e.get("step"), after), {
+            "step": e.get("step"), "after_file": after, "after_file_name": e.get("after_file_name"), "cells": {}})
+        row["cells"][sha] = e["loss"]
+    order = list(columns)
+    return {"files": list(columns.values()),
+            "before": [before.get(sha) for sha in order],
+            "rows": [dict(r, cells=[r["cells"].get(sha) for sha in order])
+                     for r in sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0))]}
 
 
 def report(workdir: Path) -> str:
@@ -126,17 +147,17 @@ def report(workdir: Path) -> str:
     if not m["rows"]:
         return ("no evaluations yet: set held_out_fraction > 0 (e.g. 0.02) so each file keeps a held-out slice, "
                 "then train files")
-    width = max(12, *(len(n) for n in m["files"]))
+    names = [f["file_name"] for f in m["files"]]
+    label = lambda r: r["after_file_name"] or f"step {r['step']}"  # noqa: E731
+    width = max(12, *(len(n) for n in names), *(len(label(r)) for r in m["rows"]))
     fmt = lambda x: "      -" if x is None else f"{x:7.3f}"  # noqa: E731
     lines = ["Forgetting matrix: held-out loss of each file (columns) after training each file (rows).",
-             " " * width + "  " + "  ".join(f"{j + 1:>7}" for j in range(len(m["files"])))]
-    for name, row in zip(m["after"], m["rows"]):
-        lines.append(f"{name:>{width}}  " + "  ".join(fmt(x) for x in row))
+             " " * width + "  " + "  ".join(f"{j + 1:>7}" for j in range(len(names)))]
+    for r in m["rows"]:
+        lines.append(f"{label(r):>{width}}  " + "  ".join(fmt(x) for x in r["cells"]))
     lines += ["", "Per file: held-out loss before its training, right after it, and now (the last evaluation)."]
-    last_row = m["rows"][-1]
-    for j, (name, sha) in enumerate(zip(m["files"], m["shas"])):
-        own = m["after_shas"].index(sha) if sha in m["after_shas"] else None
-        right_after = m["rows"][own][j] if own is not None else None
-        lines.append(f"{j + 1:>3}. {name:<{width}}  before {fmt(m['before'][j])}  after {fmt(right_after)}  "
-                     f"now {fmt(last_row[j])}")
+    for j, (f, name) in enumerate(zip(m["files"], names)):
+        own = next((r["cells"][j] for r in m["rows"] if r["after_file"] == f["file"]), None)
+        lines.append(f"{j + 1:>3}. {name:<{width}}  before {fmt(m['before'][j])}  after {fmt(own)}  "
+                     f"now {fmt(m['rows'][-1]['cells'][j])}")
     return "\n".join(lines)

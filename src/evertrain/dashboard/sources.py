@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evertrain import checkpoint
+from evertrain.evals import forgetting_matrix
 
 CONFIG_FILE = "evertrain.toml"          # marks a daemon workspace (see daemon/workspace.py)
 STATUS_FILE = "status/training_status.json"
@@ -148,32 +149,8 @@ def metrics(run: Run, since: int = 0, max_points: int = MAX_POINTS) -> dict:
 # ------------------------------------------------------------------------------------------------- evals
 
 def forgetting(run: Run) -> dict:
-    """The forgetting matrix: a row per evaluation event (after file i finished, or a periodic one), a column
-    per evaluated file in training order, cell = mean held-out loss; plus each file's loss right before it
-    started training (the `before` row), so a reader sees what training it gained and what later files cost."""
-    columns: dict[str, dict] = {}   # sha256 -> {"file", "file_name"}, in first-seen order
-    rows: dict[tuple, dict] = {}
-    before: dict[str, float] = {}
-    for e in run.evals.read():
-        sha = e.get("file")
-        if not isinstance(sha, str) or not isinstance(e.get("loss"), (int, float)):
-            continue
-        if e.get("before_file") is not None:
-            before[sha] = e["loss"]
-            columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
-            continue
-        after = e.get("after_file")
-        if after is not None:
-            columns.setdefault(after, {"file": after, "file_name": e.get("after_file_name")})
-        columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
-        row = rows.setdefault((e.get("step"), after), {
-            "step": e.get("step"), "after_file": after, "after_file_name": e.get("after_file_name"), "cells": {}})
-        row["cells"][sha] = e["loss"]
-    order = list(columns)
-    return {"files": list(columns.values()),
-            "before": [before.get(sha) for sha in order],
-            "rows": [dict(r, cells=[r["cells"].get(sha) for sha in order])
-                     for r in sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0))]}
+    """The forgetting matrix (see evals.forgetting_matrix), from the run's evaluations."""
+    return forgetting_matrix(run.evals.read())
 
 
 # ------------------------------------------------------------------------------------------------- snapshots
