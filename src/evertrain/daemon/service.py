@@ -165,6 +165,7 @@ def train_file(svc: Service, row: dict) -> bool:
                       finished_at=time.time())
         place(ws, ledger.get(row["id"]))
         svc.say(f"evertrain: {row['original_name']}: duplicate: {note}")
+        board.write()
         return True
 
     G = session.global_batch
