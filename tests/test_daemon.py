@@ -80,7 +80,7 @@ def test_files_dropped_while_running_train_once_in_order(tmp_path, daemon_model,
 
 
 def test_a_file_written_slowly_in_place_is_taken_only_when_complete(tmp_path, daemon_model):
-    ws = make_ws(tmp_path, daemon_model, "--stable-seconds", "0.6")
+    ws = make_ws(tmp_path, daemon_model, "--stable-seconds", "0.6", "--held-out-fraction", "0.25")
     path = ws / "inbox" / "slow.jsonl"
     lines = [json.dumps(r) + "\n" for r in rows(12, "slow")]
     started = threading.Event()
@@ -101,8 +101,18 @@ def test_a_file_written_slowly_in_place_is_taken_only_when_complete(tmp_path, da
     assert cli("run", ws, "--once") == 0
     t.join()
     (row,) = ledger_rows(ws)
-    assert row["state"] == "done" and row["examples"] == 12 and row["size"] == sum(len(x) for x in lines)
-    assert_exactly_once(ws, row, 12)
+    assert row["state"] == "done" and row["size"] == sum(len(x) for x in lines)
+    assert row["examples"] == 9  # all 12 lines were read: 3 held out for evaluation, 9 trained
+    held_out = {rec["file"]: rec["held_out"] for rec in trace.read(ws / "current_model" / "trace.jsonl")
+                if "held_out" in rec}[row["sha256"]]
+    counts = coverage_by_sha(ws)[row["sha256"]]
+    assert len(held_out) == 3 and sorted(set(counts) | set(held_out)) == list(range(12))
+    assert set(counts.values()) == {1} and not set(counts) & set(held_out)
+    import sqlite3
+
+    (ev,) = sqlite3.connect(ws / "ledger.sqlite").execute("SELECT file_id, examples, loss FROM evals").fetchall()
+    assert ev[0] == row["id"] and ev[1] == 3 and 0 < ev[2] < 100
+    assert status(ws)["total_evals"] == 1
 
 
 def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, daemon_model):
