@@ -24,7 +24,7 @@ def cli(*args) -> int:
     return cli_main([str(a) for a in args])
 
 
-FAST = ("--batch-size", "4", "--no-packing", "--trace", "--stable-seconds", "0", "--poll-seconds", "0.05",
+FAST = ("--batch-size", "4", "--no-packing", "--trace", "--held-out-fraction", "0", "--stable-seconds", "0", "--poll-seconds", "0.05",
         "--disk-margin-bytes", "0", "--status-interval", "0.1", "--save-steps", "0", "--learning-rate", "1e-3",
         "--warmup-steps", "0")
 
