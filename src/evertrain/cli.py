@@ -1,6 +1,7 @@
 """The `evertrain` command.
 
     evertrain train --dataset FILE --output-dir DIR     # train one file into a continuing run
+    evertrain init DIR --model M; evertrain run DIR     # the daemon: train every file dropped into DIR/inbox
     evertrain report DIR                                # forgetting matrix of a run
     evertrain dashboard DIR                             # live web page of a run, http://127.0.0.1:8777/
     evertrain --help
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-repeat", action="store_true", help="train a file even if its content was trained")
     add_arguments(p)
     p.set_defaults(func=cmd_train)
+    add_daemon_commands(sub)
 
     p = sub.add_parser("report", help="print the forgetting matrix and each file's held-out loss before/after")
     p.add_argument("dir", type=Path, nargs="?", default=Path("."), help="a workspace or a train --output-dir")
@@ -151,6 +153,147 @@ def guard_problems(session, result) -> list[str]:
     if state is None or state["global_step"] != result.step_after:
         problems.append(f"no complete checkpoint for global step {result.step_after} at {ckpt}")
     return problems
+
+
+# ------------------------------------------------------------------------------------------------- the daemon
+
+def add_daemon_commands(sub) -> None:
+    from evertrain.daemon.workspace import PRIORITIES, DaemonConfig
+
+    def workspace_arg(p):
+        p.add_argument("dir", nargs="?", type=Path, default=Path("."), help="the workspace (default: .)")
+
+    p = sub.add_parser("init", help="create a workspace: evertrain.toml (these options) and its folders")
+    p.add_argument("dir", type=Path, help="the workspace folder to create")
+    add_arguments(p)
+    add_arguments(p, DaemonConfig)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("run", help="train every file dropped into DIR/inbox, until SIGINT/SIGTERM or `stop`")
+    workspace_arg(p)
+    p.add_argument("--once", action="store_true", help="train everything waiting, then exit")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("add", help="copy a file into the workspace's queue (safe while the daemon runs)")
+    p.add_argument("file", type=Path)
+    workspace_arg(p)
+    p.add_argument("--priority", choices=PRIORITIES, default="normal",
+                   help="urgent pre-empts the file in training at its next step (default: normal)")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("status", help="the daemon's state, the queue and the last files")
+    workspace_arg(p)
+    p.add_argument("--json", action="store_true", help="the status and every ledger row, as JSON")
+    p.set_defaults(func=cmd_status)
+
+    for name, text in (("pause", "pause training at the next optimizer step (survives a restart)"),
+                       ("resume", "resume after `pause`"),
+                       ("stop", "checkpoint at the next optimizer step and stop the daemon"),
+                       ("skip", "end the file in training now; it is marked skipped with the steps it got")):
+        p = sub.add_parser(name, help=text)
+        workspace_arg(p)
+        p.set_defaults(func=cmd_control, action=name)
+
+    p = sub.add_parser("pin", help="keep checkpoint-STEP forever (retention never deletes it)")
+    p.add_argument("step", type=int)
+    workspace_arg(p)
+    p.add_argument("--remove", action="store_true", help="unpin it (retention may then delete it)")
+    p.set_defaults(func=cmd_pin)
+
+
+def cmd_init(args) -> int:
+    from evertrain.daemon import workspace
+
+    ws = workspace.init(args.dir, overrides_from_args(args), overrides_from_args(args, workspace.DaemonConfig))
+    print(f"evertrain: created workspace {ws.root}\n  settings: {ws.config_file}\n  drop JSONL files into "
+          f"{ws.inbox} (write elsewhere, then mv), then: evertrain run {args.dir}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from evertrain.daemon import service, workspace
+
+    try:
+        return service.run(args.dir, once=args.once)
+    except workspace.AlreadyRunning as e:
+        print(f"evertrain: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _open(args):
+    from evertrain.daemon import workspace
+    from evertrain.daemon.ledger import Ledger
+
+    ws, _train, _daemon = workspace.load(args.dir)
+    return ws, Ledger(ws.ledger_path)
+
+
+def cmd_add(args) -> int:
+    from evertrain.daemon.inbox import enqueue
+    from evertrain.daemon.workspace import printable
+    from evertrain.data import sha256_file
+
+    if not args.file.is_file():
+        print(f"evertrain: {args.file}: no such file", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    ws, ledger = _open(args)
+    file_id = enqueue(ws, ledger, args.file, printable(str(args.file)), sha=sha256_file(args.file),
+                      size=args.file.stat().st_size, priority=args.priority, move=False)
+    print(f"evertrain: queued {args.file} as queue/{ledger.get(file_id)['name']} (id {file_id}, {args.priority})")
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from evertrain.daemon import status
+
+    ws, ledger = _open(args)
+    print(status.show(ws, ledger, as_json=args.json))
+    return EXIT_OK
+
+
+def cmd_control(args) -> int:
+    from evertrain.daemon import controls, status, workspace
+
+    ws, _ledger = _open(args)
+    pid = workspace.daemon_pid(ws)
+    if args.action == "pause":
+        controls.pause(ws)
+        print("evertrain: paused" + (" at the next optimizer step" if pid else " (no daemon is running now; "
+                                      "it will stay paused when started)"))
+    elif args.action == "resume":
+        was = controls.resume(ws)
+        print("evertrain: resumed" if was else "evertrain: it was not paused")
+    elif pid is None:
+        print(f"evertrain: no daemon is running on {ws.root}; nothing to {args.action}", file=sys.stderr)
+        return EXIT_FAILED
+    elif args.action == "stop":
+        controls.stop(ws)
+        print(f"evertrain: asked the daemon (pid {pid}) to checkpoint and stop at the next optimizer step")
+    else:
+        current = (status.read(ws) or {}).get("current_file_id")
+        if current is None:
+            print("evertrain: no file is in training; nothing to skip", file=sys.stderr)
+            return EXIT_FAILED
+        controls.skip(ws, current)
+        print(f"evertrain: asked the daemon to skip file id {current} at the next optimizer step")
+    return EXIT_OK
+
+
+def cmd_pin(args) -> int:
+    ws, ledger = _open(args)
+    if args.remove:
+        print(f"evertrain: unpinned checkpoint-{args.step}" if ledger.unpin(args.step)
+              else f"evertrain: checkpoint-{args.step} was not pinned")
+        return EXIT_OK
+    state = checkpoint.read_state(checkpoint.final_path(ws.model_dir, args.step))
+    if state is None:
+        have = ", ".join(str(c.step) for c in reversed(checkpoint.candidates(ws.model_dir))) or "none"
+        print(f"evertrain: no complete checkpoint-{args.step} in {ws.model_dir} (steps there: {have})",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    ledger.pin(args.step)
+    print(f"evertrain: pinned checkpoint-{args.step}; retention will never delete it")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -103,12 +103,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
+        return settings_from_dict(cls, values, source)
+
+
+def settings_from_dict(cls, values: dict[str, Any], source: str):
+    """Build a settings dataclass (TrainConfig, the daemon's DaemonConfig) from plain values, checked."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    try:
         return cls(**{k: _coerce(known[k], v, source) for k, v in values.items()})
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
@@ -131,6 +139,13 @@ def _kind(f: dataclasses.Field) -> type:
 
 
 def validate(config: TrainConfig) -> None:
+    check_fields(config)
+    if config.decay_steps and config.lr_schedule != "wsd":
+        raise ConfigError("decay_steps only applies to lr_schedule = wsd")
+
+
+def check_fields(config) -> None:
+    """Choices, finiteness and low/high bounds of every field of a settings dataclass."""
     for f in fields(config):
         value, meta = getattr(config, f.name), f.metadata
         if value is None:
@@ -143,13 +158,11 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{f.name} must be >= {meta['low']}, got {value!r}")
         if meta["high"] is not None and value > meta["high"]:
             raise ConfigError(f"{f.name} must be <= {meta['high']}, got {value!r}")
-    if config.decay_steps and config.lr_schedule != "wsd":
-        raise ConfigError("decay_steps only applies to lr_schedule = wsd")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One command-line option per TrainConfig field; unset options stay None (= keep the default/config)."""
-    for f in fields(TrainConfig):
+def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One command-line option per field of `cls`; unset options stay None (= keep the default/config)."""
+    for f in fields(cls):
         meta, kind = f.metadata, _kind(f)
         default_text = "" if f.default is None else f" (default: {f.default})"
         if kind is bool:
@@ -163,9 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 choices=meta["choices"], help=meta["help"] + default_text)
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig settings given on the command line (those not given are left out)."""
-    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+def overrides_from_args(args: argparse.Namespace, cls=TrainConfig) -> dict[str, Any]:
+    """The settings of `cls` given on the command line (those not given are left out)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
 def to_json(config: TrainConfig) -> str:

@@ -1,0 +1,64 @@
+"""Controls: requests a person (or a script) leaves in status/ for the daemon, read before every optimizer step.
+
+    status/paused          while it exists, nothing trains (it survives a restart: a pause is a decision)
+    status/stop.request    checkpoint at the next step boundary and exit
+    status/skip.request    {"file_id": N}: end file N now, marked skipped with the steps it got
+
+    evertrain pause DIR; evertrain resume DIR; evertrain stop DIR; evertrain skip DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from evertrain import checkpoint
+from evertrain.daemon.workspace import Workspace
+
+
+@dataclass
+class Requests:
+    paused: bool
+    stop: bool
+    skip_id: int | None
+
+
+def read(ws: Workspace) -> Requests:
+    d = ws.status_dir
+    skip_id = None
+    if os.path.exists(d / "skip.request"):
+        try:
+            skip_id = int(json.loads((d / "skip.request").read_text())["file_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            skip_id = -1  # unreadable: dropped by `clear`
+    return Requests(paused=os.path.exists(d / "paused"), stop=os.path.exists(d / "stop.request"), skip_id=skip_id)
+
+
+def pause(ws: Workspace) -> None:
+    checkpoint.write_json_atomic(ws.status_dir / "paused", {"paused": True})
+
+
+def resume(ws: Workspace) -> bool:
+    """False when it was not paused."""
+    try:
+        os.unlink(ws.status_dir / "paused")
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def stop(ws: Workspace) -> None:
+    checkpoint.write_json_atomic(ws.status_dir / "stop.request", {"stop": True})
+
+
+def skip(ws: Workspace, file_id: int) -> None:
+    checkpoint.write_json_atomic(ws.status_dir / "skip.request", {"file_id": file_id})
+
+
+def clear(ws: Workspace, name: str) -> None:
+    """The daemon acknowledges a request: `stop` or `skip`."""
+    try:
+        os.unlink(ws.status_dir / f"{name}.request")
+    except FileNotFoundError:
+        pass

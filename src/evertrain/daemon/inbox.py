@@ -1,0 +1,198 @@
+"""Intake: take complete files from inbox/ (or `evertrain add`) into queue/, each under a unique name.
+
+A file is taken once its size and mtime have not changed for `stable_seconds`; hidden names, `*.tmp` and
+`*.part` are never taken (the safe way to drop a file: write it elsewhere, then `mv` it into inbox/).
+Sub-folders are walked; a top folder named low, normal, high or urgent gives its files that priority.
+Symbolic links, fifos and other non-regular entries are moved (not followed) to failed/ with the reason.
+Watchdog events only wake the daemon up; the scan decides.
+
+    evertrain add FILE --priority urgent DIR     # copy a file in (it is queued at once)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from evertrain.daemon.ledger import Ledger
+from evertrain.daemon.workspace import PRIORITIES, Workspace, printable, safe_name
+from evertrain.data import sha256_file
+
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+MAX_DEPTH = 8
+
+
+@dataclass
+class Seen:
+    size: int
+    mtime_ns: int
+    since: float
+
+
+class Inbox:
+    def __init__(self, ws: Workspace, ledger: Ledger, stable_seconds: float, *, watch: bool = True, say=print):
+        self.ws, self.ledger, self.stable, self.say = ws, ledger, stable_seconds, say
+        self.seen: dict[str, Seen] = {}
+        self.wake = threading.Event()  # set by file events (and by signals) to cut a wait short
+        self.observer = None
+        if watch:
+            self.observer = _start_watching(ws.inbox, self.wake, say)
+
+    def close(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
+
+    def scan(self) -> tuple[list[int], float | None]:
+        """Take every stable file; return the new ledger ids and when the next waiting file may be stable."""
+        self.wake.clear()
+        taken, now, present, next_due = [], time.monotonic(), set(), None
+        for path, priority, kind in walk(self.ws.inbox):
+            rel = path.relative_to(self.ws.inbox).as_posix()
+            if kind != "file":
+                taken.append(self.reject(path, rel, f"{printable(rel)}: {kind}; evertrain takes only regular "
+                                                    "files and never follows links (copy the file in instead)"))
+                continue
+            try:
+                st = path.stat(follow_symlinks=False)
+            except OSError:
+                continue  # gone between listing and stat
+            present.add(rel)
+            seen = self.seen.get(rel)
+            if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                self.seen[rel] = seen = Seen(st.st_size, st.st_mtime_ns, now)
+            if now - seen.since >= self.stable:
+                self.seen.pop(rel)
+                file_id = self.take(path, rel, priority)
+                if file_id is not None:
+                    taken.append(file_id)
+            else:
+                due = seen.since + self.stable
+                next_due = due if next_due is None else min(next_due, due)
+        for rel in set(self.seen) - present:
+            del self.seen[rel]
+        return taken, next_due
+
+    def take(self, path: Path, rel: str, priority: str) -> int | None:
+        try:
+            sha, size = sha256_file(path), path.stat().st_size
+        except OSError as e:
+            return self.reject(path, rel, f"{printable(rel)}: cannot be read: {e.strerror or e}")
+        file_id = enqueue(self.ws, self.ledger, path, printable(rel), sha=sha, size=size, priority=priority,
+                          move=True)
+        self.say(f"evertrain: took {printable(rel)} ({size} bytes, {priority}) as queue/{self.ledger.get(file_id)['name']}")
+        return file_id
+
+    def reject(self, path: Path, rel: str, reason: str) -> int:
+        file_id = self.ledger.add_file(printable(rel), sha256=None, size=None, state="failed", error=reason)
+        name = f"{file_id:06d}-{safe_name(path.name)}"
+        target = self.ws.failed / name
+        try:
+            os.rename(path, target)
+        except OSError as e:
+            reason += f" (and it could not be moved out of the inbox: {e.strerror or e}; remove it by hand)"
+        self.ledger.update(file_id, name=name, error=reason, finished_at=time.time())
+        write_error(target, reason)
+        self.say(f"evertrain: rejected {reason}")
+        return file_id
+
+
+def walk(root: Path, depth: int = 0, priority: str = "normal"):
+    """(path, priority, kind) for every entry worth a look below `root`, links never followed."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
+            continue
+        path = Path(entry.path)
+        try:
+            mode = entry.stat(follow_symlinks=False).st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            if depth < MAX_DEPTH:
+                sub_priority = name if depth == 0 and name in PRIORITIES else priority
+                yield from walk(path, depth + 1, sub_priority)
+        elif stat.S_ISREG(mode):
+            yield path, priority, "file"
+        elif stat.S_ISLNK(mode):
+            yield path, priority, "a symbolic link"
+        else:
+            yield path, priority, "not a regular file (a fifo, socket or device)"
+
+
+def enqueue(ws: Workspace, ledger: Ledger, src: Path, original_name: str, *, sha: str, size: int,
+            priority: str, move: bool) -> int:
+    """Put `src` into queue/ under a unique name and record it queued; never overwrites anything.
+
+    A copy goes to a hidden temporary name first (debris of a crashed copy is removed at start-up); the
+    final rename and the ledger row are one transaction, and a file found in queue/ without a row is adopted.
+    """
+    staged = src
+    if not move:
+        staged = ws.queue / f".copying-{os.getpid()}-{time.monotonic_ns()}"
+        shutil.copyfile(src, staged)
+        with open(staged, "rb+") as f:
+            os.fsync(f.fileno())
+    db = ledger.db
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        file_id = ledger.add_file(original_name, sha256=sha, size=size, priority=priority)
+        name = f"{file_id:06d}-{safe_name(Path(original_name).name)}"
+        ledger.update(file_id, name=name)
+        os.rename(staged, ws.queue / name)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        if not move:
+            staged.unlink(missing_ok=True)
+        raise
+    return file_id
+
+
+def adopt_orphans(ws: Workspace, ledger: Ledger, say=print) -> None:
+    """Files in queue/ the ledger does not know (a crash between rename and commit): queue them; and
+    remove half-copied debris."""
+    known = ledger.known_names()
+    for p in sorted(ws.queue.iterdir()):
+        if p.name.startswith(".copying-"):
+            p.unlink(missing_ok=True)
+        elif not p.name.startswith(".") and p.name not in known and p.is_file() and not p.is_symlink():
+            original = p.name.split("-", 1)[-1]
+            enqueue(ws, ledger, p, original, sha=sha256_file(p), size=p.stat().st_size, priority="normal",
+                    move=True)
+            say(f"evertrain: queue/{p.name} was not in the ledger; queued it again")
+
+
+def write_error(target: Path, reason: str) -> None:
+    err = target.with_name(target.name + ".error.txt")
+    tmp = err.with_name("." + err.name + ".tmp")
+    tmp.write_text(reason.rstrip() + "\n")
+    os.replace(tmp, err)
+
+
+def _start_watching(folder: Path, wake: threading.Event, say):
+    try:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        class Wake(FileSystemEventHandler):
+            def on_any_event(self, event):
+                wake.set()
+
+        observer = Observer()
+        observer.daemon = True
+        observer.schedule(Wake(), str(folder), recursive=True)
+        observer.start()
+        return observer
+    except Exception as e:  # e.g. the inotify watch limit: polling still works
+        say(f"evertrain: file events unavailable ({e}); polling the inbox instead")
+        return None

@@ -1,0 +1,207 @@
+"""The ledger: one SQLite database (WAL) recording every file, checkpoint, evaluation and pin of a workspace.
+
+What was TRAINED is decided by the newest complete checkpoint (its TrainingProgress), never by the ledger: at
+start-up `reconcile` makes the ledger agree with it, so a kill -9 at any moment loses no file, marks no
+unfinished file done, and trains none twice.
+
+File states:
+    queued      waiting in queue/ (steps_trained > 0: interrupted part-way, it resumes at its cursor)
+    training    the daemon is training it now
+    done        every step trained and checkpointed; the file is in done/
+    duplicate   its content (sha256) was already trained in this run; not trained again; in done/
+    skipped     `evertrain skip` ended it early; steps_trained says what it got; in done/
+    failed      rejected (bad content, NaN loss, failed guard, unreadable); in failed/ with NAME.error.txt
+
+    evertrain status DIR --json       # every row of the files table, and the status
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from evertrain import checkpoint
+from evertrain.daemon.workspace import PRIORITIES, Workspace
+
+STATES = ("queued", "training", "done", "duplicate", "skipped", "failed")
+# Where a file of each state lives.
+FOLDER = {"queued": "queue", "training": "queue", "done": "done", "duplicate": "done", "skipped": "done",
+          "failed": "failed"}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order
+    original_name TEXT NOT NULL,            -- as dropped (path below inbox/, or the path given to `add`)
+    name TEXT,                              -- unique name in queue/, done/ or failed/: <id>-<safe name>
+    sha256 TEXT,
+    size INTEGER,
+    priority TEXT NOT NULL DEFAULT 'normal',
+    state TEXT NOT NULL,
+    format TEXT, examples INTEGER, tokens INTEGER,
+    expected_steps INTEGER,
+    steps_trained INTEGER NOT NULL DEFAULT 0,
+    first_step INTEGER, last_step INTEGER,  -- global steps of its first and last optimizer step
+    progress_index INTEGER,                 -- len(progress.files) when it started: finds its record again
+    duplicate_of INTEGER,
+    arrived_at REAL, started_at REAL, finished_at REAL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    step INTEGER PRIMARY KEY, name TEXT NOT NULL, created_at REAL, deleted_at REAL
+);
+CREATE TABLE IF NOT EXISTS evals (           -- a copy of logs/evals.jsonl, one row per evaluated file
+    id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER,
+    file_id INTEGER, sha256 TEXT,            -- the evaluated file
+    kind TEXT,                               -- before (its own training) | after (a file finished) | periodic
+    after_sha256 TEXT,                       -- the file that had just finished, for kind = after
+    examples INTEGER, tokens INTEGER, loss REAL, created_at REAL
+);
+CREATE TABLE IF NOT EXISTS pins (name TEXT PRIMARY KEY, step INTEGER, pinned_at REAL);
+"""
+
+
+class Ledger:
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is consistent under WAL; a lost last transaction is restored by `reconcile` from the checkpoint.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -------------------------------------------------------------------------------------- files
+
+    def add_file(self, original_name: str, *, sha256: str | None, size: int | None, priority: str = "normal",
+                 state: str = "queued", error: str | None = None) -> int:
+        assert priority in PRIORITIES and state in STATES
+        cur = self.db.execute(
+            "INSERT INTO files (original_name, sha256, size, priority, state, arrived_at, error) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (original_name, sha256, size, priority, state, time.time(), error))
+        return cur.lastrowid
+
+    def update(self, file_id: int, **values) -> None:
+        assert values.get("state", "queued") in STATES
+        cols = ", ".join(f"{k} = ?" for k in values)
+        self.db.execute(f"UPDATE files SET {cols} WHERE id = ?", (*values.values(), file_id))
+
+    def get(self, file_id: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return dict(row) if row else None
+
+    def files(self, states: tuple[str, ...] = STATES) -> list[dict]:
+        marks = ",".join("?" * len(states))
+        return [dict(r) for r in self.db.execute(f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id",
+                                                 states)]
+
+    def queue(self, resuming: set[str] = frozenset()) -> list[dict]:
+        """Queued files in the order they will train: urgent first; then files already part-way
+        (`resuming`: sha256s with a cursor), so that an interrupted file finishes before new ones start;
+        then by priority; then first come, first served."""
+        rank = {p: i for i, p in enumerate(PRIORITIES)}
+        rows = self.files(("queued",))
+        return sorted(rows, key=lambda r: (r["priority"] != "urgent", r["sha256"] not in resuming,
+                                           -rank[r["priority"]], r["id"]))
+
+    def has_urgent(self) -> bool:
+        return self.db.execute("SELECT 1 FROM files WHERE state = 'queued' AND priority = 'urgent' LIMIT 1") \
+            .fetchone() is not None
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        out.update({r[0]: r[1] for r in self.db.execute("SELECT state, COUNT(*) FROM files GROUP BY state")})
+        return out
+
+    def queued_bytes(self) -> int:
+        return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM files WHERE state = 'queued'").fetchone()[0]
+
+    def known_names(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT name FROM files WHERE name IS NOT NULL")}
+
+    # -------------------------------------------------------------------------------------- checkpoints, evals, pins
+
+    def sync_checkpoints(self, model_dir: Path) -> None:
+        """Record checkpoints that appeared on disk, and when old ones were pruned."""
+        on_disk = {c.step: c.name for c in checkpoint.candidates(model_dir)}
+        known = {r[0]: r[1] for r in self.db.execute("SELECT step, deleted_at FROM checkpoints")}
+        now = time.time()
+        for step, name in on_disk.items():
+            if step not in known:
+                self.db.execute("INSERT INTO checkpoints (step, name, created_at) VALUES (?, ?, ?)", (step, name, now))
+            elif known[step] is not None:
+                self.db.execute("UPDATE checkpoints SET deleted_at = NULL WHERE step = ?", (step,))
+        for step, deleted in known.items():
+            if step not in on_disk and deleted is None:
+                self.db.execute("UPDATE checkpoints SET deleted_at = ? WHERE step = ?", (now, step))
+
+    def checkpoints(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM checkpoints ORDER BY step")]
+
+    def sync_evals(self, evals: list[dict]) -> None:
+        """Copy the evaluations the core appended to logs/evals.jsonl since the last call (it only appends)."""
+        have = self.db.execute("SELECT COUNT(*) FROM evals").fetchone()[0]
+        for e in evals[have:]:
+            kind = "before" if e.get("before_file") else "after" if e.get("after_file") else "periodic"
+            row = self.db.execute("SELECT id FROM files WHERE sha256 = ? ORDER BY id LIMIT 1", (e["file"],)).fetchone()
+            self.db.execute("INSERT INTO evals (step, file_id, sha256, kind, after_sha256, examples, tokens, loss, "
+                            "created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                            (e["step"], row and row[0], e["file"], kind, e.get("after_file"), e["examples"],
+                             e["tokens"], e["loss"], e["time"]))
+
+    def evals(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM evals ORDER BY id")]
+
+    def pin(self, step: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO pins (name, step, pinned_at) VALUES (?, ?, ?)",
+                        (checkpoint.final_path(Path("."), step).name, step, time.time()))
+
+    def unpin(self, step: int) -> bool:
+        return self.db.execute("DELETE FROM pins WHERE step = ?", (step,)).rowcount > 0
+
+    def pins(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT name FROM pins")}
+
+    # -------------------------------------------------------------------------------------- reconciliation
+
+    def reconcile(self, ws: Workspace, progress, say=print) -> None:
+        """Make every file's state agree with `progress` (from the newest complete checkpoint), and every
+        file sit in the folder of its state."""
+        for row in self.files(("training", "queued", "done")):
+            mine = [r for r in progress.files[row["progress_index"] or 0:] if r.sha256 == row["sha256"]]
+            cursor = progress.cursors.get(row["sha256"])
+            if row["state"] == "training" and mine:
+                rec = mine[-1]
+                self.update(row["id"], state=rec.status, steps_trained=rec.steps, first_step=rec.first_step,
+                            last_step=rec.last_step, finished_at=time.time())
+                say(f"evertrain: ledger: {row['name']} finished as {rec.status} before the restart")
+            elif row["state"] in ("training", "queued") and cursor is not None:
+                self.update(row["id"], state="queued", steps_trained=cursor.file_step,
+                            first_step=cursor.first_step if cursor.file_step else None)
+            elif row["state"] == "training":
+                self.update(row["id"], state="queued", steps_trained=0, first_step=None)
+            elif row["state"] == "done" and not any(r.status == "done" for r in mine):
+                # The checkpoint that recorded it is gone (e.g. the newest one was damaged): train it again.
+                self.update(row["id"], state="queued", steps_trained=0, first_step=None, last_step=None,
+                            finished_at=None)
+                say(f"evertrain: ledger: {row['name']} was done after a checkpoint that no longer verifies; "
+                    "queued again")
+            place(ws, self.get(row["id"]))
+        self.sync_checkpoints(ws.model_dir)
+
+
+def place(ws: Workspace, row: dict) -> Path | None:
+    """Move a file into the folder of its state (it may be in any of queue/, done/, failed/); its path."""
+    if not row or not row["name"]:
+        return None
+    target = ws.root / FOLDER[row["state"]] / row["name"]
+    if target.exists() or target.is_symlink():
+        return target
+    for folder in ("queue", "done", "failed"):
+        src = ws.root / folder / row["name"]
+        if src.exists() or src.is_symlink():
+            src.rename(target)
+            return target
+    return None

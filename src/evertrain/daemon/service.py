@@ -1,0 +1,373 @@
+"""The daemon's main loop: take files, train them one after another in ONE session, record everything.
+
+The model, optimizer and schedule stay in memory from one file to the next. Before every optimizer step the
+loop asks `should_interrupt`: new inbox files are taken, and a stop, pause, skip or an urgent file ends the
+current `fit` at that step boundary (after a checkpoint); `fit` on the same file later resumes at its cursor.
+
+    evertrain run DIR            # until SIGINT/SIGTERM or `evertrain stop DIR`
+    evertrain run DIR --once     # everything waiting, then exit (cron, tests)
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evertrain import checkpoint, loop
+from evertrain.config import TrainConfig
+from evertrain.daemon import controls, workspace
+from evertrain.daemon.inbox import Inbox, adopt_orphans, write_error
+from evertrain.daemon.ledger import Ledger, place
+from evertrain.daemon.status import Bar, Board
+from evertrain.daemon.workspace import DaemonConfig, Workspace
+from evertrain.data import DataError, FileData, load_file
+from evertrain.evals import read_evals
+from evertrain.state import FileRecord
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+@dataclass
+class Service:
+    ws: Workspace
+    config: TrainConfig
+    daemon: DaemonConfig
+    ledger: Ledger
+    board: Board
+    log: logging.Logger
+    bar: Bar
+    stop: threading.Event = field(default_factory=threading.Event)   # SIGINT/SIGTERM
+    session: loop.Session | None = None
+    inbox: Inbox | None = None
+    next_scan: float = 0.0
+
+    def say(self, text: str) -> None:
+        self.log.info(text)
+        print(text, flush=True)
+
+
+def run(root: Path, *, once: bool = False) -> int:
+    """The daemon. Returns the process exit code."""
+    ws, config, daemon = workspace.load(root)
+    lock_fd = workspace.lock(ws)  # raises AlreadyRunning; released by the kernel however this process ends
+    ledger = Ledger(ws.ledger_path)
+    svc = Service(ws, config, daemon, ledger, Board(ws, ledger, daemon.status_interval), _logger(ws),
+                  Bar(sys.stdout.isatty()))
+    restore_signals = _catch_signals(svc)
+    try:
+        return _serve(svc, once)
+    except Exception as e:
+        svc.board.set(state="error", alert=f"{type(e).__name__}: {e}")
+        svc.log.exception("evertrain: the daemon stopped on an error")
+        raise
+    finally:
+        restore_signals()
+        svc.bar.close()
+        if svc.inbox is not None:
+            svc.inbox.close()
+        for h in list(svc.log.handlers):
+            svc.log.removeHandler(h)
+            h.close()
+        ledger.close()
+        import os
+
+        os.close(lock_fd)
+
+
+def _serve(svc: Service, once: bool) -> int:
+    ws, ledger, board = svc.ws, svc.ledger, svc.board
+    svc.say(f"evertrain: daemon starting on {ws.root} (pid {__import__('os').getpid()})")
+    try:
+        new_session(svc)
+    except loop.RunMismatch as e:
+        msg = (f"{e}\nTo train with the new settings, start a new run: `evertrain init NEWDIR` with them, or move "
+               f"{ws.model_dir} away (the old run stays there); to continue this run, restore the settings in "
+               f"{ws.config_file}.")
+        board.set(state="error", alert=msg)
+        svc.say(f"evertrain: {msg}")
+        return EXIT_CONFIG
+    adopt_orphans(ws, ledger, svc.say)
+    ledger.reconcile(ws, svc.session.progress, svc.say)
+    svc.inbox = Inbox(ws, ledger, svc.daemon.stable_seconds, watch=svc.daemon.watch, say=svc.say)
+    board.set(state="idle", global_step=svc.session.progress.global_step, last_checkpoint=_ckpt_name(svc))
+
+    while True:
+        _, next_due = svc.inbox.scan()
+        svc.next_scan = time.monotonic() + svc.daemon.poll_seconds
+        requests = controls.read(ws)
+        if svc.stop.is_set() or requests.stop:
+            break
+        if requests.paused:
+            if board.data["state"] != "paused":
+                svc.say("evertrain: paused (evertrain resume to continue)")
+                board.set(state="paused")
+            if once:
+                svc.say(f"evertrain: paused: {board.data['queue_length']} file(s) left queued")
+                break
+            _wait(svc, None)
+            continue
+        queue = ledger.queue(set(svc.session.progress.cursors))
+        if requests.skip_id is not None and requests.skip_id not in {r["id"] for r in queue}:
+            controls.clear(ws, "skip")  # aimed at a file that is no longer waiting
+        if not queue:
+            if board.data["state"] != "idle" or board.data["current_file"]:
+                board.set(state="idle", current_file=None, current_file_id=None, file_step=None,
+                          file_total_steps=None)
+            if once and next_due is None:
+                break
+            _wait(svc, next_due)
+            continue
+        problem = _disk_problem(svc)
+        if problem:
+            if board.data["alert"] != problem:
+                svc.say(f"evertrain: {problem}")
+                board.set(state="idle", alert=problem)
+            if once:
+                return EXIT_FAILED
+            _wait(svc, None)
+            continue
+        if not train_file(svc, queue[0]):
+            return EXIT_CONFIG
+
+    why = "signal" if svc.stop.is_set() else "stop request" if controls.read(ws).stop else "nothing left to do"
+    svc.say(f"evertrain: {why}: stopped at global step {svc.session.progress.global_step}, "
+            f"last checkpoint {_ckpt_name(svc)}")
+    controls.clear(ws, "stop")
+    board.set(state="stopped", current_file=None, current_file_id=None)
+    return EXIT_OK
+
+
+def train_file(svc: Service, row: dict) -> bool:
+    """Validate, train (or resume) one queued file and record how it ended. False: the run cannot go on."""
+    ws, ledger, board, session = svc.ws, svc.ledger, svc.board, svc.session
+    path = ws.queue / row["name"]
+    try:
+        data = load_file(path, session.tokenizer, svc.config)
+    except DataError as e:
+        fail(svc, row, str(e).replace(str(path), row["original_name"]))
+        return True
+    progress = session.progress
+    earlier = progress.finished(data.sha256)
+    if earlier is not None:
+        first = next((r for r in ledger.files(("done",)) if r["sha256"] == data.sha256), None)
+        note = (f"same content (sha256 {data.sha256[:12]}) as {earlier.name}, trained at global steps "
+                f"{earlier.first_step}-{earlier.last_step}; not trained again")
+        ledger.update(row["id"], state="duplicate", duplicate_of=first and first["id"], error=note,
+                      finished_at=time.time())
+        place(ws, ledger.get(row["id"]))
+        svc.say(f"evertrain: {row['original_name']}: duplicate: {note}")
+        board.write()
+        return True
+
+    G = session.global_batch
+    expected = data.total_steps(G, svc.config.epochs)
+    cursor = progress.cursors.get(data.sha256)
+    ledger.update(row["id"], state="training", sha256=data.sha256, format="+".join(sorted(data.formats)),
+                  examples=len(data.examples), tokens=data.tokens, expected_steps=expected,
+                  started_at=row["started_at"] or time.time(),
+                  progress_index=row["progress_index"] if row["progress_index"] is not None else len(progress.files))
+    board.start_file(row, progress.global_step, expected, cursor.file_step if cursor else 0)
+    svc.bar.start(row["original_name"], expected, cursor.file_step if cursor else 0)
+    svc.say(f"evertrain: training {row['original_name']} (id {row['id']}, {row['priority']}): "
+            f"{len(data.examples)} examples, {data.tokens} tokens, {expected} steps"
+            + (f", resuming at step {cursor.file_step}" if cursor and cursor.file_step else ""))
+
+    why = {"reason": None}
+    session.should_interrupt = lambda: _should_interrupt(svc, row, why)
+    session.on_step = lambda record: _on_step(svc, row, record)
+    try:
+        result = loop.fit(session, data)
+    except loop.NonFiniteLoss as e:
+        roll_back(svc, row, data, e)
+        return True
+    except loop.RunMismatch as e:
+        msg = (f"{e}. A file interrupted part-way finishes with the batch settings it started with: restore them "
+               f"in {ws.config_file} and restart.")
+        ledger.update(row["id"], state="queued")
+        board.set(state="error", alert=msg)
+        svc.say(f"evertrain: {msg}")
+        return False
+    finally:
+        session.should_interrupt, session.on_step = (lambda: False), None
+        ledger.sync_evals(read_evals(ws.root))
+    ledger.sync_checkpoints(ws.model_dir)
+    board.data["last_checkpoint"] = _ckpt_name(svc)
+
+    if result.status == "interrupted":
+        reason = why["reason"] or "stop"
+        if reason == "skip":
+            skip(svc, row, data)
+            return True
+        ledger.update(row["id"], state="queued", steps_trained=result.file_step)
+        words = {"stop": "stopping", "pause": "paused", "urgent": "pre-empted by an urgent file"}[reason]
+        svc.say(f"evertrain: {row['original_name']} {words} at its step {result.file_step}/{expected} "
+                f"(global step {result.step_after}); it resumes there")
+        board.set(state="stopping" if reason == "stop" else board.data["state"])
+        return True
+
+    problems = _guard_problems(session, result)
+    if problems:
+        fail(svc, row, f"{row['original_name']}: trained but NOT done: " + "; ".join(problems))
+        return True
+    rec = progress.files[-1]
+    ledger.update(row["id"], state="done", steps_trained=rec.steps, first_step=rec.first_step,
+                  last_step=rec.last_step, finished_at=time.time(), error=None)
+    place(ws, ledger.get(row["id"]))
+    svc.say(f"evertrain: done {row['original_name']}: {rec.steps}/{expected} steps, global steps "
+            f"{rec.first_step}-{rec.last_step}, mean loss {result.loss:.4f}, checkpoint {_ckpt_name(svc)}")
+    board.set(global_step=progress.global_step, loss=result.loss)
+    return True
+
+
+def _should_interrupt(svc: Service, row: dict, why: dict) -> bool:
+    """Asked before every optimizer step: a few stat calls and one indexed SQLite read."""
+    if time.monotonic() >= svc.next_scan or svc.inbox.wake.is_set():
+        svc.inbox.scan()
+        svc.session.protected = svc.ledger.pins()
+        svc.next_scan = time.monotonic() + svc.daemon.poll_seconds
+    requests = controls.read(svc.ws)
+    if svc.stop.is_set() or requests.stop:
+        why["reason"] = "stop"
+    elif requests.paused:
+        why["reason"] = "pause"
+    elif requests.skip_id == row["id"]:
+        why["reason"] = "skip"
+    elif row["priority"] != "urgent" and svc.ledger.has_urgent():
+        why["reason"] = "urgent"
+    return why["reason"] is not None
+
+
+def _on_step(svc: Service, row: dict, record: dict) -> None:
+    wrote = svc.board.last_write
+    svc.board.step(record)
+    svc.bar.update(record["file_step"], record["loss"])
+    if svc.board.last_write != wrote:  # the status was flushed: the ledger's step count too
+        svc.ledger.update(row["id"], steps_trained=record["file_step"])
+        svc.board.data["last_checkpoint"] = _ckpt_name(svc)
+
+
+def skip(svc: Service, row: dict, data: FileData) -> None:
+    """End the file now; the checkpoint records it as skipped with the steps it got."""
+    session, progress = svc.session, svc.session.progress
+    rec = _close_early(session, data, "skipped")
+    loop.save_checkpoint(session)
+    controls.clear(svc.ws, "skip")
+    svc.ledger.update(row["id"], state="skipped", steps_trained=rec.steps, first_step=rec.first_step if rec.steps
+                      else None, last_step=rec.last_step if rec.steps else None, finished_at=time.time(),
+                      error=f"skipped by request after {rec.steps}/{rec.expected_steps} steps")
+    svc.ledger.sync_checkpoints(svc.ws.model_dir)
+    place(svc.ws, svc.ledger.get(row["id"]))
+    svc.say(f"evertrain: skipped {row['original_name']} after {rec.steps}/{rec.expected_steps} steps "
+            f"(global step {progress.global_step})")
+
+
+def roll_back(svc: Service, row: dict, data: FileData, error: loop.NonFiniteLoss) -> None:
+    """A NaN/inf loss: reload the newest complete checkpoint, fail the file, carry on with the next."""
+    svc.say(f"evertrain: {row['original_name']}: {error}; rolling back to the last good checkpoint")
+    svc.session = None
+    new_session(svc)
+    session = svc.session
+    cursor = session.progress.cursors.get(data.sha256)
+    if cursor is not None:
+        # The checkpoint holds the file part-way: record that it ended here, failed, with the steps it kept.
+        _close_early(session, data, "failed")
+        loop.save_checkpoint(session)
+        svc.ledger.sync_checkpoints(svc.ws.model_dir)
+    fail(svc, row, f"{row['original_name']}: loss became {error.loss} at global step {error.step} "
+                   f"(file step {error.step - (cursor.first_step if cursor else error.step)}); rolled back to "
+                   f"{_ckpt_name(svc) or 'the initial model'} (global step {session.progress.global_step}); "
+                   f"the file is not trained further")
+
+
+def fail(svc: Service, row: dict, reason: str) -> None:
+    svc.ledger.update(row["id"], state="failed", error=reason, finished_at=time.time())
+    target = place(svc.ws, svc.ledger.get(row["id"])) or svc.ws.failed / row["name"]
+    write_error(target, reason)
+    svc.board.set(state="idle", current_file=None, current_file_id=None)
+    svc.say(f"evertrain: FAILED {reason}")
+
+
+def _close_early(session: loop.Session, data: FileData, status: str) -> FileRecord:
+    progress = session.progress
+    cursor = progress.cursors.pop(data.sha256, None)
+    progress.current = None
+    steps = cursor.file_step if cursor else 0
+    rec = FileRecord(sha256=data.sha256, name=data.path.name, examples=len(data.examples), tokens=data.tokens,
+                     steps=steps, expected_steps=data.total_steps(session.global_batch, session.config.epochs),
+                     first_step=cursor.first_step if cursor else progress.global_step + 1,
+                     last_step=progress.global_step, status=status)
+    progress.files.append(rec)
+    return rec
+
+
+def _guard_problems(session, result) -> list[str]:
+    from evertrain.cli import guard_problems
+
+    return guard_problems(session, result)
+
+
+def new_session(svc: Service) -> None:
+    """Load the newest complete checkpoint of the workspace's run (or start the run)."""
+    # Checkpoints in current_model/; logs/ and snapshots/ (metrics, evaluations, evolution) at the workspace root.
+    session = loop.setup(svc.config, svc.ws.model_dir, workdir=svc.ws.root)
+    session.budget_bytes = svc.daemon.checkpoint_budget_bytes or None
+    session.protected = svc.ledger.pins()
+    svc.session = session
+
+
+def _disk_problem(svc: Service) -> str | None:
+    session = svc.session
+    if session.last_checkpoint is not None and session.last_checkpoint.is_dir():
+        need = checkpoint.folder_size(session.last_checkpoint)
+    else:  # weights + two AdamW moments for what trains
+        need = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in session.model.parameters())
+    free = shutil.disk_usage(svc.ws.model_dir).free
+    margin = svc.daemon.disk_margin_bytes
+    if free < need + margin:
+        return (f"disk low: {free} bytes free in {svc.ws.model_dir}, a checkpoint needs about {need} plus a "
+                f"margin of {margin} (disk_margin_bytes); the queue waits until there is room")
+    return None
+
+
+def _ckpt_name(svc: Service) -> str | None:
+    ckpt = svc.session.last_checkpoint if svc.session else None
+    return ckpt.name if ckpt else None
+
+
+def _wait(svc: Service, due: float | None) -> None:
+    """Sleep until a file event, a signal, the next poll, or the moment a waiting file becomes stable."""
+    timeout = svc.daemon.poll_seconds
+    if due is not None:
+        timeout = max(0.01, min(timeout, due - time.monotonic()))
+    svc.inbox.wake.wait(timeout)
+
+
+def _catch_signals(svc: Service):
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum, _frame):
+        # Only flags here: printing from a signal handler can re-enter a write in progress.
+        svc.stop.set()
+        if svc.inbox is not None:
+            svc.inbox.wake.set()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(sig, h) for sig, h in old.items()]
+
+
+def _logger(ws: Workspace) -> logging.Logger:
+    log = logging.getLogger(f"evertrain.daemon.{ws.root}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.handlers.RotatingFileHandler(ws.logs / "evertrain.log", maxBytes=10 << 20, backupCount=5)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    return log

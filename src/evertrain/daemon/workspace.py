@@ -1,0 +1,189 @@
+"""The workspace folder: its layout, its one configuration file `evertrain.toml`, and its single-instance lock.
+
+    evertrain init DIR --model M --batch-size 4     # writes DIR/evertrain.toml and the folders below
+
+    DIR/evertrain.toml   [train] = TrainConfig fields, [daemon] = DaemonConfig fields
+    DIR/inbox/           drop files here (inbox/urgent/, inbox/high/, inbox/low/ set a priority)
+    DIR/queue/           taken files waiting or in training, renamed <id>-<name>
+    DIR/done/            files trained to the end (and duplicates, and skipped files)
+    DIR/failed/          rejected files, each with <name>.error.txt
+    DIR/current_model/   the run: checkpoint-N/ folders, trace.jsonl, held_out/, replay/
+    DIR/status/          training_status.json and the control requests (paused, stop, skip)
+    DIR/logs/            evertrain.log (rotated), metrics.jsonl, evals.jsonl, tensorboard/
+    DIR/snapshots/       evolution snapshots (probes.jsonl beside evertrain.toml adds your own tracked examples)
+    DIR/ledger.sqlite    every file, checkpoint and evaluation (see ledger.py)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from evertrain.config import ConfigError, TrainConfig, _opt, check_fields, settings_from_dict
+
+CONFIG_FILE = "evertrain.toml"
+FOLDERS = ("inbox", "queue", "done", "failed", "current_model", "status", "logs")
+PRIORITIES = ("low", "normal", "high", "urgent")
+
+
+@dataclass
+class DaemonConfig:
+    """Settings of the service itself; they can change between restarts without touching the run."""
+
+    stable_seconds: float = _opt(2.0, "take an inbox file only after its size and mtime were unchanged this long",
+                                 low=0.0, high=3600.0)
+    poll_seconds: float = _opt(1.0, "rescan the inbox at least this often (file events wake it sooner)",
+                               low=0.05, high=60.0)
+    watch: bool = _opt(True, "use file-system events (watchdog) to notice files at once; --no-watch only polls")
+    disk_margin_bytes: int = _opt(1 << 30, "free disk kept beyond one checkpoint's size before a file starts",
+                                  low=0)
+    checkpoint_budget_bytes: int = _opt(0, "delete old checkpoints beyond this many bytes in all (0: no budget)",
+                                        low=0)
+    status_interval: float = _opt(2.0, "rewrite status/training_status.json at least this often while training",
+                                  low=0.1, high=60.0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).absolute()
+
+    config_file = property(lambda self: self.root / CONFIG_FILE)
+    inbox = property(lambda self: self.root / "inbox")
+    queue = property(lambda self: self.root / "queue")
+    done = property(lambda self: self.root / "done")
+    failed = property(lambda self: self.root / "failed")
+    model_dir = property(lambda self: self.root / "current_model")
+    status_dir = property(lambda self: self.root / "status")
+    logs = property(lambda self: self.root / "logs")
+    ledger_path = property(lambda self: self.root / "ledger.sqlite")
+    lock_path = property(lambda self: self.root / ".evertrain.lock")
+
+
+class NotAWorkspace(ConfigError):
+    pass
+
+
+def init(root: Path, train: dict, daemon: dict) -> Workspace:
+    """Create the folders and write evertrain.toml; settings are checked before anything is written."""
+    ws = Workspace(root)
+    if ws.config_file.exists():
+        raise ConfigError(f"{ws.config_file} already exists: {ws.root} is a workspace already "
+                          f"(edit {CONFIG_FILE} to change daemon settings)")
+    train_cfg = TrainConfig.from_dict(train, source="evertrain init")
+    daemon_cfg = settings_from_dict(DaemonConfig, daemon, "evertrain init")
+    for name in FOLDERS:
+        (ws.root / name).mkdir(parents=True, exist_ok=True)
+    tmp = ws.root / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(to_toml(train_cfg, daemon_cfg))
+    os.replace(tmp, ws.config_file)
+    return ws
+
+
+def load(root: Path) -> tuple[Workspace, TrainConfig, DaemonConfig]:
+    """Read and check evertrain.toml: unknown tables or keys and out-of-range values are refused by name."""
+    ws = Workspace(root)
+    if not ws.config_file.is_file():
+        raise NotAWorkspace(f"{ws.root} is not an evertrain workspace (no {CONFIG_FILE}); "
+                            f"create one with: evertrain init {root}")
+    try:
+        with open(ws.config_file, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{ws.config_file}: not valid TOML: {e}") from None
+    unknown = sorted(set(doc) - {"train", "daemon"})
+    if unknown:
+        raise ConfigError(f"{ws.config_file}: unknown section(s) {', '.join(unknown)}; known: [train], [daemon]")
+    for section in ("train", "daemon"):
+        if not isinstance(doc.get(section, {}), dict):
+            raise ConfigError(f"{ws.config_file}: {section} must be a [{section}] table")
+    train = TrainConfig.from_dict(doc.get("train", {}), source=f"{ws.config_file} [train]")
+    daemon = settings_from_dict(DaemonConfig, doc.get("daemon", {}), f"{ws.config_file} [daemon]")
+    for name in FOLDERS:
+        (ws.root / name).mkdir(exist_ok=True)  # a person may have removed an empty one
+    return ws, train, daemon
+
+
+def to_toml(train: TrainConfig, daemon: DaemonConfig) -> str:
+    """A commented evertrain.toml; every value is a flat scalar, so a writer of a few lines suffices."""
+    out = ["# evertrain workspace settings; `evertrain run` reads them at start (restart it after an edit).",
+           "# Settings marked (identity) define the run: they are fixed at the first step.", ""]
+    for section, obj in (("train", train), ("daemon", daemon)):
+        out.append(f"[{section}]")
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            mark = " (identity)" if f.metadata.get("identity") else ""
+            out.append(f"# {f.metadata['help']}{mark}")
+            out.append(f"# {f.name} =  (not set)" if value is None else f"{f.name} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+
+
+# ------------------------------------------------------------------------------------------------- lock
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def lock(ws: Workspace):
+    """Hold the workspace's lock for the life of the process; the kernel drops it when the process dies."""
+    fd = os.open(ws.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyRunning(f"another evertrain daemon (pid {pid}) is running on {ws.root}; "
+                             "stop it first (evertrain stop)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def daemon_pid(ws: Workspace) -> int | None:
+    """The pid of the daemon holding the lock, or None when no daemon runs."""
+    if not ws.lock_path.exists():
+        return None
+    fd = os.open(ws.lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------- names
+
+def safe_name(name: str) -> str:
+    """A file name that is plain ASCII and cannot climb out of a folder; the original is kept in the ledger."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "file"
+    return cleaned[:120]
+
+
+def printable(name: str) -> str:
+    """A file name as text, whatever bytes it holds (undecodable bytes shown as \\xNN)."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,0 +1,101 @@
+"""Shared pieces of the daemon tests: a workspace on the tiny model, dropping files, a daemon in a thread."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tiny import make_model_dir
+
+from evertrain.cli import main as cli_main
+
+
+@pytest.fixture(scope="session")
+def daemon_model(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("daemon-tiny-model"))
+
+
+def cli(*args) -> int:
+    return cli_main([str(a) for a in args])
+
+
+FAST = ("--batch-size", "4", "--no-packing", "--trace", "--held-out-fraction", "0", "--stable-seconds", "0", "--poll-seconds", "0.05",
+        "--disk-margin-bytes", "0", "--status-interval", "0.1", "--save-steps", "0", "--learning-rate", "1e-3",
+        "--warmup-steps", "0")
+
+
+def make_ws(tmp_path: Path, model: Path, *extra) -> Path:
+    ws = tmp_path / "ws"
+    assert cli("init", ws, "--model", model, *FAST, *extra) == 0
+    return ws
+
+
+def rows(n: int, tag: str) -> list[dict]:
+    return [{"text": f"{tag} line {i}: " + "ab " * (i % 5 + 1)} for i in range(n)]
+
+
+def drop(ws: Path, name: str, content: list[dict] | str, *, folder: str = "inbox") -> Path:
+    """The documented safe way: write elsewhere in the workspace, then rename into the inbox."""
+    text = content if isinstance(content, str) else "".join(json.dumps(r) + "\n" for r in content)
+    tmp = ws / f".staging-{name.replace('/', '_')}"
+    tmp.write_text(text)
+    target = ws / folder / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, target)
+    return target
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def ledger_rows(ws: Path) -> list[dict]:
+    db = sqlite3.connect(ws / "ledger.sqlite", timeout=30)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM files ORDER BY id")]
+    finally:
+        db.close()
+
+
+def by_name(ws: Path) -> dict[str, dict]:
+    return {r["original_name"]: r for r in ledger_rows(ws)}
+
+
+def status(ws: Path) -> dict:
+    try:
+        return json.loads((ws / "status" / "training_status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class ThreadDaemon:
+    """`evertrain run DIR` in a thread of the test process (no signals there: stopped with `evertrain stop`)."""
+
+    def __init__(self, ws: Path):
+        self.ws, self.rc = ws, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: status(ws).get("state") in ("idle", "training", "paused") and status(ws).get("pid")
+                 == os.getpid() or self.rc is not None, what="the daemon to start")
+
+    def _run(self):
+        self.rc = cli("run", self.ws)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.thread.is_alive():
+            cli("stop", self.ws)
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the daemon did not stop"
+        return self.rc
