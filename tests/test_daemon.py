@@ -107,6 +107,7 @@ def test_a_file_written_slowly_in_place_is_taken_only_when_complete(tmp_path, da
                 if "held_out" in rec}[row["sha256"]]
     counts = coverage_by_sha(ws)[row["sha256"]]
     assert len(held_out) == 3 and sorted(set(counts) | set(held_out)) == list(range(12))
+    assert json.loads(row["held_out"]) == sorted(held_out)  # the ledger records the held-out lines too
     assert set(counts.values()) == {1} and not set(counts) & set(held_out)
     import sqlite3
 

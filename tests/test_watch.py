@@ -110,6 +110,9 @@ def test_replay_is_deterministic_across_an_interruption_and_never_counts_as_cove
         assert sha != current and shas.index(sha) < shas.index(current)  # only from earlier files
     for counts in trace.coverage(whole / "trace.jsonl").values():
         assert set(counts.values()) == {1}
+    files = checkpoint.newest_complete(broken).state["evertrain"]["files"]
+    assert [f["replayed"] for f in files] == [sum(len(r.get("replay", [])) for r in a if r["file"] == f["sha256"])
+                                              for f in files]
 
 
 def test_metrics_and_tensorboard_events(tmp_path, tiny_model):

@@ -231,6 +231,7 @@ def fit(session: Session, data: FileData) -> FileResult:
         step_tokens = sum(len(e.input_ids) for row in rows for e in row)
         progress.tokens_seen += step_tokens
         progress.examples_seen += len(trained)
+        cursor.replayed += len(replayed)
         tokens_trained += step_tokens
         losses.append(step_loss)
         progress.train_seconds += time.perf_counter() - t_step
@@ -315,7 +316,7 @@ def _close_cursor(session: Session, data: FileData, cursor: FileCursor, total: i
     progress.files.append(FileRecord(
         sha256=data.sha256, name=data.path.name, examples=len(data.examples), tokens=data.tokens,
         steps=cursor.file_step, expected_steps=total, first_step=cursor.first_step,
-        last_step=progress.global_step, held_out=sorted(e.line for e in data.held_out)))
+        last_step=progress.global_step, held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed))
 
 
 def log_step(session: Session, data: FileData, cursor: FileCursor, total: int, loss: float, lr: float,

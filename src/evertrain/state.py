@@ -23,7 +23,8 @@ class FileRecord:
     expected_steps: int
     first_step: int            # global step numbers (1-based) of its first and last optimizer step
     last_step: int
-    status: str = "done"       # done | skipped
+    status: str = "done"       # done | skipped | failed
+    replayed: int = 0          # examples from earlier files mixed into its steps (replay_fraction)
     held_out: list[int] = field(default_factory=list)  # 0-based line numbers never trained
 
 
@@ -37,6 +38,7 @@ class FileCursor:
     total_steps: int
     first_step: int            # global step of its first optimizer step
     settings: dict = field(default_factory=dict)  # batch settings the cursor is only valid for
+    replayed: int = 0
 
 
 @dataclass

@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS files (
     expected_steps INTEGER,
     steps_trained INTEGER NOT NULL DEFAULT 0,
     first_step INTEGER, last_step INTEGER,  -- global steps of its first and last optimizer step
+    held_out TEXT,                          -- JSON list of 0-based line numbers never trained (evaluated)
+    replayed INTEGER NOT NULL DEFAULT 0,    -- examples of earlier files replayed into its steps
     progress_index INTEGER,                 -- len(progress.files) when it started: finds its record again
     duplicate_of INTEGER,
     arrived_at REAL, started_at REAL, finished_at REAL,
@@ -69,6 +71,11 @@ class Ledger:
         # NORMAL is consistent under WAL; a lost last transaction is restored by `reconcile` from the checkpoint.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        # Columns added after a workspace's ledger was created: add them, empty, instead of failing on old ledgers.
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
+        for column, kind in (("held_out", "TEXT"), ("replayed", "INTEGER NOT NULL DEFAULT 0")):
+            if column not in have:
+                self.db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -175,7 +182,7 @@ class Ledger:
             if row["state"] == "training" and mine:
                 rec = mine[-1]
                 self.update(row["id"], state=rec.status, steps_trained=rec.steps, first_step=rec.first_step,
-                            last_step=rec.last_step, finished_at=time.time())
+                            last_step=rec.last_step, replayed=rec.replayed, finished_at=time.time())
                 say(f"evertrain: ledger: {row['name']} finished as {rec.status} before the restart")
             elif row["state"] in ("training", "queued") and cursor is not None:
                 self.update(row["id"], state="queued", steps_trained=cursor.file_step,

@@ -10,6 +10,7 @@ current `fit` at that step boundary (after a checkpoint); `fit` on the same file
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import shutil
@@ -171,6 +172,7 @@ def train_file(svc: Service, row: dict) -> bool:
     cursor = progress.cursors.get(data.sha256)
     ledger.update(row["id"], state="training", sha256=data.sha256, format="+".join(sorted(data.formats)),
                   examples=len(data.examples), tokens=data.tokens, expected_steps=expected,
+                  held_out=json.dumps(sorted(e.line for e in data.held_out)),
                   started_at=row["started_at"] or time.time(),
                   progress_index=row["progress_index"] if row["progress_index"] is not None else len(progress.files))
     board.start_file(row, progress.global_step, expected, cursor.file_step if cursor else 0)
@@ -218,7 +220,7 @@ def train_file(svc: Service, row: dict) -> bool:
         return True
     rec = progress.files[-1]
     ledger.update(row["id"], state="done", steps_trained=rec.steps, first_step=rec.first_step,
-                  last_step=rec.last_step, finished_at=time.time(), error=None)
+                  last_step=rec.last_step, replayed=rec.replayed, finished_at=time.time(), error=None)
     place(ws, ledger.get(row["id"]))
     svc.say(f"evertrain: done {row['original_name']}: {rec.steps}/{expected} steps, global steps "
             f"{rec.first_step}-{rec.last_step}, mean loss {result.loss:.4f}, checkpoint {_ckpt_name(svc)}")
@@ -302,7 +304,8 @@ def _close_early(session: loop.Session, data: FileData, status: str) -> FileReco
     rec = FileRecord(sha256=data.sha256, name=data.path.name, examples=len(data.examples), tokens=data.tokens,
                      steps=steps, expected_steps=data.total_steps(session.global_batch, session.config.epochs),
                      first_step=cursor.first_step if cursor else progress.global_step + 1,
-                     last_step=progress.global_step, status=status)
+                     last_step=progress.global_step, status=status,
+                     held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed if cursor else 0)
     progress.files.append(rec)
     return rec
 

@@ -266,7 +266,7 @@ def files(run: Run) -> list[dict]:
 
 LEDGER_COLUMNS = ("id", "original_name", "name", "sha256", "size", "priority", "state", "format", "examples",
                   "tokens", "expected_steps", "steps_trained", "first_step", "last_step", "duplicate_of",
-                  "arrived_at", "started_at", "finished_at", "error")
+                  "arrived_at", "started_at", "finished_at", "error", "held_out", "replayed")
 
 
 def ledger_files(path: Path) -> list[dict]:
