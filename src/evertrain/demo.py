@@ -4,7 +4,7 @@ It makes a temporary workspace, asks the embedded SmolLM2-135M-Instruct a few qu
 trains the first file with `evertrain train`, asks again, trains the second file into the same run (global step,
 optimizer state and schedule carry on), and asks a last time. Answers are greedy, so a rerun prints the same.
 
-    python -m evertrain.demo                 # a few minutes on 2 CPU cores
+    python -m evertrain.demo                 # about 2.5 minutes on 2 idle CPU cores, conversion included
     python -m evertrain.demo --keep DIR      # keep the run (checkpoints, metrics.jsonl) in DIR
 """
 
