@@ -1,0 +1,149 @@
+"""Throughput of `evertrain train` against a bare PyTorch loop, and the padding that packing saves.
+
+Both train the same small Llama (hidden 256, 4 layers, byte tokenizer; built in code) on exactly the same batches:
+the bare loop replays evertrain's own data order (FileData.step_rows) through loop.collate, with every batch
+built before its clock starts, and does forward, backward, AdamW step, nothing else. evertrain runs through its
+real CLI (`evertrain.cli.main`), its speed read from the per-step times in metrics.jsonl. Both skip the first
+step (allocation warm-up); the two alternate for several rounds, and the median step rates over all rounds are
+compared, which a busy machine disturbs less than totals do. The per-step losses of the two must agree: the
+proof that the batches and the math were the same.
+
+    python bench/throughput.py [--rounds 5] [--examples 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny import make_model_dir, make_tokenizer  # noqa: E402  (the byte tokenizer the tests use)
+
+from evertrain import cli, data, loop  # noqa: E402
+from evertrain.config import TrainConfig  # noqa: E402
+
+WORDS = ("river stone lamp quiet orbit paper seven garden copper window falcon maple signal harbor violet "
+         "engine lantern meadow cobalt thistle").split()
+# Settings shared by both sides; no clipping and no warmup so the bare loop's "forward, backward, AdamW" is
+# the same math. --model is added at run time.
+OPTIONS = {"batch_size": 8, "max_length": 512, "learning_rate": 3e-4, "warmup_steps": 0, "max_grad_norm": 0.0,
+           "epochs": 1, "seed": 42}
+
+
+def write_mixed_file(path: Path, n: int, seed: int = 0) -> None:
+    """Plain-text examples whose lengths spread log-uniformly from a few words to most of a row."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = int(round(2 ** rng.uniform(2, 6.3)))  # 4 to ~80 words: ~25 to ~500 bytes
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
+
+
+def step_rates(tokens: list[int], stamps: list[float]) -> list[float]:
+    """Tokens per second of steps 2..N, each from the end of the step before to its own end (so whatever a
+    loop does between steps counts); step 1 pays the allocator's warm-up on both sides."""
+    return [n / (b - a) for n, a, b in zip(tokens[1:], stamps, stamps[1:])]
+
+
+def run_evertrain(dataset: Path, model_dir: Path, work: Path) -> tuple[float, list[float]]:
+    out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
+    argv = ["train", "--dataset", str(dataset), "--output-dir", str(out), "--model", str(model_dir),
+            "--packing", "--save-steps", "0", "--log-steps", "1000"]
+    for key, value in OPTIONS.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    code = cli.main(argv)
+    if code != cli.EXIT_OK:
+        raise SystemExit(f"evertrain train failed with exit code {code}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return step_rates([r["tokens"] for r in records], [r["time"] for r in records]), [r["loss"] for r in records]
+
+
+def planned_batches(dataset: Path, tokenizer, config: TrainConfig) -> tuple[data.FileData, list]:
+    """evertrain's batches for one epoch, in its order, as (batch tensors, target tokens, tokens)."""
+    fd = data.load_file(dataset, tokenizer, config)
+    G, batches = config.batch_size, []
+    for step in range(fd.total_steps(G, config.epochs)):
+        rows = fd.step_rows(step, G, config.seed)
+        examples = [fd.examples[i] for r in rows for i in fd.rows[r]]
+        batch = loop.collate([fd.rows[r] for r in rows], fd, tokenizer.pad_token_id, "cpu")
+        batches.append((batch, sum(e.target_tokens for e in examples), sum(len(e.input_ids) for e in examples)))
+    return fd, batches
+
+
+def run_bare(batches: list, model_dir: Path) -> tuple[float, list[float]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIONS["learning_rate"], weight_decay=0.0)
+    stamps, losses = [], []
+    for batch, n_target, _ in batches:
+        out = model(**batch, num_items_in_batch=n_target)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        stamps.append(time.time())
+    return step_rates([t for _, _, t in batches], stamps), losses
+
+
+def padding(dataset: Path, tokenizer, packing: bool) -> tuple[float, int]:
+    """Padding share of the batches evertrain trains (in its data order), and the number of rows."""
+    config = TrainConfig(**{**OPTIONS, "packing": packing})
+    fd = data.load_file(dataset, tokenizer, config)
+    order = [fd.rows[r] for s in range(fd.total_steps(config.batch_size, 1))
+             for r in fd.step_rows(s, config.batch_size, config.seed)]
+    return data.padding_fraction(order, [len(e.input_ids) for e in fd.examples], config.batch_size), len(fd.rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=5, help="alternating evertrain/bare pairs")
+    p.add_argument("--examples", type=int, default=600, help="lines in the generated file of mixed lengths")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="evertrain-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = make_model_dir(work / "model", hidden=256, layers=4)
+        dataset = work / "mixed.jsonl"
+        write_mixed_file(dataset, args.examples)
+        tokenizer = make_tokenizer()
+        fd, batches = planned_batches(dataset, tokenizer, TrainConfig(**OPTIONS))
+        print(f"bench: {len(fd.examples)} examples, {fd.tokens} tokens, {len(batches)} steps of "
+              f"{OPTIONS['batch_size']} packed rows <= {OPTIONS['max_length']} tokens, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+        ours, bare = [], []  # per-step tokens/s of every round
+        for k in range(args.rounds):
+            ev_rates, ev_losses = run_evertrain(dataset, model_dir, work)
+            bare_rates, bare_losses = run_bare(batches, model_dir)
+            diff = max(abs(a - b) for a, b in zip(ev_losses, bare_losses))
+            if len(ev_losses) != len(bare_losses) or diff > 1e-3:
+                raise SystemExit(f"the two loops did not train the same batches (loss differs by {diff})")
+            ours += ev_rates
+            bare += bare_rates
+            ev, br = statistics.median(ev_rates), statistics.median(bare_rates)
+            print(f"round {k + 1}: median step evertrain {ev:,.0f} tok/s, bare loop {br:,.0f} tok/s, "
+                  f"ratio {ev / br:.3f}; per-step losses agree within {diff:.1e}", flush=True)
+
+        on, rows_on = padding(dataset, tokenizer, packing=True)
+        off, rows_off = padding(dataset, tokenizer, packing=False)
+        ev, br = statistics.median(ours), statistics.median(bare)
+        print(f"\nmedian over {len(ours)} steps each: evertrain train {ev:,.0f} tok/s, "
+              f"bare PyTorch loop {br:,.0f} tok/s, ratio {ev / br:.3f} (target >= 0.95)")
+        print(f"padding, batch {OPTIONS['batch_size']}: packing on {on:.1%} ({rows_on} rows), "
+              f"packing off {off:.1%} ({rows_off} rows)")
+
+
+if __name__ == "__main__":
+    main()
