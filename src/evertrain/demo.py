@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             columns[f"after {name} (step {newest.step})"] = ask(newest.path)
         print()
         print_table(columns, time.perf_counter() - t0)
+        p = checkpoint.newest_complete(run).state["evertrain"]
+        print(f"evolution snapshots: {p['snapshots_taken']} taken, {p['snapshots_skipped']} skipped to stay in "
+              f"budget, {p['snapshot_seconds']:.1f} s = {p['snapshot_seconds'] / p['train_seconds']:.1%} of "
+              f"{p['train_seconds']:.0f} s of training (see {run / 'snapshots'} with --keep)")
     finally:
         if args.keep is None:
             shutil.rmtree(workspace, ignore_errors=True)
