@@ -84,7 +84,9 @@ def due(session, file_step: int, total: int) -> bool:
     if not cfg.snapshot_budget or not session.is_main:
         return False
     wanted = file_step in (1, total) or is_log_spaced(p.global_step)
-    within_budget = p.snapshot_seconds <= cfg.snapshot_budget * p.train_seconds
+    # Predictive: the spend so far plus what a snapshot costs on average must fit (the first one is a measurement).
+    expected = p.snapshot_seconds / p.snapshots_taken if p.snapshots_taken else 0.0
+    within_budget = p.snapshot_seconds + expected <= cfg.snapshot_budget * p.train_seconds
     if wanted and not within_budget:
         p.snapshots_skipped += 1
     return wanted and within_budget
