@@ -216,8 +216,10 @@ def test_urgent_file_preempts_and_the_interrupted_file_resumes_exactly(tmp_path,
     daemon = ThreadDaemon(ws)
     try:
         drop(ws, "normal.jsonl", rows(80, "normal"))
-        drop(ws, "later.jsonl", rows(3, "later"))
-        wait_for(lambda: (status(ws).get("file_step") or 0) >= 5, what="the normal file to train")
+        wait_for(lambda: (status(ws).get("file_step") or 0) >= 3, what="the normal file to train")
+        drop(ws, "later.jsonl", rows(3, "later"))  # arrives after normal.jsonl started
+        wait_for(lambda: "later.jsonl" in by_name(ws) and (status(ws).get("file_step") or 0) >= 5,
+                 what="later.jsonl to be queued")
         urgent = tmp_path / "urgent.jsonl"
         urgent.write_text("".join(json.dumps(r) + "\n" for r in rows(4, "urgent")))
         assert cli("add", urgent, ws, "--priority", "urgent") == 0

@@ -51,7 +51,7 @@ class Inbox:
     def scan(self) -> tuple[list[int], float | None]:
         """Take every stable file; return the new ledger ids and when the next waiting file may be stable."""
         self.wake.clear()
-        taken, now, present, next_due = [], time.monotonic(), set(), None
+        taken, ready, now, present, next_due = [], [], time.monotonic(), set(), None
         for path, priority, kind in walk(self.ws.inbox):
             rel = path.relative_to(self.ws.inbox).as_posix()
             if kind != "file":
@@ -68,12 +68,15 @@ class Inbox:
                 self.seen[rel] = seen = Seen(st.st_size, st.st_mtime_ns, now)
             if now - seen.since >= self.stable:
                 self.seen.pop(rel)
-                file_id = self.take(path, rel, priority)
-                if file_id is not None:
-                    taken.append(file_id)
+                ready.append((st.st_mtime_ns, rel, path, priority))
             else:
                 due = seen.since + self.stable
                 next_due = due if next_due is None else min(next_due, due)
+        # Files that became stable in the same scan are queued in the order they arrived (last written).
+        for _mtime, rel, path, priority in sorted(ready):
+            file_id = self.take(path, rel, priority)
+            if file_id is not None:
+                taken.append(file_id)
         for rel in set(self.seen) - present:
             del self.seen[rel]
         return taken, next_due
