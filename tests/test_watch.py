@@ -78,9 +78,9 @@ def test_snapshot_cost_stays_within_the_budget(tmp_path, tiny_model):
     costs = [json.loads(s.read_text())["seconds"] for s in (out / "snapshots" / "evolution").glob("*.json")]
     assert p["snapshots_taken"] == len(costs) >= 1
     assert p["snapshots_skipped"] >= 1  # the schedule backed off
-    # each snapshot is taken only if the average cost still fits: beyond the budget by at most one snapshot's
-    # deviation from that average (the first, a measurement, is always taken)
-    assert p["snapshot_seconds"] <= 0.03 * p["train_seconds"] + max(costs) - min(costs) or len(costs) == 1
+    # each snapshot is taken only if its kind's last cost still fits: the budget is overshot by at most the
+    # first snapshot of each kind (a measurement) and by how much one snapshot's cost varies from the last
+    assert p["snapshot_seconds"] <= 0.03 * p["train_seconds"] + 2 * max(costs)
 
 
 def test_replay_is_deterministic_across_an_interruption_and_never_counts_as_coverage(tmp_path, tiny_model):

@@ -243,7 +243,7 @@ def fit(session: Session, data: FileData) -> FileResult:
         log_step(session, data, cursor, total, step_loss, lr, grad_norm, step_tokens, len(trained), len(replayed),
                  t0, tokens_trained)
         if snapshots.due(session, cursor.file_step, total):
-            snapshots.take(session, data)
+            snapshots.take(session, data, generations=snapshots.with_generations(cursor.file_step, total))
         if cfg.eval_steps and progress.global_step % cfg.eval_steps == 0 and cursor.file_step < total:
             metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session)))
         if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and cursor.file_step < total:

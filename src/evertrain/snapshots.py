@@ -3,8 +3,10 @@
 Tracked examples are the user's probes (WORKDIR/probes.jsonl, any data format) plus `snapshot_per_file`
 examples picked deterministically from each file as it arrives (kept in WORKDIR/snapshots/tracked.json).
 At snapshot steps (log-spaced global steps, plus the first and last step of every file) ONE batched forward
-pass gives, under teacher forcing, each target token's loss and the model's top-1 guess; a few probes also get
-a greedy generation bounded by `snapshot_new_tokens` tokens and `snapshot_seconds` of wall clock (never a hang).
+pass gives, under teacher forcing, each target token's loss and the model's top-1 guess. At the last step of a
+file, a few examples with a prompt (probes first) also get a greedy generation, bounded by
+`snapshot_new_tokens` tokens and `snapshot_seconds` of wall clock (never a hang): generating costs many forward
+passes, so the log-spaced snapshots in between stay one pass each and more of them fit in the budget.
 Snapshots cost at most `snapshot_budget` of training time: when over, the schedule backs off.
 Written to WORKDIR/snapshots/evolution/step-NNNNNNNN.json.
 
@@ -78,14 +80,20 @@ def track_file(session, data: FileData) -> None:
     write_json_atomic(path, tracked, indent=None)
 
 
+def with_generations(file_step: int, total: int) -> bool:
+    """Generations (many forward passes each) only when a file is done: what it taught, in the model's words."""
+    return file_step == total
+
+
 def due(session, file_step: int, total: int) -> bool:
     """Is a snapshot wanted after this step, and affordable within the budget?"""
     cfg, p = session.config, session.progress
     if not cfg.snapshot_budget or not session.is_main:
         return False
     wanted = file_step in (1, total) or is_log_spaced(p.global_step)
-    # Predictive: the spend so far plus what a snapshot costs on average must fit (the first one is a measurement).
-    expected = p.snapshot_seconds / p.snapshots_taken if p.snapshots_taken else 0.0
+    # Predictive: the spend so far plus what this kind of snapshot cost last time must fit the budget
+    # (the first of each kind is a measurement).
+    expected = p.snapshot_pass_cost + (p.snapshot_generate_cost if with_generations(file_step, total) else 0.0)
     within_budget = p.snapshot_seconds + expected <= cfg.snapshot_budget * p.train_seconds
     if wanted and not within_budget:
         p.snapshots_skipped += 1
@@ -93,7 +101,7 @@ def due(session, file_step: int, total: int) -> bool:
 
 
 @torch.no_grad()
-def take(session, data: FileData) -> Path | None:
+def take(session, data: FileData, *, generations: bool) -> Path | None:
     """Record the model's guesses for every tracked example at the current global step."""
     from evertrain.loop import collate
 
@@ -127,10 +135,14 @@ def take(session, data: FileData) -> Path | None:
             "token_accuracy": sum(a == b for a, b in zip(exp_ids, pred_ids)) / len(exp_ids) if exp_ids else None})
     # Generations for the first few examples that have a real prompt (probes come first in the list).
     prompts = [(r, [i for i, lab in zip(t["input_ids"], t["labels"]) if lab == IGNORE]) for r, t in zip(records, tracked)]
-    for rec, prompt_ids in [(r, p) for r, p in prompts if len(p) > 1][:cfg.snapshot_generate]:
+    t_gen = time.perf_counter()
+    for rec, prompt_ids in [(r, p) for r, p in prompts if len(p) > 1][:cfg.snapshot_generate if generations else 0]:
         rec["generation"] = generate(session, model, prompt_ids)
     model.train(was_training)
     seconds = time.perf_counter() - t0
+    session.progress.snapshot_pass_cost = t_gen - t0
+    if generations:
+        session.progress.snapshot_generate_cost = time.perf_counter() - t_gen
     step = session.progress.global_step
     out = session.workdir / "snapshots" / "evolution" / f"step-{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
