@@ -13,6 +13,7 @@ A file is read and checked in full before any of it trains; every bad line is re
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import math
@@ -95,10 +96,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)  # asked every optimizer step; a pure function, so computed once per epoch
 def row_order(sha256: str, seed: int, epoch: int, n: int) -> np.ndarray:
     """The order rows are trained in during one epoch: depends only on (file content, seed, epoch)."""
     key = int(sha256[:16], 16) ^ (seed * 0x9E3779B97F4A7C15 & (2**64 - 1))
-    return np.random.default_rng([key, epoch]).permutation(n)
+    order = np.random.default_rng([key, epoch]).permutation(n)
+    order.flags.writeable = False  # shared by every caller through the cache
+    return order
 
 
 def held_out_lines(sha256: str, seed: int, n: int, fraction: float, cap: int) -> set[int]:
