@@ -1,5 +1,6 @@
-"""A real run for the dashboard tests: two files trained by the real `evertrain train`, built once per session
-(both dashboard test modules share it; it lives in pytest's base temp folder)."""
+"""Real runs for the dashboard tests, built once per session in pytest's base temp folder (both dashboard test
+modules share them): two files trained by the real `evertrain train` into an output folder, and the same two
+files dropped into a daemon workspace and trained by the real `evertrain run`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ PROBE = ("The capital of Peru is", " Lima.")
 REPEAT = 3  # each pair several times (distinct lines): enough examples for a held-out slice and some steps
 
 
+def COMMON(tiny_model: Path) -> tuple:  # noqa: N802  (the settings both runs share)
+    # Snapshots may cost what they like here: the tiny model trains so fast that the default budget of 3%
+    # would leave too few of them to look at.
+    return ("--model", tiny_model, "--batch-size", 4, "--no-packing", "--learning-rate", 3e-3,
+            "--warmup-steps", 2, "--held-out-fraction", 0.2, "--save-steps", 4, "--keep-checkpoints", 3,
+            "--snapshot-budget", 100, "--snapshot-per-file", 2, "--snapshot-new-tokens", 6)
+
+
 def trained_run(tmp_path_factory, tiny_model: Path) -> Path:
     root = tmp_path_factory.getbasetemp() / "dashboard-run"
     run = root / "run"
@@ -25,17 +34,29 @@ def trained_run(tmp_path_factory, tiny_model: Path) -> Path:
         return run
     run.mkdir(parents=True, exist_ok=True)
     write_jsonl(run / "probes.jsonl", [{"prompt": PROBE[0], "completion": PROBE[1]}])
-    # Snapshots may cost what they like here: the tiny model trains so fast that the default budget of 3%
-    # would leave too few of them to look at.
-    common = ("--model", tiny_model, "--batch-size", 4, "--no-packing", "--learning-rate", 3e-3,
-              "--warmup-steps", 2, "--held-out-fraction", 0.2, "--save-steps", 4, "--keep-checkpoints", 3,
-              "--snapshot-budget", 100, "--snapshot-per-file", 2, "--snapshot-new-tokens", 6)
     for name, pairs in FILES.items():
         rows = [{"prompt": f"{p} ({i})", "completion": c} for i in range(REPEAT) for p, c in pairs]
         f = write_jsonl(root / name, rows)
-        assert cli("train", "--dataset", f, "--output-dir", run, *common) == 0
+        assert cli("train", "--dataset", f, "--output-dir", run, *COMMON(tiny_model)) == 0
     (root / ".trained").touch()
     return run
+
+
+def trained_workspace(tmp_path_factory, tiny_model: Path) -> Path:
+    """A daemon workspace (`evertrain init`, files dropped into inbox/, `evertrain run --once`)."""
+    root = tmp_path_factory.getbasetemp() / "dashboard-workspace"
+    ws = root / "ws"
+    if (root / ".trained").exists():
+        return ws
+    assert cli("init", ws, *COMMON(tiny_model), "--stable-seconds", 0, "--no-watch") == 0
+    write_jsonl(ws / "probes.jsonl", [{"prompt": PROBE[0], "completion": PROBE[1]}])
+    for name, pairs in FILES.items():  # one after the other: the queue is first come, first served
+        rows = [{"prompt": f"{p} ({i})", "completion": c} for i in range(REPEAT) for p, c in pairs]
+        staged = write_jsonl(root / name, rows)
+        staged.rename(ws / "inbox" / name)  # the documented safe way: write elsewhere, then move in
+        assert cli("run", ws, "--once") == 0
+    (root / ".trained").touch()
+    return ws
 
 
 def lines(path: Path) -> list[dict]:

@@ -280,9 +280,9 @@ def test_nan_loss_rolls_back_and_the_next_file_trains(tmp_path, daemon_model, mo
     # the good file after it trains with finite losses: the broken weights were thrown away
     assert after["state"] == "done" and (after["first_step"], after["last_step"]) == (7, 8)
     metrics = [json.loads(x) for x in (ws / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["loss"] == m["loss"] for m in metrics if m["file_name"].endswith("3-after.jsonl"))
+    assert all(m["loss"] == m["loss"] for m in metrics if m["file_name"] == "3-after.jsonl")
     state = checkpoint.newest_complete(ws / "current_model").state["evertrain"]
-    assert [(f["name"].split("-", 1)[1], f["status"], f["steps"]) for f in state["files"]] == [
+    assert [(f["name"], f["status"], f["steps"]) for f in state["files"]] == [
         ("1-good.jsonl", "done", 2), ("2-poison.jsonl", "failed", 4), ("3-after.jsonl", "done", 2)]
     assert not state["cursors"]
 

@@ -13,7 +13,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from dashboard_run import Served, lines, trained_run
+from dashboard_run import Served, lines, trained_run, trained_workspace
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
@@ -90,7 +90,8 @@ class Tree(HTMLParser):
 
 
 def test_dashboard_shows_the_real_run(browser, tmp_path, tmp_path_factory, tiny_model):
-    run = trained_run(tmp_path_factory, tiny_model)
+    """A daemon workspace that trained two files: its metrics, ledger, evaluations and snapshots on the page."""
+    run = trained_workspace(tmp_path_factory, tiny_model)
     metrics = lines(run / "logs" / "metrics.jsonl")
     evals = lines(run / "logs" / "evals.jsonl")
     snaps = sorted((run / "snapshots" / "evolution").glob("step-*.json"))

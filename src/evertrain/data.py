@@ -64,6 +64,10 @@ class FileData:
     held_out: list[Example] = field(default_factory=list)
     rows: list[list[int]] = field(default_factory=list)   # indices into examples, one list per row
     formats: Counter = field(default_factory=Counter)
+    name: str = ""                   # what people call the file (logs, metrics, snapshots); default: its file name
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.path.name
 
     @property
     def tokens(self) -> int:

@@ -30,7 +30,7 @@ def store_held_out(session, data: FileData) -> None:
     if not data.held_out or path.exists() or not session.is_main:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"name": data.path.name, "examples": [
+    write_json_atomic(path, {"name": data.name, "examples": [
         {"line": e.line, "input_ids": e.input_ids, "labels": e.labels} for e in data.held_out]}, indent=None)
 
 
@@ -78,7 +78,7 @@ def evaluate(session, shas: list[str], *, after_file: FileData | None = None,
         loss, tokens = mean_loss(session, examples)
         results.append({"step": session.progress.global_step,
                         "after_file": after_file.sha256 if after_file else None,
-                        "after_file_name": after_file.path.name if after_file else None,
+                        "after_file_name": after_file.name if after_file else None,
                         "before_file": before_file.sha256 if before_file else None,
                         "file": sha, "file_name": name, "loss": loss, "tokens": tokens,
                         "examples": len(examples), "time": time.time()})

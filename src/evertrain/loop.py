@@ -182,7 +182,7 @@ def fit(session: Session, data: FileData) -> FileResult:
         evals.store_held_out(session, data)
         metrics.log_evals(session, evals.evaluate(session, [data.sha256], before_file=data))
         snapshots.track_file(session, data)
-        metrics.file_event(session, f"start {data.path.name} ({data.sha256[:12]}) at global step "
+        metrics.file_event(session, f"start {data.name} ({data.sha256[:12]}) at global step "
                                     f"{progress.global_step}: {total} steps")
     if cfg.lr_schedule == "wsd" and cfg.decay_steps and progress.decay_start is None:
         progress.decay_start, progress.decay_steps = progress.global_step, cfg.decay_steps
@@ -254,7 +254,7 @@ def fit(session: Session, data: FileData) -> FileResult:
         _close_cursor(session, data, cursor, total)
         metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session), after_file=data))
         replay.add_file(session, data)
-        metrics.file_event(session, f"finished {data.path.name} at global step {progress.global_step}")
+        metrics.file_event(session, f"finished {data.name} at global step {progress.global_step}")
     if done or session.saved_step != progress.global_step:
         save_checkpoint(session)
     if done:
@@ -295,16 +295,16 @@ def _open_cursor(session: Session, data: FileData, total: int) -> tuple[FileCurs
     cursor = progress.cursors.get(data.sha256)
     first_time = cursor is None
     if cursor is None:
-        cursor = FileCursor(sha256=data.sha256, name=data.path.name, file_step=0, total_steps=total,
+        cursor = FileCursor(sha256=data.sha256, name=data.name, file_step=0, total_steps=total,
                             first_step=progress.global_step + 1, settings=settings)
         progress.cursors[data.sha256] = cursor
         if session.trace and session.is_main and data.held_out:
             session.trace.write({"file": data.sha256, "held_out": sorted(e.line for e in data.held_out)})
     elif cursor.settings != settings or cursor.total_steps != total:
-        raise RunMismatch(f"{data.path.name} was interrupted at step {cursor.file_step}/{cursor.total_steps} with "
+        raise RunMismatch(f"{data.name} was interrupted at step {cursor.file_step}/{cursor.total_steps} with "
                           f"{cursor.settings}; it must be finished with the same batch settings, got {settings}")
     elif cursor.file_step:
-        session.say(f"evertrain: {data.path.name} resumes at its step {cursor.file_step}/{total}")
+        session.say(f"evertrain: {data.name} resumes at its step {cursor.file_step}/{total}")
     progress.current = data.sha256
     return cursor, first_time
 
@@ -314,7 +314,7 @@ def _close_cursor(session: Session, data: FileData, cursor: FileCursor, total: i
     del progress.cursors[data.sha256]
     progress.current = None
     progress.files.append(FileRecord(
-        sha256=data.sha256, name=data.path.name, examples=len(data.examples), tokens=data.tokens,
+        sha256=data.sha256, name=data.name, examples=len(data.examples), tokens=data.tokens,
         steps=cursor.file_step, expected_steps=total, first_step=cursor.first_step,
         last_step=progress.global_step, held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed))
 
@@ -323,7 +323,7 @@ def log_step(session: Session, data: FileData, cursor: FileCursor, total: int, l
              grad_norm, step_tokens: int, n_examples: int, n_replayed: int, t0: float, tokens_trained: int) -> None:
     """metrics.jsonl (and TensorBoard) get every step; the console a line every `log_steps`; the daemon its hook."""
     progress, elapsed = session.progress, time.perf_counter() - t0
-    record = {"step": progress.global_step, "file": data.sha256, "file_name": data.path.name,
+    record = {"step": progress.global_step, "file": data.sha256, "file_name": data.name,
               "file_step": cursor.file_step, "file_total_steps": total, "loss": loss, "lr": lr,
               "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": step_tokens,
               "examples": n_examples, "replayed": n_replayed,
@@ -331,7 +331,7 @@ def log_step(session: Session, data: FileData, cursor: FileCursor, total: int, l
     metrics.log_step(session, record)
     if session.is_main:
         if cursor.file_step % session.config.log_steps == 0 or cursor.file_step == total:
-            session.say(f"  step {progress.global_step:>7}  {data.path.name} {cursor.file_step}/{total}  "
+            session.say(f"  step {progress.global_step:>7}  {data.name} {cursor.file_step}/{total}  "
                         f"loss {loss:.4f}  lr {lr:.3g}  {record['tokens_per_second']:.0f} tok/s")
         if session.on_step:
             session.on_step(record)

@@ -73,7 +73,7 @@ def track_file(session, data: FileData) -> None:
     for i in picks:
         e = data.examples[i]
         tracked.append({"id": f"{data.sha256[:12]}-{e.line}", "source": "file", "file": data.sha256,
-                        "file_name": data.path.name, "line": e.line, "input_ids": e.input_ids, "labels": e.labels})
+                        "file_name": data.name, "line": e.line, "input_ids": e.input_ids, "labels": e.labels})
     # Bounded: the newest files' picks win; probes are never dropped (they are not in this list).
     tracked = tracked[-cfg.snapshot_max_examples:]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def take(session, data: FileData, *, generations: bool) -> Path | None:
     step = session.progress.global_step
     out = session.workdir / "snapshots" / "evolution" / f"step-{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, {"step": step, "file": data.sha256, "file_name": data.path.name, "time": time.time(),
+    write_json_atomic(out, {"step": step, "file": data.sha256, "file_name": data.name, "time": time.time(),
                             "seconds": seconds, "examples": records}, indent=None)
     session.progress.snapshot_seconds += seconds
     session.progress.snapshots_taken += 1

@@ -151,6 +151,7 @@ def train_file(svc: Service, row: dict) -> bool:
     path = ws.queue / row["name"]
     try:
         data = load_file(path, session.tokenizer, svc.config)
+        data.name = row["original_name"]  # the name the person dropped, not the queue's <id>-<name>
     except DataError as e:
         fail(svc, row, str(e).replace(str(path), row["original_name"]))
         return True
@@ -301,7 +302,7 @@ def _close_early(session: loop.Session, data: FileData, status: str) -> FileReco
     cursor = progress.cursors.pop(data.sha256, None)
     progress.current = None
     steps = cursor.file_step if cursor else 0
-    rec = FileRecord(sha256=data.sha256, name=data.path.name, examples=len(data.examples), tokens=data.tokens,
+    rec = FileRecord(sha256=data.sha256, name=data.name, examples=len(data.examples), tokens=data.tokens,
                      steps=steps, expected_steps=data.total_steps(session.global_batch, session.config.epochs),
                      first_step=cursor.first_step if cursor else progress.global_step + 1,
                      last_step=progress.global_step, status=status,
