@@ -197,3 +197,21 @@ def test_guards_refuse_to_call_a_file_done_without_its_steps_and_checkpoint(tmp_
     assert any("global step went 0 -> 1 for 3 steps" in p for p in guard_problems(session, stalled))
     shutil.rmtree(checkpoint.final_path(out, 3))
     assert any("no complete checkpoint for global step 3" in p for p in guard_problems(session, result))
+
+
+@pytest.mark.parametrize("mode", ["--full", "--lora"])
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model, mode):
+    from safetensors.torch import load_file as load_tensors
+
+    f = write_jsonl(tmp_path / "a.jsonl", text_rows(9))
+    opts = ("--model", tiny_model, mode, "--batch-size", 3, "--learning-rate", 1e-2, "--no-packing")
+    assert train(tmp_path / "plain", f, *opts) == 0
+    assert train(tmp_path / "ckpt", f, *opts, "--gradient-checkpointing") == 0
+    name = "adapter_model.safetensors" if mode == "--lora" else "model.safetensors"
+    a = load_tensors(checkpoint.final_path(tmp_path / "plain", 3) / name)
+    b = load_tensors(checkpoint.final_path(tmp_path / "ckpt", 3) / name)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    resumed = loop.setup(TrainConfig.from_dict(json.loads(
+        (checkpoint.final_path(tmp_path / "ckpt", 3) / "evertrain_config.json").read_text())), tmp_path / "ckpt")
+    assert resumed.accelerator.unwrap_model(resumed.model).is_gradient_checkpointing  # it really recomputes

@@ -56,6 +56,10 @@ class TrainConfig:
                                   "global batch (0.05 suits shifting data)", low=0.0, high=1.0)
     replay_buffer: int = _opt(1024, "at most this many earlier examples kept for replay", low=1)
 
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: much less memory for "
+                                        "about a third more compute (large models on one GPU)",
+                                        flag="gradient-checkpointing/no-gradient-checkpointing")
+
     # --- optimizer and schedule ---
     learning_rate: float = _opt(5e-5, "peak learning rate", low=0.0, high=1.0)
     lr_schedule: str = _opt("constant", "constant (after warmup), inverse_sqrt, or wsd (warmup-stable-decay)",

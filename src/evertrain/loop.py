@@ -139,6 +139,10 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
             model = models.add_lora(model, config)
         progress = TrainingProgress()
     model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora:  # frozen embeddings: give the checkpointed blocks an input that requires grad
+            model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     if newest is not None:
