@@ -9,20 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-from tiny import make_model_dir
-
-from evertrain.cli import main as cli_main
-
-
-@pytest.fixture(scope="session")
-def daemon_model(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("daemon-tiny-model"))
-
-
-def cli(*args) -> int:
-    return cli_main([str(a) for a in args])
-
+from conftest import cli
 
 FAST = ("--batch-size", "4", "--no-packing", "--trace", "--held-out-fraction", "0", "--stable-seconds", "0", "--poll-seconds", "0.05",
         "--disk-margin-bytes", "0", "--status-interval", "0.1", "--save-steps", "0", "--learning-rate", "1e-3",

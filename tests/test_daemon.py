@@ -7,8 +7,8 @@ import os
 import threading
 import time
 
-from daemon_helpers import (ThreadDaemon, by_name, cli, daemon_model, drop, ledger_rows, make_ws, rows,  # noqa: F401
-                            status, wait_for)
+from conftest import cli
+from daemon_helpers import ThreadDaemon, by_name, drop, ledger_rows, make_ws, rows, status, wait_for
 
 from evertrain import checkpoint, loop, trace
 from evertrain.data import sha256_file
@@ -23,8 +23,8 @@ def assert_exactly_once(ws, row: dict, n_lines: int) -> None:
     assert sorted(counts) == list(range(n_lines)) and set(counts.values()) == {1}, row["original_name"]
 
 
-def test_files_dropped_while_running_train_once_in_order(tmp_path, daemon_model, capsys):
-    ws = make_ws(tmp_path, daemon_model)
+def test_files_dropped_while_running_train_once_in_order(tmp_path, tiny_model, capsys):
+    ws = make_ws(tmp_path, tiny_model)
     daemon = ThreadDaemon(ws)
     try:
         # a second daemon on the same workspace refuses to start
@@ -79,8 +79,8 @@ def test_files_dropped_while_running_train_once_in_order(tmp_path, daemon_model,
     assert (ws / "logs" / "evertrain.log").read_text().count("evertrain: done") == 4
 
 
-def test_a_file_written_slowly_in_place_is_taken_only_when_complete(tmp_path, daemon_model):
-    ws = make_ws(tmp_path, daemon_model, "--stable-seconds", "0.6", "--held-out-fraction", "0.25")
+def test_a_file_written_slowly_in_place_is_taken_only_when_complete(tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--stable-seconds", "0.6", "--held-out-fraction", "0.25")
     path = ws / "inbox" / "slow.jsonl"
     lines = [json.dumps(r) + "\n" for r in rows(12, "slow")]
     started = threading.Event()
@@ -117,8 +117,8 @@ def test_a_file_written_slowly_in_place_is_taken_only_when_complete(tmp_path, da
     assert status(ws)["total_evals"] == 2
 
 
-def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, daemon_model):
-    ws = make_ws(tmp_path, daemon_model)
+def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model)
     outside = tmp_path / "outside.jsonl"
     outside.write_text(json.dumps({"text": "never trained"}) + "\n")
     drop(ws, "01-badjson.jsonl", '{"text": "ok"}\n{"text": "broken\n')
@@ -172,9 +172,9 @@ def slow_steps(monkeypatch):
     monkeypatch.setattr(loop, "collate", collate)
 
 
-def test_pause_resume_skip_stop_at_the_next_step(tmp_path, daemon_model, monkeypatch):
+def test_pause_resume_skip_stop_at_the_next_step(tmp_path, tiny_model, monkeypatch):
     slow_steps(monkeypatch)
-    ws = make_ws(tmp_path, daemon_model, "--batch-size", "1")
+    ws = make_ws(tmp_path, tiny_model, "--batch-size", "1")
     daemon = ThreadDaemon(ws)
     try:
         drop(ws, "long.jsonl", rows(150, "long"))
@@ -210,9 +210,9 @@ def test_pause_resume_skip_stop_at_the_next_step(tmp_path, daemon_model, monkeyp
     assert_exactly_once(ws, row, 100)
 
 
-def test_urgent_file_preempts_and_the_interrupted_file_resumes_exactly(tmp_path, daemon_model, monkeypatch):
+def test_urgent_file_preempts_and_the_interrupted_file_resumes_exactly(tmp_path, tiny_model, monkeypatch):
     slow_steps(monkeypatch)
-    ws = make_ws(tmp_path, daemon_model, "--batch-size", "1")
+    ws = make_ws(tmp_path, tiny_model, "--batch-size", "1")
     daemon = ThreadDaemon(ws)
     try:
         drop(ws, "normal.jsonl", rows(80, "normal"))
@@ -239,8 +239,8 @@ def test_urgent_file_preempts_and_the_interrupted_file_resumes_exactly(tmp_path,
     assert_exactly_once(ws, u, 4)
 
 
-def test_nan_loss_rolls_back_and_the_next_file_trains(tmp_path, daemon_model, monkeypatch):
-    ws = make_ws(tmp_path, daemon_model)
+def test_nan_loss_rolls_back_and_the_next_file_trains(tmp_path, tiny_model, monkeypatch):
+    ws = make_ws(tmp_path, tiny_model)
     drop(ws, "1-good.jsonl", rows(8, "good"))
     drop(ws, "2-poison.jsonl", rows(40, "poison"))
     drop(ws, "3-after.jsonl", rows(8, "after"))
@@ -287,11 +287,11 @@ def test_nan_loss_rolls_back_and_the_next_file_trains(tmp_path, daemon_model, mo
     assert not state["cursors"]
 
 
-def test_config_is_validated_and_identity_is_fixed(tmp_path, daemon_model, capsys):
+def test_config_is_validated_and_identity_is_fixed(tmp_path, tiny_model, capsys):
     assert cli("init", tmp_path / "bad", "--batch-size", "0") == 2
     assert "batch_size must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    ws = make_ws(tmp_path, daemon_model)
+    ws = make_ws(tmp_path, tiny_model)
     assert cli("init", ws) == 2 and "already exists" in capsys.readouterr().err
     toml = (ws / "evertrain.toml").read_text()
     (ws / "evertrain.toml").write_text(toml + "\nbatch_sise = 3\n")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from daemon_helpers import daemon_model, drop, ledger_rows, make_ws, rows  # noqa: F401
+from daemon_helpers import drop, ledger_rows, make_ws, rows
 
 from evertrain import checkpoint, trace
 
@@ -20,8 +20,8 @@ def trained_steps(ws) -> int:
         return 0
 
 
-def test_kill_9_at_random_moments_then_restart(tmp_path, daemon_model):
-    ws = make_ws(tmp_path, daemon_model, "--batch-size", "2", "--save-steps", "3")
+def test_kill_9_at_random_moments_then_restart(tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--batch-size", "2", "--save-steps", "3")
     sizes = {"f1.jsonl": 23, "f2.jsonl": 17, "f3.jsonl": 30, "f4.jsonl": 9}   # 12, 9, 15 and 5 steps
     for name, n in sizes.items():
         drop(ws, name, rows(n, name))

@@ -1,6 +1,5 @@
 """The data formats, their labels, packing, and every kind of bad input (library and CLI)."""
 
-import json
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ import torch
 from conftest import cli, text_rows, write_jsonl
 
 from evertrain import checkpoint, loop, trace
-from evertrain.cli import guard_problems
 from evertrain.config import TrainConfig
 from evertrain.data import load_file
 from evertrain.schedule import lr_factor
@@ -188,15 +187,15 @@ def test_guards_refuse_to_call_a_file_done_without_its_steps_and_checkpoint(tmp_
     session = loop.setup(TrainConfig(model=str(tiny_model), batch_size=2, packing=False), out)
     data = load_file(write_jsonl(tmp_path / "a.jsonl", text_rows(5)), session.tokenizer, session.config)
     result = loop.fit(session, data)
-    assert guard_problems(session, result) == []
+    assert loop.guard_problems(session, result) == []
     zero = dataclasses.replace(result, steps=0, step_after=result.step_before)
-    assert any("no optimizer step" in p for p in guard_problems(session, zero))
+    assert any("no optimizer step" in p for p in loop.guard_problems(session, zero))
     short = dataclasses.replace(result, file_step=result.expected_steps - 1)
-    assert any("expected 3" in p for p in guard_problems(session, short))
+    assert any("expected 3" in p for p in loop.guard_problems(session, short))
     stalled = dataclasses.replace(result, step_after=result.step_before + 1)
-    assert any("global step went 0 -> 1 for 3 steps" in p for p in guard_problems(session, stalled))
+    assert any("global step went 0 -> 1 for 3 steps" in p for p in loop.guard_problems(session, stalled))
     shutil.rmtree(checkpoint.final_path(out, 3))
-    assert any("no complete checkpoint for global step 3" in p for p in guard_problems(session, result))
+    assert any("no complete checkpoint for global step 3" in p for p in loop.guard_problems(session, result))
 
 
 @pytest.mark.parametrize("mode", ["--full", "--lora"])

@@ -53,14 +53,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
-    """Replace `path` with `data` as JSON so that readers see the old or the new file, never half of one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new file, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=indent)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent))
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSONL log (metrics, evals, trace); a line torn by a crash mid-write is passed over."""
+    records = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 def manifest(folder: Path) -> dict[str, dict]:

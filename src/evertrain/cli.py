@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
                 f"checkpoint {result.checkpoint}")
     if result.status == "interrupted":
         return EXIT_INTERRUPTED
-    problems = guard_problems(session, result)
+    problems = loop.guard_problems(session, result)
     for p in problems:
         print(f"evertrain: {args.dataset.name} NOT done: {p}", file=sys.stderr)
     return EXIT_GUARD if problems else EXIT_OK
@@ -137,22 +137,6 @@ def cmd_dashboard(args) -> int:
     except OSError as e:
         print(f"evertrain: dashboard: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILED
-
-
-def guard_problems(session, result) -> list[str]:
-    """The checks home-made systems lacked: a file is done only if its steps happened and are on disk."""
-    problems = []
-    if result.steps <= 0:
-        problems.append("no optimizer step was trained")
-    if result.file_step != result.expected_steps:
-        problems.append(f"the file got {result.file_step} steps, expected {result.expected_steps}")
-    if result.step_after - result.step_before != result.steps:
-        problems.append(f"global step went {result.step_before} -> {result.step_after} for {result.steps} steps")
-    ckpt = checkpoint.final_path(session.output_dir, result.step_after)
-    state = checkpoint.read_state(ckpt)
-    if state is None or state["global_step"] != result.step_after:
-        problems.append(f"no complete checkpoint for global step {result.step_after} at {ckpt}")
-    return problems
 
 
 # ------------------------------------------------------------------------------------------------- the daemon

@@ -14,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from evertrain.checkpoint import write_json_atomic
-from evertrain.data import IGNORE, Example, FileData
+from evertrain.checkpoint import read_records, write_json_atomic
+from evertrain.data import Example, FileData
 
 EVAL_ROWS = 16  # held-out examples per forward pass
 
@@ -99,16 +99,7 @@ def seen_files(session) -> list[str]:
 # ------------------------------------------------------------------------------------------------- report
 
 def read_evals(workdir: Path) -> list[dict]:
-    """logs/evals.jsonl; a line torn by a crash mid-write is passed over."""
-    path = Path(workdir) / "logs" / "evals.jsonl"
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    return read_records(Path(workdir) / "logs" / "evals.jsonl")
 
 
 def forgetting_matrix(evals: list[dict]) -> dict:

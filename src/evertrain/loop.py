@@ -270,6 +270,22 @@ def fit(session: Session, data: FileData) -> FileResult:
                       checkpoint=session.last_checkpoint if done or cursor.file_step > file_step_before else None)
 
 
+def guard_problems(session: Session, result: FileResult) -> list[str]:
+    """The checks home-made systems lacked: a file is done only if its steps happened and are on disk."""
+    problems = []
+    if result.steps <= 0:
+        problems.append("no optimizer step was trained")
+    if result.file_step != result.expected_steps:
+        problems.append(f"the file got {result.file_step} steps, expected {result.expected_steps}")
+    if result.step_after - result.step_before != result.steps:
+        problems.append(f"global step went {result.step_before} -> {result.step_after} for {result.steps} steps")
+    ckpt = checkpoint.final_path(session.output_dir, result.step_after)
+    state = checkpoint.read_state(ckpt)
+    if state is None or state["global_step"] != result.step_after:
+        problems.append(f"no complete checkpoint for global step {result.step_after} at {ckpt}")
+    return problems
+
+
 def collate(rows: list[list[Example]], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Rows of examples -> input_ids, labels, position_ids, right-padded to the longest row.
 

@@ -10,9 +10,10 @@ A resume rewrites the trace to hold only committed history: steps after the resu
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
+
+from evertrain.checkpoint import read_records, write_text_atomic
 
 
 class Trace:
@@ -23,19 +24,10 @@ class Trace:
         """Drop what no checkpoint committed: steps after `global_step`, held-out lines of unknown files."""
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a crash mid-write
-            if "step" in rec and rec["step"] <= global_step:
-                kept.append(line)
-            elif "held_out" in rec and rec["file"] in known_files:
-                kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        kept = [rec for rec in read(self.path)
+                if ("step" in rec and rec["step"] <= global_step)
+                or ("held_out" in rec and rec["file"] in known_files)]
+        write_text_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -43,7 +35,7 @@ class Trace:
 
 
 def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_records(path)
 
 
 def coverage(path: Path) -> dict[str, Counter]:

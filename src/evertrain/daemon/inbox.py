@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evertrain.checkpoint import write_text_atomic
 from evertrain.daemon.ledger import Ledger
 from evertrain.daemon.workspace import PRIORITIES, Workspace, printable, safe_name
 from evertrain.data import sha256_file
@@ -176,10 +177,7 @@ def adopt_orphans(ws: Workspace, ledger: Ledger, say=print) -> None:
 
 
 def write_error(target: Path, reason: str) -> None:
-    err = target.with_name(target.name + ".error.txt")
-    tmp = err.with_name("." + err.name + ".tmp")
-    tmp.write_text(reason.rstrip() + "\n")
-    os.replace(tmp, err)
+    write_text_atomic(target.with_name(target.name + ".error.txt"), reason.rstrip() + "\n")
 
 
 def _start_watching(folder: Path, wake: threading.Event, say):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import shutil
 import signal
 import sys
@@ -77,14 +78,12 @@ def run(root: Path, *, once: bool = False) -> int:
             svc.log.removeHandler(h)
             h.close()
         ledger.close()
-        import os
-
         os.close(lock_fd)
 
 
 def _serve(svc: Service, once: bool) -> int:
     ws, ledger, board = svc.ws, svc.ledger, svc.board
-    svc.say(f"evertrain: daemon starting on {ws.root} (pid {__import__('os').getpid()})")
+    svc.say(f"evertrain: daemon starting on {ws.root} (pid {os.getpid()})")
     try:
         new_session(svc)
     except loop.RunMismatch as e:
@@ -215,7 +214,7 @@ def train_file(svc: Service, row: dict) -> bool:
         board.set(state="stopping" if reason == "stop" else board.data["state"])
         return True
 
-    problems = _guard_problems(session, result)
+    problems = loop.guard_problems(session, result)
     if problems:
         fail(svc, row, f"{row['original_name']}: trained but NOT done: " + "; ".join(problems))
         return True
@@ -309,12 +308,6 @@ def _close_early(session: loop.Session, data: FileData, status: str) -> FileReco
                      held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed if cursor else 0)
     progress.files.append(rec)
     return rec
-
-
-def _guard_problems(session, result) -> list[str]:
-    from evertrain.cli import guard_problems
-
-    return guard_problems(session, result)
 
 
 def new_session(svc: Service) -> None:

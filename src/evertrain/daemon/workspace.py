@@ -24,6 +24,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from evertrain.checkpoint import write_text_atomic
 from evertrain.config import ConfigError, TrainConfig, _opt, check_fields, settings_from_dict
 
 CONFIG_FILE = "evertrain.toml"
@@ -84,9 +85,7 @@ def init(root: Path, train: dict, daemon: dict) -> Workspace:
     daemon_cfg = settings_from_dict(DaemonConfig, daemon, "evertrain init")
     for name in FOLDERS:
         (ws.root / name).mkdir(parents=True, exist_ok=True)
-    tmp = ws.root / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(to_toml(train_cfg, daemon_cfg))
-    os.replace(tmp, ws.config_file)
+    write_text_atomic(ws.config_file, to_toml(train_cfg, daemon_cfg))
     return ws
 
 
