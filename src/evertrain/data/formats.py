@@ -1,0 +1,1 @@
+"""Dataset shapes -> one normalized Record per example (see CONTRACT, to be implemented)."""
