@@ -134,17 +134,19 @@ def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, tiny_model):
     (ws / "inbox" / ".hidden.jsonl").write_text("{}\n")
     (ws / "inbox" / "11-upload.jsonl.part").write_text("{}\n")
     (ws / "inbox" / "12-upload.tmp").write_text("{}\n")
+    (ws / "inbox" / "13-notes.txt").write_text("not data\n")
 
     assert cli("run", ws, "--once") == 0
     rows_ = {r["original_name"]: r for r in ledger_rows(ws)}
     reasons = {
         "01-badjson.jsonl": "line 2: invalid JSON",
-        "02-keys.jsonl": "line 2: unknown keys",
+        "02-keys.jsonl": "line 2: fits no format (keys: ['answer', 'question'])",
         "03-empty.jsonl": "no examples",
         "04-latin1.jsonl": "line 1: not UTF-8",
         "05-noassistant.jsonl": "line 1: no assistant turn",
         "06-link.jsonl": "symbolic link",
         "07-fifo.jsonl": "not a regular file",
+        "13-notes.txt": "not a dataset file; evertrain takes .jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet",
     }
     for name, why in reasons.items():
         r = rows_[name]

@@ -2,6 +2,7 @@
 
     evertrain train --dataset FILE --output-dir DIR     # train one file into a continuing run
     evertrain init DIR --model M; evertrain run DIR     # the daemon: train every file dropped into DIR/inbox
+    evertrain check FILE                                # what a file will teach, before training it
     evertrain report DIR                                # forgetting matrix of a run
     evertrain dashboard DIR                             # live web page of a run, http://127.0.0.1:8777/
     evertrain --help
@@ -34,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
     add_daemon_commands(sub)
 
+    p = sub.add_parser("check", help="check a data file and show what would be trained (nothing is trained)")
+    p.add_argument("file", type=Path, help="a data file (" + _accepted() + ")")
+    p.add_argument("--model", default=None, help="model whose tokenizer to use (default: the embedded SmolLM2)")
+    p.add_argument("--chat-template", default="", help="chatml, or a FILE.jinja (default: the model's own)")
+    p.add_argument("--columns", default="", help="map field names onto a format, e.g. question=prompt,answer=completion")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per row (default: 1024)")
+    p.add_argument("--examples", type=int, default=1, help="how many examples to show marked (default: 1)")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("report", help="print the forgetting matrix and each file's held-out loss before/after")
     p.add_argument("dir", type=Path, nargs="?", default=Path("."), help="a workspace or a train --output-dir")
     p.set_defaults(func=cmd_report)
@@ -63,7 +73,7 @@ def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpo
 
 def cmd_train(args) -> int:
     from evertrain import loop
-    from evertrain.data import DataError, load_file
+    from evertrain.data import DataError
 
     if not args.dataset.is_file():
         print(f"evertrain: {args.dataset}: no such file", file=sys.stderr)
@@ -76,7 +86,7 @@ def cmd_train(args) -> int:
         print(f"evertrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        data = load_file(args.dataset, session.tokenizer, config)
+        data = loop.prepare(session, args.dataset)
     except DataError as e:
         print(f"evertrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -114,6 +124,35 @@ def cmd_train(args) -> int:
     for p in problems:
         print(f"evertrain: {args.dataset.name} NOT done: {p}", file=sys.stderr)
     return EXIT_GUARD if problems else EXIT_OK
+
+
+def _accepted() -> str:
+    from evertrain.data.containers import accepted_text
+
+    return accepted_text()
+
+
+def cmd_check(args) -> int:
+    from evertrain import models
+    from evertrain.data import DataError, load_file
+    from evertrain.data.summary import CLOSE, OPEN, describe, marked
+
+    if not args.file.is_file():
+        print(f"evertrain: {args.file}: no such file", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    config = TrainConfig(model=args.model, chat_template=args.chat_template, columns=args.columns,
+                         max_length=args.max_length, held_out_fraction=0.0)
+    tokenizer = models.load_tokenizer(config.model, config.chat_template)
+    try:
+        data = load_file(args.file, tokenizer, config)
+    except DataError as e:
+        print(f"evertrain: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(describe(data, config.max_length))
+    for e in data.examples[:args.examples]:
+        print(f"\n{data.unit} {e.line + 1} ({e.format}), trained tokens between {OPEN} and {CLOSE}:")
+        print(marked(e, tokenizer))
+    return EXIT_OK
 
 
 def cmd_report(args) -> int:
@@ -217,8 +256,13 @@ def cmd_add(args) -> int:
     from evertrain.daemon.workspace import printable
     from evertrain.data import sha256_file
 
+    from evertrain.data.containers import accepted_text, kind_of
+
     if not args.file.is_file():
         print(f"evertrain: {args.file}: no such file", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if kind_of(args.file.name) is None:
+        print(f"evertrain: {args.file}: not a dataset file; evertrain takes {accepted_text()}", file=sys.stderr)
         return EXIT_BAD_INPUT
     ws, ledger = _open(args)
     file_id = enqueue(ws, ledger, args.file, printable(str(args.file)), sha=sha256_file(args.file),

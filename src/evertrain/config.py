@@ -42,6 +42,13 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input", low=0.0, high=0.9, identity=True)
     lora_target_modules: str = _opt("all-linear", "comma-separated module names, or all-linear", identity=True)
     dtype: str = _opt("float32", "dtype the weights are loaded and kept in", choices=DTYPES, identity=True)
+    chat_template: str = _opt("", "chat template for conversations: empty = the model's own, chatml = a built-in "
+                              "ChatML template (base models have none), or a FILE.jinja; saved with the tokenizer",
+                              identity=True)
+
+    # --- data ---
+    columns: str = _opt("", "map a dataset's own field names onto a format's, e.g. question=prompt,answer=completion "
+                        "(in evertrain.toml: a [data.columns] table)")
 
     # --- batches and steps ---
     batch_size: int = _opt(8, "rows per micro-batch on each process", low=1)
@@ -146,6 +153,13 @@ def validate(config: TrainConfig) -> None:
     check_fields(config)
     if config.decay_steps and config.lr_schedule != "wsd":
         raise ConfigError("decay_steps only applies to lr_schedule = wsd")
+    if config.columns:
+        from evertrain.data.formats import parse_columns
+
+        try:
+            parse_columns(config.columns)
+        except ValueError as e:
+            raise ConfigError(f"columns: {e}") from None
 
 
 def check_fields(config) -> None:

@@ -25,7 +25,8 @@ import torch
 
 from evertrain import checkpoint, evals, metrics, models, replay, snapshots
 from evertrain.config import TrainConfig
-from evertrain.data import IGNORE, Example, FileData
+from evertrain.data import IGNORE, Example, FileData, load_file
+from evertrain.data import store as token_store
 from evertrain.schedule import lr_factor
 from evertrain.state import FileCursor, FileRecord, TrainingProgress
 from evertrain.trace import Trace
@@ -68,6 +69,10 @@ class Session:
     def global_batch(self) -> int:
         c = self.config
         return c.batch_size * self.accelerator.num_processes * c.gradient_accumulation
+
+    @property
+    def store_dir(self) -> Path:
+        return self.output_dir / "tokens"
 
     @property
     def logs_dir(self) -> Path:
@@ -133,7 +138,7 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
         progress = TrainingProgress.from_state_dict(newest.state["evertrain"])
     else:
         torch.manual_seed(config.seed)  # LoRA's initialisation
-        tokenizer = models.load_tokenizer(config.model)
+        tokenizer = models.load_tokenizer(config.model, config.chat_template)
         model = models.load_model(models.resolve_model(config.model), config.dtype)
         if config.lora:
             model = models.add_lora(model, config)
@@ -171,6 +176,14 @@ def _precision(name: str) -> str:
 
 def _quiet(_text: str) -> None:
     pass
+
+
+# ------------------------------------------------------------------------------------------------- the data
+
+def prepare(session: Session, path: Path, **kwargs) -> FileData:
+    """Load a file's tokens with the run's tokenizer and settings; the main process builds the store first."""
+    with session.accelerator.main_process_first():
+        return load_file(path, session.tokenizer, session.config, store_dir=session.store_dir, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -391,6 +404,8 @@ def save_checkpoint(session: Session) -> Path:
         path = checkpoint.commit(tmp, state)
         checkpoint.prune(session.output_dir, cfg.keep_checkpoints, protected=session.protected,
                          budget_bytes=session.budget_bytes, newest=path)
+        # Token stores of files still open stay; of the rest, the most recently used few (a file dropped again).
+        token_store.prune(session.store_dir, keep={sha[:16] for sha in progress.cursors})
     acc.wait_for_everyone()
     session.last_checkpoint, session.saved_step = path, progress.global_step
     return path

@@ -79,10 +79,14 @@ def resolve_model(name: str | None) -> str:
     return name
 
 
-def load_tokenizer(name: str | None):
+def load_tokenizer(name: str | None, chat_template: str = ""):
+    """The model's tokenizer; `chat_template` (a TrainConfig option) replaces its template when given."""
     from transformers import AutoTokenizer
 
+    from evertrain.data.render import apply_chat_template_option
+
     tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    apply_chat_template_option(tok, chat_template)
     if tok.eos_token_id is None:
         raise ModelError(f"the tokenizer of {name} has no EOS token; examples could not be terminated")
     if tok.pad_token_id is None:

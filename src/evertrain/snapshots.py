@@ -15,6 +15,7 @@ Written to WORKDIR/snapshots/evolution/step-NNNNNNNN.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from evertrain.checkpoint import write_json_atomic
-from evertrain.data import IGNORE, DataError, Example, FileData, read_jsonl, tokenize
+from evertrain.data import IGNORE, DataError, Example, FileData, load_file
 
 
 def is_log_spaced(step: int) -> bool:
@@ -47,9 +48,10 @@ def load_tracked(session) -> list[dict]:
     probes = session.workdir / "probes.jsonl"
     if probes.exists():
         try:
-            for i, (line, fmt, payload) in enumerate(read_jsonl(probes)):
-                e = tokenize(session.tokenizer, fmt, payload, line, session.config.max_length)
-                tracked.append({"id": f"probe-{line}", "source": "probe", "file": None, "line": line,
+            cfg = dataclasses.replace(session.config, held_out_fraction=0.0, packing=False)
+            data = load_file(probes, session.tokenizer, cfg, store_dir=session.output_dir / "tokens")
+            for e in data.examples:
+                tracked.append({"id": f"probe-{e.line}", "source": "probe", "file": None, "line": e.line,
                                 "input_ids": e.input_ids, "labels": e.labels})
         except DataError as err:
             session.say(f"evertrain: probes ignored: {err}")

@@ -23,6 +23,7 @@ from evertrain.checkpoint import write_text_atomic
 from evertrain.daemon.ledger import Ledger
 from evertrain.daemon.workspace import PRIORITIES, Workspace, printable, safe_name
 from evertrain.data import sha256_file
+from evertrain.data.containers import accepted_text, kind_of
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 MAX_DEPTH = 8
@@ -58,6 +59,10 @@ class Inbox:
             if kind != "file":
                 taken.append(self.reject(path, rel, f"{printable(rel)}: {kind}; evertrain takes only regular "
                                                     "files and never follows links (copy the file in instead)"))
+                continue
+            if kind_of(path.name) is None:
+                taken.append(self.reject(path, rel, f"{printable(rel)}: not a dataset file; evertrain takes "
+                                                    f"{accepted_text()}"))
                 continue
             try:
                 st = path.stat(follow_symlinks=False)

@@ -29,7 +29,7 @@ from evertrain.daemon.inbox import Inbox, adopt_orphans, write_error
 from evertrain.daemon.ledger import Ledger, place
 from evertrain.daemon.status import Bar, Board
 from evertrain.daemon.workspace import DaemonConfig, Workspace
-from evertrain.data import DataError, FileData, load_file
+from evertrain.data import DataError, FileData
 from evertrain.evals import read_evals
 from evertrain.state import FileRecord
 
@@ -149,7 +149,7 @@ def train_file(svc: Service, row: dict) -> bool:
     ws, ledger, board, session = svc.ws, svc.ledger, svc.board, svc.session
     path = ws.queue / row["name"]
     try:
-        data = load_file(path, session.tokenizer, svc.config)
+        data = loop.prepare(session, path)
         data.name = row["original_name"]  # the name the person dropped, not the queue's <id>-<name>
     except DataError as e:
         fail(svc, row, str(e).replace(str(path), row["original_name"]))

@@ -100,17 +100,39 @@ def load(root: Path) -> tuple[Workspace, TrainConfig, DaemonConfig]:
             doc = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{ws.config_file}: not valid TOML: {e}") from None
-    unknown = sorted(set(doc) - {"train", "daemon"})
+    unknown = sorted(set(doc) - {"train", "daemon", "data"})
     if unknown:
-        raise ConfigError(f"{ws.config_file}: unknown section(s) {', '.join(unknown)}; known: [train], [daemon]")
-    for section in ("train", "daemon"):
+        raise ConfigError(f"{ws.config_file}: unknown section(s) {', '.join(unknown)}; "
+                          "known: [train], [daemon], [data.columns]")
+    for section in ("train", "daemon", "data"):
         if not isinstance(doc.get(section, {}), dict):
             raise ConfigError(f"{ws.config_file}: {section} must be a [{section}] table")
-    train = TrainConfig.from_dict(doc.get("train", {}), source=f"{ws.config_file} [train]")
+    train_values = dict(doc.get("train", {}))
+    columns = _columns_table(doc.get("data", {}), ws.config_file)
+    if columns:
+        if train_values.get("columns"):
+            raise ConfigError(f"{ws.config_file}: columns are given twice ([train] columns and [data.columns]); "
+                              "keep one")
+        train_values["columns"] = columns
+    train = TrainConfig.from_dict(train_values, source=f"{ws.config_file} [train]")
     daemon = settings_from_dict(DaemonConfig, doc.get("daemon", {}), f"{ws.config_file} [daemon]")
     for name in FOLDERS:
         (ws.root / name).mkdir(exist_ok=True)  # a person may have removed an empty one
     return ws, train, daemon
+
+
+def _columns_table(data: dict, source: Path) -> str:
+    """[data.columns] (dataset field = format key) as the `columns` setting's text: "question=prompt,..."."""
+    unknown = sorted(set(data) - {"columns"})
+    columns = data.get("columns", {})
+    if unknown or not isinstance(columns, dict):
+        raise ConfigError(f"{source}: [data] holds only a [data.columns] table (dataset field = format key), "
+                          f"got {', '.join(unknown) or repr(columns)}")
+    bad = [k for k, v in columns.items() if not isinstance(v, str) or "," in k + v or "=" in k + v]
+    if bad:
+        raise ConfigError(f"{source}: [data.columns] {bad[0]} must map to a format key given as a string, "
+                          'e.g. question = "prompt"')
+    return ",".join(f"{k}={v}" for k, v in columns.items())
 
 
 def to_toml(train: TrainConfig, daemon: DaemonConfig) -> str:
@@ -121,11 +143,22 @@ def to_toml(train: TrainConfig, daemon: DaemonConfig) -> str:
         out.append(f"[{section}]")
         for f in fields(obj):
             value = getattr(obj, f.name)
+            if f.name == "columns":
+                continue  # written as its own [data.columns] table below
             mark = " (identity)" if f.metadata.get("identity") else ""
             out.append(f"# {f.metadata['help']}{mark}")
             out.append(f"# {f.name} =  (not set)" if value is None else f"{f.name} = {_toml_value(value)}")
         out.append("")
+    out += ["# Map a dataset's own field names onto a format's keys, e.g. question = \"prompt\"",
+            "[data.columns]"]
+    out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in
+            (item.split("=", 1) for item in train.columns.split(",") if item)]
+    out.append("")
     return "\n".join(out)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def _toml_value(value) -> str:

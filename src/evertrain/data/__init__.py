@@ -1,50 +1,62 @@
-"""JSONL data: the three example formats, validation, tokenization, packing, and the data order.
+"""Data: a dataset file -> a validated, tokenized FileData whose tokens live on disk, ready to train.
 
-Every line is one example, its format detected on its own:
-  {"text": "..."}                                    loss on every token
-  {"prompt": "...", "completion": "..."}             loss on the completion only ("response" works too)
-  {"messages": [{"role": ..., "content": ...}, ...]} chat template; loss on every assistant turn only
+    containers.py   the file as dropped (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet, .csv, .tsv) -> records
+    formats.py      one record of any common shape -> a Record (text, prompt/completion or a conversation)
+    render.py       Records -> token ids and loss masks, in batches through the fast tokenizer
+    store.py        the tokens on disk, keyed by content and tokenizer, reused by every later run and resume
+    packing.py      examples -> rows (best-fit decreasing), on arrays
+    order.py        the row order of each epoch and the held-out choice: pure functions of content and seed
 
-A file is read and checked in full before any of it trains; every bad line is reported by number.
+A file is read, checked and tokenized in one streaming pass before any of it trains; every bad record is
+reported with its number ("line 12", "item 12", "row 12"); the file's memory cost stays flat in its size.
 
     python -m evertrain.data FILE [--model DIR]     # check a file and print what would be trained
+    evertrain check FILE [--model DIR]              # the same, from the CLI
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
 import hashlib
-import json
 import math
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from evertrain.data.order import held_out_lines, row_order
+from evertrain.data.packing import Rows, pack, padding_fraction
+
 IGNORE = -100  # label of a token that is not trained on (the value transformers' loss ignores)
 MAX_REPORTED_ERRORS = 20
-ROLES = ("system", "user", "assistant", "tool")
+BATCH_RECORDS = 512  # records tokenized per call: the fast tokenizer's own threads work on a batch
+
+__all__ = ["IGNORE", "DataError", "Example", "FileData", "load_file", "sha256_file", "row_order", "held_out_lines",
+           "pack", "padding_fraction", "Rows", "Cancelled"]
 
 
 class DataError(ValueError):
-    """A file that cannot be trained, with every reason and line number we found."""
+    """A file that cannot be trained, with every reason and record number we found."""
 
-    def __init__(self, path: Path, problems: list[str]):
+    def __init__(self, path: Path, problems: list[str], total: int | None = None):
         self.path, self.problems = Path(path), problems
+        total = len(problems) if total is None else total
         shown = problems[:MAX_REPORTED_ERRORS]
-        more = len(problems) - len(shown)
-        text = f"{self.path}: not trained, {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in shown)
-        if more:
-            text += f"\n  ... and {more} more"
+        text = f"{self.path}: not trained, {total} problem(s):\n" + "\n".join(f"  {p}" for p in shown)
+        if total > len(shown):
+            text += f"\n  ... and {total - len(shown)} more"
         super().__init__(text)
+
+
+class Cancelled(Exception):
+    """Preparation was asked to stop (the daemon is stopping or pausing)."""
 
 
 @dataclass
 class Example:
-    line: int              # 0-based line number in the file (what the trace records)
-    format: str            # text | prompt_completion | messages
+    line: int              # 0-based record number in the file (what the trace records)
+    format: str            # the shape it came in: text, prompt_completion, messages, alpaca, sharegpt, ...
     input_ids: list[int]
     labels: list[int]      # IGNORE where no loss is taken; labels[0] is always IGNORE
     truncated: bool = False
@@ -54,28 +66,41 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
+class Examples(Sequence):
+    """Some of a store's examples, read from disk when asked for."""
+
+    def __init__(self, store, indexes: np.ndarray):
+        self.store, self.indexes = store, indexes
+
+    def __len__(self) -> int:
+        return len(self.indexes)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.store.example(int(self.indexes[i]))
+
+
 @dataclass
 class FileData:
     """A validated, tokenized file, ready to train."""
 
     path: Path
     sha256: str
-    examples: list[Example]          # the trained examples (held-out ones are not here)
+    examples: Sequence[Example]      # the trained examples (held-out ones are not here)
     held_out: list[Example] = field(default_factory=list)
-    rows: list[list[int]] = field(default_factory=list)   # indices into examples, one list per row
+    rows: Sequence = field(default_factory=list)   # indices into examples, one list per row
     formats: Counter = field(default_factory=Counter)
+    ignored: Counter = field(default_factory=Counter)  # keys outside every format, per key: counted, not trained
     name: str = ""                   # what people call the file (logs, metrics, snapshots); default: its file name
+    tokens: int = 0                  # tokens of the trained examples
+    truncated: int = 0               # examples cut to max_length
+    unit: str = "line"               # how the container counts records: line, item or row
+    store: object = None             # the TokenStore the examples are read from
+    scratch: object = None           # a temporary folder holding the store, removed with this object
 
     def __post_init__(self) -> None:
         self.name = self.name or self.path.name
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
-
-    @property
-    def truncated(self) -> int:
-        return sum(e.truncated for e in self.examples)
 
     def steps_per_epoch(self, global_batch: int) -> int:
         # A file smaller than one global batch still trains one (partial) step.
@@ -100,214 +125,57 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=8)  # asked every optimizer step; a pure function, so computed once per epoch
-def row_order(sha256: str, seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order rows are trained in during one epoch: depends only on (file content, seed, epoch)."""
-    key = int(sha256[:16], 16) ^ (seed * 0x9E3779B97F4A7C15 & (2**64 - 1))
-    order = np.random.default_rng([key, epoch]).permutation(n)
-    order.flags.writeable = False  # shared by every caller through the cache
-    return order
+def load_file(path: Path, tokenizer, config, *, store_dir: Path | None = None,
+              progress: Callable[[float], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> FileData:
+    """Check and tokenize a file with a TrainConfig's settings (or reuse its store); DataError before any training.
 
+    `store_dir` holds the token stores (a run's OUTPUT_DIR/tokens); without one a temporary folder is used.
+    `progress(fraction)` is told how far preparation got; `should_stop()` True raises Cancelled.
+    """
+    from evertrain.data import store as stores
+    from evertrain.data.prepare import build_store
 
-def held_out_lines(sha256: str, seed: int, n: int, fraction: float, cap: int) -> set[int]:
-    """Which example indices of a file are held out: a fixed slice chosen by content and seed."""
-    count = min(cap, int(n * fraction))
-    if count <= 0 or n < 2:
-        return set()
-    count = min(count, n - 1)  # always leave something to train
-    order = np.random.default_rng([int(sha256[16:32], 16), seed, 7]).permutation(n)
-    return set(order[:count].tolist())
-
-
-# ---------------------------------------------------------------- parsing and validation
-
-def parse_line(obj) -> tuple[str, object]:
-    """Return (format, payload) for one decoded JSON line, or raise ValueError with the reason."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    keys = set(obj)
-    if keys == {"text"}:
-        if not isinstance(obj["text"], str):
-            raise ValueError(f'"text" must be a string, got {type(obj["text"]).__name__}')
-        if not obj["text"].strip():
-            raise ValueError('"text" is empty')
-        return "text", obj["text"]
-    if keys in ({"prompt", "completion"}, {"prompt", "response"}):
-        answer_key = "completion" if "completion" in keys else "response"
-        for k in ("prompt", answer_key):
-            if not isinstance(obj[k], str):
-                raise ValueError(f'"{k}" must be a string, got {type(obj[k]).__name__}')
-        if not obj[answer_key].strip():
-            raise ValueError(f'"{answer_key}" is empty')
-        return "prompt_completion", (obj["prompt"], obj[answer_key])
-    if keys == {"messages"}:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError('"messages" must be a non-empty list')
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or set(m) != {"role", "content"}:
-                raise ValueError(f'messages[{i}] must be an object with exactly "role" and "content"')
-            if m["role"] not in ROLES:
-                raise ValueError(f'messages[{i}] has unknown role {m["role"]!r} (expected one of {", ".join(ROLES)})')
-            if not isinstance(m["content"], str):
-                raise ValueError(f'messages[{i}].content must be a string, got {type(m["content"]).__name__}')
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise ValueError("no assistant turn: nothing to train on")
-        return "messages", msgs
-    raise ValueError(f"unknown keys {sorted(keys)}: expected text, prompt+completion (or response), or messages")
-
-
-def read_jsonl(path: Path) -> list[tuple[int, str, object]]:
-    """Parse and check every line; return (line, format, payload) or raise DataError listing every bad line."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        sha = sha256_file(path)
     except OSError as e:
         raise DataError(path, [f"cannot read the file: {e.strerror or e}"]) from e
-    problems, parsed = [], []
-    for i, line in enumerate(raw.split(b"\n")):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(f"line {i + 1}: not UTF-8 (byte {e.start})")
-            continue
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {i + 1}: invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        try:
-            fmt, payload = parse_line(obj)
-        except ValueError as e:
-            problems.append(f"line {i + 1}: {e}")
-            continue
-        parsed.append((i, fmt, payload))
-    if not problems and not parsed:
-        problems.append("the file holds no examples (it is empty or only blank lines)")
-    if problems:
-        raise DataError(path, problems)
-    return parsed
+    scratch = None
+    if store_dir is None:  # a one-off look at a file: the store lives as long as the FileData
+        import tempfile
 
-
-# ---------------------------------------------------------------- tokenization
-
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
-
-
-def tokenize(tokenizer, fmt: str, payload, line: int, max_length: int) -> Example:
-    eos = tokenizer.eos_token_id
-    if fmt == "text":
-        ids = _ids(tokenizer, payload, True)
-        if not ids or ids[-1] != eos:
-            ids = ids + [eos]
-        labels = list(ids)
-    elif fmt == "prompt_completion":
-        prompt, completion = payload
-        p = _ids(tokenizer, prompt, True) if prompt else []
-        c = _ids(tokenizer, completion, False) + [eos]
-        ids, labels = p + c, [IGNORE] * len(p) + c
+        scratch = tempfile.TemporaryDirectory(prefix="evertrain-tokens-")
+        store_dir = Path(scratch.name)
+    key = stores.store_key(sha, stores.tokenizer_fingerprint(tokenizer), config.max_length, config.columns)
+    target = Path(store_dir) / key
+    try:
+        store = stores.open_store(target)
+    except stores.StoreError as e:
+        print(f"evertrain: the token store of {path.name} is damaged ({e}); rebuilding it")
+        store = None
+    if store is None:
+        store = build_store(path, tokenizer, config, target, progress=progress, should_stop=should_stop)
     else:
-        ids, labels = _tokenize_messages(tokenizer, payload)
-    labels[0] = IGNORE  # the first token has no prediction; this also keeps packed examples' losses apart
-    truncated = len(ids) > max_length
-    if truncated:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return Example(line=line, format=fmt, input_ids=ids, labels=labels, truncated=truncated)
-
-
-def _tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Render with the chat template; label exactly the characters the template adds for each assistant turn."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise ValueError("the chat template does not render conversations incrementally; "
-                             "cannot tell which tokens are the assistant's")
-        spans.append((len(before), len(upto)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    starts = [s for s, _ in spans]
-    labels = []
-    for tok, (a, _b) in zip(ids, offsets):
-        k = bisect.bisect_right(starts, a) - 1
-        labels.append(tok if k >= 0 and a < spans[k][1] else IGNORE)
-    return ids, labels
-
-
-def load_file(path: Path, tokenizer, config) -> FileData:
-    """Read, check and tokenize a whole file with a TrainConfig's settings; raise DataError before any training."""
-    path, max_length = Path(path), config.max_length
-    parsed = read_jsonl(path)
-    sha = sha256_file(path)
-    examples, problems = [], []
-    for line, fmt, payload in parsed:
-        try:
-            examples.append(tokenize(tokenizer, fmt, payload, line, max_length))
-        except Exception as e:  # a template or tokenizer failure on this line
-            problems.append(f"line {line + 1}: {e}")
-    if problems:
-        raise DataError(path, problems)
-    held = held_out_lines(sha, config.seed, len(examples), config.held_out_fraction, config.held_out_max)
-    data = FileData(path=path, sha256=sha,
-                    examples=[e for i, e in enumerate(examples) if i not in held],
-                    held_out=[e for i, e in enumerate(examples) if i in held],
-                    formats=Counter(e.format for e in examples))
-    lengths = [len(e.input_ids) for e in data.examples]
-    data.rows = pack(lengths, max_length) if config.packing else [[i] for i in range(len(lengths))]
+        target.touch()  # most recently used: pruning keeps it
+    if progress:
+        progress(1.0)
+    data = file_data(path, sha, store, config)
+    data.scratch = scratch
     return data
 
 
-def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing packing of examples into rows of at most `capacity` tokens; deterministic."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), kept sorted
-    for i in order:
-        k = bisect.bisect_left(free, (lengths[i], -1))
-        if k < len(free):
-            room, r = free.pop(k)
-        else:
-            room, r = capacity, len(rows)
-            rows.append([])
-        rows[r].append(i)
-        if room - lengths[i] > 0:
-            bisect.insort(free, (room - lengths[i], r))
-    return [sorted(r) for r in rows]
-
-
-def padding_fraction(rows: list[list[int]], lengths: list[int], batch_size: int) -> float:
-    """Share of a batch's token slots that are padding when rows are padded to the longest in their batch."""
-    sizes = [sum(lengths[i] for i in r) for r in rows]
-    real = sum(sizes)
-    slots = sum(max(sizes[b:b + batch_size]) * len(sizes[b:b + batch_size]) for b in range(0, len(sizes), batch_size))
-    return 1 - real / slots if slots else 0.0
-
-
-def _main() -> None:
-    import argparse
-
-    from evertrain.config import TrainConfig
-    from evertrain.models import load_tokenizer
-
-    p = argparse.ArgumentParser(description="Check a JSONL file and show what evertrain would train.")
-    p.add_argument("file", type=Path)
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-length", type=int, default=1024)
-    a = p.parse_args()
-    try:
-        data = load_file(a.file, load_tokenizer(a.model), TrainConfig(model=a.model, max_length=a.max_length))
-    except DataError as e:
-        raise SystemExit(str(e))
-    print(f"{a.file}: {len(data.examples)} examples {dict(data.formats)}, {data.tokens} tokens, "
-          f"{data.truncated} truncated, {len(data.rows)} packed rows")
-
-
-if __name__ == "__main__":
-    _main()
+def file_data(path: Path, sha: str, store, config) -> FileData:
+    """Held-out choice and packing on the store's arrays (cheap: both are pure functions of content and seed)."""
+    n = len(store)
+    held = held_out_lines(sha, config.seed, n, config.held_out_fraction, config.held_out_max)
+    is_held = np.zeros(n, dtype=bool)
+    is_held[list(held)] = True
+    train_idx = np.flatnonzero(~is_held)
+    lengths = store.lengths[train_idx]
+    formats, ignored = Counter(store.meta["formats"]), Counter(store.meta["ignored"])
+    return FileData(path=path, sha256=sha, examples=Examples(store, train_idx),
+                    held_out=[store.example(int(i)) for i in np.flatnonzero(is_held)],
+                    rows=pack(lengths, config.max_length) if config.packing else Rows.one_per_example(len(train_idx)),
+                    formats=formats, ignored=ignored, tokens=int(lengths.sum()), truncated=store.meta["truncated"],
+                    unit=store.meta["unit"], store=store)

@@ -1,0 +1,111 @@
+"""Building a token store: read, check and tokenize a file in one streaming pass.
+
+Records are read one at a time, checked, and tokenized in batches of BATCH_RECORDS; the tokens go straight to
+the store's files on disk. Every bad record is counted (the first MAX_REPORTED_ERRORS are kept with their
+number); a file with any bad record fails whole, before any of it trains, and leaves no store behind.
+
+    python -m evertrain.data FILE --model DIR
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from evertrain.data import BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
+from evertrain.data.containers import BadRecord, ContainerError, open_records
+from evertrain.data.formats import RecordError, parse_columns, parse_record
+from evertrain.data.render import NoChatTemplate, RecordFailed, Renderer
+from evertrain.data.store import StoreWriter, TokenStore
+
+
+class Problems:
+    def __init__(self):
+        self.shown: list[str] = []
+        self.total = 0
+
+    def add(self, text: str) -> None:
+        self.total += 1
+        if len(self.shown) < MAX_REPORTED_ERRORS:
+            self.shown.append(text)
+
+
+def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, should_stop=None) -> TokenStore:
+    try:
+        columns = parse_columns(config.columns)
+        records = open_records(path)
+    except (ContainerError, ValueError) as e:
+        raise DataError(path, [str(e)]) from None
+    renderer = Renderer(tokenizer, config.max_length)
+    problems, formats, ignored = Problems(), Counter(), Counter()
+    unit = records.unit
+    batch: list = []
+    numbers: list[int] = []
+
+    def flush() -> None:
+        if batch and not problems.total:  # once the file has failed, only checking goes on
+            for recs, nums, enc in _encode(renderer, batch, numbers, unit, problems):
+                writer.add(enc, nums, [r.kind for r in recs])
+                formats.update(r.kind for r in recs)
+                for r in recs:
+                    ignored.update(r.ignored)
+        batch.clear()
+        numbers.clear()
+        if progress:
+            progress(records.fraction())
+        if should_stop and should_stop():
+            raise Cancelled(str(path))
+
+    writer = StoreWriter(target)
+    try:
+        try:
+            for index, value in records:
+                if isinstance(value, BadRecord):
+                    problems.add(f"{unit} {index + 1}: {value.reason}")
+                    continue
+                try:
+                    rec = parse_record(value, columns)
+                except RecordError as e:
+                    problems.add(f"{unit} {index + 1}: {e}")
+                    continue
+                if rec.messages is not None and renderer.template is None:
+                    raise DataError(path, [f"{unit} {index + 1} is a conversation, but the model's tokenizer has "
+                                           "no chat template: pass --chat-template chatml (a built-in ChatML "
+                                           "template) or --chat-template FILE.jinja"])
+                batch.append(rec)
+                numbers.append(index)
+                if len(batch) >= BATCH_RECORDS:
+                    flush()
+            flush()
+        except ContainerError as e:
+            problems.add(str(e))
+        if not problems.total and not writer.records:
+            problems.add("the file holds no examples (it is empty or only blank lines)")
+        if problems.total:
+            raise DataError(path, problems.shown, problems.total)
+        return writer.commit({"source": path.name, "unit": unit, "formats": dict(formats), "ignored": dict(ignored),
+                              "max_length": config.max_length})
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _encode(renderer: Renderer, batch: list, numbers: list[int], unit: str, problems: Problems):
+    """Yield (records, numbers, encoded) for the batch; a record the template or tokenizer rejects is a problem."""
+    try:
+        yield list(batch), list(numbers), renderer.encode(batch)
+        return
+    except NoChatTemplate:
+        raise
+    except Exception:  # find which records fail, one at a time (rare: a failing batch only)
+        pass
+    for rec, number in zip(batch, numbers):
+        try:
+            enc = renderer.encode([rec])
+        except NoChatTemplate:
+            raise
+        except Exception as e:
+            problems.add(f"{unit} {number + 1}: {e}")
+            continue
+        if not problems.total:
+            yield [rec], [number], enc

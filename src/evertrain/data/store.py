@@ -1,0 +1,176 @@
+"""The token store: a file's tokens on disk, keyed by its content and everything that changes its tokens.
+
+OUTPUT_DIR/tokens/<key>/ holds flat arrays (ids.bin int32, mask.bin uint8, offsets/records/kinds .npy) and,
+written last, meta.json with every array's size and sha256. A store is built in a hidden temporary folder and
+renamed into place, so a crash leaves nothing that looks complete; one whose sizes or hashes do not match is
+rebuilt, never trained from. Arrays are memory-mapped: a file of millions of examples costs page cache, not RSS.
+Later runs, resumes and evaluations of the same file reuse the store; `prune` keeps the ones still in use.
+
+    python -m evertrain.data FILE --model DIR      # builds (or reuses) the store, prints its summary
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from array import array
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+STORE_VERSION = 1
+ARRAYS = {"ids.bin": np.int32, "mask.bin": np.uint8}
+INDEXES = ("offsets", "records", "kinds")
+
+
+class StoreError(RuntimeError):
+    """A store that is incomplete or damaged: rebuild it."""
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides a tokenizer's output: its vocabulary and rules, special tokens and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.special_tokens_map,
+                         tokenizer.eos_token_id], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def store_key(sha256: str, fingerprint: str, max_length: int, columns: str) -> str:
+    settings = json.dumps([STORE_VERSION, sha256, fingerprint, max_length, columns])
+    return f"{sha256[:16]}-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
+
+
+class TokenStore:
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        self.offsets = np.load(path / "offsets.npy", mmap_mode="r")
+        self.records = np.load(path / "records.npy", mmap_mode="r")
+        self.kinds = np.load(path / "kinds.npy", mmap_mode="r")
+        n_tokens = int(self.offsets[-1]) if len(self.offsets) else 0
+        self.ids = _memmap(path / "ids.bin", np.int32, n_tokens)
+        self.mask = _memmap(path / "mask.bin", np.uint8, n_tokens)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def tokens(self, indexes: np.ndarray) -> int:
+        return int(self.lengths[indexes].sum())
+
+    def example(self, i: int):
+        from evertrain.data import IGNORE, Example
+
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        ids = self.ids[a:b]
+        labels = np.where(self.mask[a:b] == 1, ids, IGNORE)
+        return Example(line=int(self.records[i]), format=self.meta["kinds"][int(self.kinds[i])],
+                       input_ids=ids.tolist(), labels=labels.tolist(), truncated=False)
+
+
+def _memmap(path: Path, dtype, count: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def open_store(path: Path) -> TokenStore | None:
+    """The complete store at `path`, None if there is none; StoreError if it is damaged."""
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        for name, want in meta["files"].items():
+            if _sha256(path / name) != want:
+                raise StoreError(f"{path / name} does not match its recorded hash")
+        return TokenStore(path, meta)
+    except (OSError, ValueError, KeyError) as e:
+        raise StoreError(f"{path}: {e}") from e
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class StoreWriter:
+    """Appends encoded batches to a temporary folder; `commit` makes it the store, atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.files = {name: open(self.tmp / name, "wb") for name in ARRAYS}
+        self.hashes = {name: hashlib.sha256() for name in ARRAYS}
+        self.offsets, self.records, self.kinds = array("q", [0]), array("q"), array("B")
+        self.kind_names: list[str] = []
+        self.truncated = 0
+
+    def add(self, encoded, records: list[int], kinds: list[str]) -> None:
+        for name, arr in (("ids.bin", encoded.ids), ("mask.bin", encoded.mask)):
+            raw = np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes()
+            self.files[name].write(raw)
+            self.hashes[name].update(raw)
+        end = self.offsets[-1]
+        for length in encoded.lengths.tolist():
+            end += length
+            self.offsets.append(end)
+        self.records.extend(records)
+        for k in kinds:
+            if k not in self.kind_names:
+                self.kind_names.append(k)
+            self.kinds.append(self.kind_names.index(k))
+        self.truncated += int(encoded.truncated.sum())
+
+    def commit(self, meta: dict) -> TokenStore:
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        files = {name: h.hexdigest() for name, h in self.hashes.items()}
+        for name, values, dtype in (("offsets", self.offsets, np.int64), ("records", self.records, np.int64),
+                                    ("kinds", self.kinds, np.uint8)):
+            np.save(self.tmp / f"{name}.npy", np.frombuffer(values, dtype=dtype) if len(values) else
+                    np.zeros(0, dtype=dtype))
+            files[f"{name}.npy"] = _sha256(self.tmp / f"{name}.npy")
+        meta = {**meta, "version": STORE_VERSION, "kinds": self.kind_names, "truncated": self.truncated,
+                "examples": len(self.records), "tokens": int(self.offsets[-1]), "files": files}
+        from evertrain.checkpoint import fsync_dir, write_text_atomic
+
+        write_text_atomic(self.tmp / "meta.json", json.dumps(meta, indent=1))
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.rename(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return TokenStore(self.path, meta)
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def prune(root: Path, keep: set[str], newest: int = 2) -> None:
+    """Remove stores whose key does not start with a prefix in `keep`, except the `newest` most recently used."""
+    if not root.is_dir():
+        return
+    stores = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in stores[newest:]:
+        if p.name.split("-")[0] not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def counters(meta: dict) -> tuple[Counter, Counter]:
+    return Counter(meta.get("formats", {})), Counter(meta.get("ignored", {}))

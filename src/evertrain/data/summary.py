@@ -1,0 +1,35 @@
+"""What a file will teach: its summary and one example with the trained tokens marked.
+
+    evertrain check FILE [--model DIR] [--chat-template chatml] [--columns a=prompt,b=completion]
+    python -m evertrain.data FILE ...            # the same
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from evertrain.data import IGNORE, FileData
+
+OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around trained text: rare in real data, visible in any terminal
+
+
+def describe(data: FileData, max_length: int) -> str:
+    kinds = ", ".join(f"{k} {v:,}" for k, v in data.formats.most_common())
+    lines = [f"{data.name}: {len(data.examples) + len(data.held_out):,} examples ({kinds}), {data.tokens:,} tokens "
+             f"trained, {data.truncated:,} truncated to {max_length}, {len(data.held_out):,} held out, "
+             f"{len(data.rows):,} rows"]
+    if data.ignored:
+        lines.append("ignored keys (not trained): " + ", ".join(f"{k} ({v:,})" for k, v in data.ignored.most_common()))
+    return "\n".join(lines)
+
+
+def marked(example, tokenizer) -> str:
+    """The example's text with every trained stretch between ⟦ and ⟧."""
+    out = []
+    pairs = zip(example.input_ids, example.labels)
+    for trained, group in groupby(pairs, key=lambda p: p[1] != IGNORE):
+        text = tokenizer.decode([t for t, _ in group], skip_special_tokens=False)
+        out.append(f"{OPEN}{text}{CLOSE}" if trained else text)
+    return "".join(out)
+
+
