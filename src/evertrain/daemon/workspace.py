@@ -138,7 +138,12 @@ def _columns_table(data: dict, source: Path) -> str:
 def to_toml(train: TrainConfig, daemon: DaemonConfig) -> str:
     """A commented evertrain.toml; every value is a flat scalar, so a writer of a few lines suffices."""
     out = ["# evertrain workspace settings; `evertrain run` reads them at start (restart it after an edit).",
-           "# Settings marked (identity) define the run: they are fixed at the first step.", ""]
+           "# Settings marked (identity) define the run: they are fixed at the first step.", "",
+           "# Map a dataset's own field names onto a format's keys, e.g. question = \"prompt\"",
+           "[data.columns]"]
+    out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in
+            (item.split("=", 1) for item in train.columns.split(",") if item)]
+    out.append("")
     for section, obj in (("train", train), ("daemon", daemon)):
         out.append(f"[{section}]")
         for f in fields(obj):
@@ -149,11 +154,6 @@ def to_toml(train: TrainConfig, daemon: DaemonConfig) -> str:
             out.append(f"# {f.metadata['help']}{mark}")
             out.append(f"# {f.name} =  (not set)" if value is None else f"{f.name} = {_toml_value(value)}")
         out.append("")
-    out += ["# Map a dataset's own field names onto a format's keys, e.g. question = \"prompt\"",
-            "[data.columns]"]
-    out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in
-            (item.split("=", 1) for item in train.columns.split(",") if item)]
-    out.append("")
     return "\n".join(out)
 
 

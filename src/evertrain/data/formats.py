@@ -86,6 +86,8 @@ def parse_record(obj, columns: dict[str, str] | None = None) -> Record:
 
 def _rename(obj: dict, columns: dict[str, str]) -> tuple[dict, dict[str, str], list[str]]:
     """Apply the mapping; return (record, format key -> the record's own name, keys the mapping pushed out)."""
+    if not columns and None not in obj.values():  # the common case, kept cheap: one dict view scan
+        return obj, {k: k for k in obj}, []
     # Nulls count as absent: Parquet fills a row's missing columns with them, and mixed files have many.
     r = {k: v for k, v in obj.items() if v is not None and k not in columns}
     origin, displaced = {k: k for k in r}, []
@@ -219,6 +221,8 @@ def _message_list(items, key: str) -> tuple[list[dict], list[bool]]:
 
 def _message(m, where: str) -> tuple[dict, bool]:
     """One OpenAI message -> (template message, carries loss). Unknown keys (refusal, audio, ...) are dropped."""
+    if type(m) is dict and len(m) == 2 and type(m.get("content")) is str and m.get("role") in ROLES:
+        return m, m["role"] == "assistant"  # the plain message most files hold, already as templates want it
     if not isinstance(m, dict):
         raise RecordError(f"{where} must be an object, got {_tname(m)}")
     if "role" not in m:

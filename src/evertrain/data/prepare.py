@@ -9,7 +9,8 @@ number); a file with any bad record fails whole, before any of it trains, and le
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from evertrain.data import BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
@@ -42,13 +43,35 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
     batch: list = []
     numbers: list[int] = []
 
+    # Tokenizing a batch (Rust, GIL released) overlaps with reading and rendering the next one.
+    pool, pending = ThreadPoolExecutor(max_workers=1), deque()
+
+    def write(recs, nums, encoded) -> None:
+        writer.add(encoded, nums, [r.kind for r in recs])
+        formats.update(r.kind for r in recs)
+        for r in recs:
+            ignored.update(r.ignored)
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            recs, nums, future = pending.popleft()
+            try:
+                encoded = future.result()
+            except Exception as e:  # the tokenizer itself failed: find the record, one at a time
+                for rec, number in zip(recs, nums):
+                    try:
+                        write([rec], [number], renderer.encode([rec]))
+                    except Exception as e1:
+                        problems.add(f"{unit} {number + 1}: {e1 or e}")
+                continue
+            if not problems.total:
+                write(recs, nums, encoded)
+
     def flush() -> None:
         if batch and not problems.total:  # once the file has failed, only checking goes on
-            for recs, nums, enc in _encode(renderer, batch, numbers, unit, problems):
-                writer.add(enc, nums, [r.kind for r in recs])
-                formats.update(r.kind for r in recs)
-                for r in recs:
-                    ignored.update(r.ignored)
+            for recs, nums, rendered in _render(renderer, batch, numbers, unit, problems):
+                pending.append((recs, nums, pool.submit(renderer.tokenize, rendered)))
+                drain(keep=1)
         batch.clear()
         numbers.clear()
         if progress:
@@ -77,6 +100,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
                 if len(batch) >= BATCH_RECORDS:
                     flush()
             flush()
+            drain(keep=0)
         except ContainerError as e:
             problems.add(str(e))
         if not problems.total and not writer.records:
@@ -88,12 +112,14 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
     except BaseException:
         writer.abort()
         raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _encode(renderer: Renderer, batch: list, numbers: list[int], unit: str, problems: Problems):
-    """Yield (records, numbers, encoded) for the batch; a record the template or tokenizer rejects is a problem."""
+def _render(renderer: Renderer, batch: list, numbers: list[int], unit: str, problems: Problems):
+    """Yield (records, numbers, rendered) for the batch; a record the template rejects is a problem."""
     try:
-        yield list(batch), list(numbers), renderer.encode(batch)
+        yield list(batch), list(numbers), renderer.render(batch)
         return
     except NoChatTemplate:
         raise
@@ -101,11 +127,11 @@ def _encode(renderer: Renderer, batch: list, numbers: list[int], unit: str, prob
         pass
     for rec, number in zip(batch, numbers):
         try:
-            enc = renderer.encode([rec])
+            rendered = renderer.render([rec])
         except NoChatTemplate:
             raise
         except Exception as e:
             problems.add(f"{unit} {number + 1}: {e}")
             continue
         if not problems.total:
-            yield [rec], [number], enc
+            yield [rec], [number], rendered

@@ -58,15 +58,22 @@ class Encoded:
     truncated: np.ndarray  # bool
 
 
+@dataclass
+class Rendered:
+    records: list[Record]
+    firsts: list[str]                       # texts, and prompts: tokenized with the special tokens
+    seconds: list[str]                      # completions
+    chats: list[str]                        # rendered conversations
+    chat_spans: list[list[tuple[int, int]]]  # their trained character spans
+
+
 class Renderer:
     def __init__(self, tokenizer, max_length: int):
         self.tok, self.max_length = tokenizer, max_length
         self.eos = tokenizer.eos_token_id
         self.template = None
         if tokenizer.chat_template:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            self.template = _compile_jinja_template(tokenizer.chat_template)
+            self.template = _compile(tokenizer.chat_template)
             self.kwargs = dict(tokenizer.special_tokens_map)
             probe = [{"role": "user", "content": PROBE_USER}]
             asked = self._render(probe, add_generation_prompt=True)
@@ -79,7 +86,10 @@ class Renderer:
                                     add_generation_prompt=add_generation_prompt, **self.kwargs)
 
     def encode(self, records: list[Record]) -> Encoded:
-        """Tokenize a batch; raises ValueError naming the record's position in the batch on a template failure."""
+        return self.tokenize(self.render(records))
+
+    def render(self, records: list[Record]) -> Rendered:
+        """The texts to tokenize (Python work); raises RecordFailed naming the record on a template failure."""
         firsts, seconds, chats, chat_spans = [], [], [], []
         for k, rec in enumerate(records):
             if rec.messages is not None:
@@ -97,40 +107,52 @@ class Renderer:
             else:
                 firsts.append(rec.prompt)
                 seconds.append(rec.completion)
-        tok = self.tok
-        first_ids = tok(firsts, add_special_tokens=True)["input_ids"] if firsts else []
-        second_ids = tok(seconds, add_special_tokens=False)["input_ids"] if seconds else []
-        chat_enc = tok(chats, add_special_tokens=False) if chats else None
-        ids_out, mask_out = [], []
+        return Rendered(list(records), firsts, seconds, chats, chat_spans)
+
+    def tokenize(self, rendered: Rendered) -> Encoded:
+        """Tokens and loss masks of a rendered batch (mostly the Rust tokenizer, which releases the GIL)."""
+        records, firsts, seconds, chats, chat_spans = (rendered.records, rendered.firsts, rendered.seconds,
+                                                       rendered.chats, rendered.chat_spans)
+        backend = self.tok.backend_tokenizer  # the Rust tokenizer: batches run on its own threads
+        first = backend.encode_batch(firsts, add_special_tokens=True) if firsts else []
+        second = backend.encode_batch(seconds, add_special_tokens=False) if seconds else []
+        chat = backend.encode_batch(chats, add_special_tokens=False) if chats else []
+        pieces, trained = [], []  # per example: its token ids, and the [a, b) token ranges that carry loss
         fi = si = ci = 0
         for rec in records:
             if rec.messages is not None:
-                ids = chat_enc["input_ids"][ci]
-                mask = _span_mask(chat_enc, ci, len(ids), chat_spans[ci], len(chats[ci]))
+                enc = chat[ci]
+                pieces.append(enc.ids)
+                trained.append([(_first_token_at(enc, a, len(chats[ci])), _first_token_at(enc, z, len(chats[ci])))
+                                for a, z in chat_spans[ci]])
                 ci += 1
             elif rec.text is not None:
-                ids = first_ids[fi]
+                ids = first[fi].ids
                 fi += 1
                 if not ids or ids[-1] != self.eos:
                     ids = ids + [self.eos]
-                mask = np.ones(len(ids), dtype=np.uint8)
+                pieces.append(ids)
+                trained.append([(0, len(ids))])
             else:
-                p = first_ids[fi] if rec.prompt else []
-                c = second_ids[si] + [self.eos]
+                p = first[fi].ids if rec.prompt else []
+                c = second[si].ids + [self.eos]
                 fi, si = fi + 1, si + 1
-                ids = p + c
-                mask = np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(c), np.uint8)])
-            mask[0] = 0  # the first token has no prediction; this also keeps packed examples' losses apart
-            ids_out.append(ids)
-            mask_out.append(mask)
-        lengths = np.fromiter((len(x) for x in ids_out), dtype=np.int64, count=len(ids_out))
+                pieces.append(p + c)
+                trained.append([(len(p), len(p) + len(c))])
+        lengths = np.fromiter((len(x) for x in pieces), dtype=np.int64, count=len(pieces))
         truncated = lengths > self.max_length
-        if truncated.any():
-            ids_out = [x[:self.max_length] for x in ids_out]
-            mask_out = [m[:self.max_length] for m in mask_out]
-            lengths = np.minimum(lengths, self.max_length)
-        flat = np.fromiter((t for x in ids_out for t in x), dtype=np.int32, count=int(lengths.sum()))
-        return Encoded(flat, np.concatenate(mask_out) if mask_out else np.zeros(0, np.uint8), lengths, truncated)
+        lengths = np.minimum(lengths, self.max_length)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        ids = np.empty(int(starts[-1]), dtype=np.int32)
+        mask = np.zeros(int(starts[-1]), dtype=np.uint8)
+        cap = self.max_length
+        for k, (piece, ranges) in enumerate(zip(pieces, trained)):
+            s0, n = int(starts[k]), int(lengths[k])
+            ids[s0:s0 + n] = piece[:n] if n < len(piece) else piece
+            for a, z in ranges:
+                mask[s0 + min(a, cap):s0 + min(z, cap)] = 1
+            mask[s0] = 0  # the first token has no prediction; this also keeps packed examples' losses apart
+        return Encoded(ids, mask, lengths, truncated)
 
     def conversation(self, rec: Record) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of its trained assistant turns."""
@@ -183,6 +205,22 @@ class RecordFailed(ValueError):
         super().__init__(reason)
 
 
+def _compile(chat_template: str):
+    """transformers' sandboxed template, in an overlay that answers `loop.first` & co. without the full check.
+
+    The sandbox vets every attribute read; for Jinja's own loop object the answer is always "safe" for public
+    names, and templates read loop attributes once per message: this halves the time of a render.
+    """
+    from jinja2.runtime import LoopContext
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    env = _compile_jinja_template(chat_template).environment.overlay()
+    vet = env.is_safe_attribute
+    env.is_safe_attribute = lambda obj, attr, value: (
+        (type(obj) is LoopContext and not attr.startswith("_")) or vet(obj, attr, value))
+    return env.from_string(chat_template)
+
+
 def _template_message(m: dict) -> dict:
     """Tool-call arguments as the templates expect them: an object, not the JSON string OpenAI files hold."""
     if not m.get("tool_calls"):
@@ -199,19 +237,11 @@ def _template_message(m: dict) -> dict:
     return {**m, "tool_calls": calls}
 
 
-def _span_mask(enc, b: int, n: int, spans: list[tuple[int, int]], text_len: int) -> np.ndarray:
-    """Tokens whose first character lies inside a span are trained (the same rule for every tokenizer)."""
-    mask = np.zeros(n, dtype=np.uint8)
-    for a, z in spans:
-        mask[_first_token_at(enc, b, n, a, text_len):_first_token_at(enc, b, n, z, text_len)] = 1
-    return mask
-
-
-def _first_token_at(enc, b: int, n: int, char: int, text_len: int) -> int:
-    """Index of the first token that starts at or after `char`."""
+def _first_token_at(enc, char: int, text_len: int) -> int:
+    """Index of the first token that starts at or after `char`: a token is trained when it starts in a span."""
     while char < text_len:
-        t = enc.char_to_token(b, char)
+        t = enc.char_to_token(char)
         if t is not None:
-            return t + 1 if enc.token_to_chars(b, t).start < char else t
+            return t + 1 if enc.token_to_chars(t)[0] < char else t
         char += 1
-    return n
+    return len(enc.ids)
