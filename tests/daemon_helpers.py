@@ -74,7 +74,7 @@ class ThreadDaemon:
         self.ws, self.rc = ws, None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-        wait_for(lambda: status(ws).get("state") in ("idle", "training", "paused") and status(ws).get("pid")
+        wait_for(lambda: status(ws).get("state") in ("idle", "preparing", "training", "paused") and status(ws).get("pid")
                  == os.getpid() or self.rc is not None, what="the daemon to start")
 
     def _run(self):

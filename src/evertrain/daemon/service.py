@@ -27,9 +27,10 @@ from evertrain.config import TrainConfig
 from evertrain.daemon import controls, workspace
 from evertrain.daemon.inbox import Inbox, adopt_orphans, write_error
 from evertrain.daemon.ledger import Ledger, place
+from evertrain.daemon.prefetch import Prefetch
 from evertrain.daemon.status import Bar, Board
 from evertrain.daemon.workspace import DaemonConfig, Workspace
-from evertrain.data import DataError, FileData
+from evertrain.data import Cancelled, DataError, FileData
 from evertrain.evals import read_evals
 from evertrain.state import FileRecord
 
@@ -48,6 +49,7 @@ class Service:
     stop: threading.Event = field(default_factory=threading.Event)   # SIGINT/SIGTERM
     session: loop.Session | None = None
     inbox: Inbox | None = None
+    prefetch: Prefetch | None = None
     next_scan: float = 0.0
 
     def say(self, text: str) -> None:
@@ -74,6 +76,8 @@ def run(root: Path, *, once: bool = False) -> int:
         svc.bar.close()
         if svc.inbox is not None:
             svc.inbox.close()
+        if svc.prefetch is not None:
+            svc.prefetch.stop()
         for h in list(svc.log.handlers):
             svc.log.removeHandler(h)
             h.close()
@@ -96,6 +100,7 @@ def _serve(svc: Service, once: bool) -> int:
     adopt_orphans(ws, ledger, svc.say)
     ledger.reconcile(ws, svc.session.progress, svc.say)
     svc.inbox = Inbox(ws, ledger, svc.daemon.stable_seconds, watch=svc.daemon.watch, say=svc.say)
+    svc.prefetch = Prefetch(svc.session.tokenizer, svc.config, svc.session.store_dir, svc.say)
     board.set(state="idle", global_step=svc.session.progress.global_step, last_checkpoint=_ckpt_name(svc))
 
     while True:
@@ -149,11 +154,14 @@ def train_file(svc: Service, row: dict) -> bool:
     ws, ledger, board, session = svc.ws, svc.ledger, svc.board, svc.session
     path = ws.queue / row["name"]
     try:
-        data = loop.prepare(session, path)
-        data.name = row["original_name"]  # the name the person dropped, not the queue's <id>-<name>
+        data = prepare(svc, row, path)
     except DataError as e:
         fail(svc, row, str(e).replace(str(path), row["original_name"]))
         return True
+    except Cancelled:
+        board.set(state="idle", current_file=None, current_file_id=None, prepare_percent=None,
+                  eta_prepare_seconds=None)
+        return True  # a stop or pause during preparation: the file stays queued; the main loop acts
     progress = session.progress
     earlier = progress.finished(data.sha256)
     if earlier is not None:
@@ -181,6 +189,7 @@ def train_file(svc: Service, row: dict) -> bool:
             f"{len(data.examples)} examples, {data.tokens} tokens, {expected} steps"
             + (f", resuming at step {cursor.file_step}" if cursor and cursor.file_step else ""))
 
+    svc.prefetch.start(_next_path(svc, row))
     why = {"reason": None}
     session.should_interrupt = lambda: _should_interrupt(svc, row, why)
     session.on_step = lambda record: _on_step(svc, row, record)
@@ -228,12 +237,50 @@ def train_file(svc: Service, row: dict) -> bool:
     return True
 
 
+def prepare(svc: Service, row: dict, path: Path) -> FileData:
+    """The file's tokens (built now, or by the background thread, or found on disk), with progress in the status.
+
+    A stop or pause asked meanwhile raises Cancelled; the file stays queued.
+    """
+    board, started, shown = svc.board, time.monotonic(), {"at": 0.0}
+
+    def should_stop() -> bool:
+        if svc.stop.is_set():
+            return True
+        requests = controls.read(svc.ws)
+        return requests.stop or requests.paused
+
+    def progress(fraction: float) -> None:
+        now = time.monotonic()
+        if now - shown["at"] < 0.5 and fraction < 1.0:
+            return
+        shown["at"] = now
+        elapsed = now - started
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0.01 else None
+        board.set(state="preparing", current_file=row["original_name"], current_file_id=row["id"],
+                  prepare_percent=round(100 * fraction, 1), eta_prepare_seconds=eta, alert=None)
+
+    progress(0.0)
+    svc.prefetch.claim(path, should_stop)
+    data = loop.prepare(svc.session, path, progress=progress, should_stop=should_stop)
+    board.data.update(prepare_percent=None, eta_prepare_seconds=None)
+    data.name = row["original_name"]  # the name the person dropped, not the queue's <id>-<name>
+    return data
+
+
+def _next_path(svc: Service, row: dict) -> Path | None:
+    """The file most likely to train after `row`: the next in the queue."""
+    nxt = next((r for r in svc.ledger.queue(set(svc.session.progress.cursors)) if r["id"] != row["id"]), None)
+    return svc.ws.queue / nxt["name"] if nxt else None
+
+
 def _should_interrupt(svc: Service, row: dict, why: dict) -> bool:
     """Asked before every optimizer step: a few stat calls and one indexed SQLite read."""
     if time.monotonic() >= svc.next_scan or svc.inbox.wake.is_set():
         svc.inbox.scan()
         svc.session.protected = svc.ledger.pins()
         svc.next_scan = time.monotonic() + svc.daemon.poll_seconds
+        svc.prefetch.start(_next_path(svc, row))
     requests = controls.read(svc.ws)
     if svc.stop.is_set() or requests.stop:
         why["reason"] = "stop"

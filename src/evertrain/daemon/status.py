@@ -28,6 +28,7 @@ class Board:
         self.current_size = 0
         self.last_step_time: float | None = None
         self.data = {"state": "idle", "global_step": 0, "current_file": None, "current_file_id": None,
+                     "prepare_percent": None, "eta_prepare_seconds": None,
                      "file_step": None, "file_total_steps": None, "loss": None, "learning_rate": None,
                      "tokens_per_second": None, "eta_file_seconds": None, "eta_queue_seconds": None,
                      "queue_length": 0, "files_done": 0, "files_failed": 0, "files_duplicate": 0,
@@ -43,7 +44,7 @@ class Board:
         self.current_size = row["size"] or 0
         self.last_step_time = None
         self.set(state="training", current_file=row["original_name"], current_file_id=row["id"],
-                 file_step=file_step, file_total_steps=total_steps, global_step=global_step, alert=None)
+                 prepare_percent=None, eta_prepare_seconds=None, file_step=file_step, file_total_steps=total_steps, global_step=global_step, alert=None)
 
     def step(self, record: dict) -> None:
         """Every optimizer step; written every `interval` seconds."""
@@ -104,6 +105,10 @@ def show(ws: Workspace, ledger: Ledger, as_json: bool = False) -> str:
     head.add_column("key", style="bold")
     head.add_column("value")
     for k, v in (status or {"state": "never ran"}).items():
+        if k == "state" and v == "preparing":
+            eta = status.get("eta_prepare_seconds")
+            v = (f"preparing {status.get('current_file')} {status.get('prepare_percent') or 0:.0f}%"
+                 + (f", about {duration(eta)} left" if eta is not None else ""))
         if v is not None:
             head.add_row(k, _fmt(k, v))
     head.add_row("daemon", f"running, pid {running}" if running else "not running")
@@ -128,6 +133,14 @@ def show(ws: Workspace, ledger: Ledger, as_json: bool = False) -> str:
                      f"{r['steps_trained']}/{r['expected_steps'] or '?'}", span, note)
     console.print(last)
     return console.file.getvalue()
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 4m05s, 12s: what a person reads at a glance."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _fmt(key: str, value) -> str:

@@ -59,10 +59,14 @@ function renderStatus(st, root, kind) {
   $("current-file").textContent = st.current_file || "—";
   // Progress only while a file is in hand: a finished file's 100% would read as work going on.
   const done = st.current_file ? st.file_step || 0 : 0, total = st.current_file ? st.file_total_steps || 0 : 0;
-  const pct = total ? Math.min(100, (100 * done) / total) : 0;
+  const preparing = state === "preparing";
+  const pct = preparing ? st.prepare_percent || 0 : total ? Math.min(100, (100 * done) / total) : 0;
   $("progress-bar").style.width = pct + "%";
   $("progress-bar").dataset.pct = pct.toFixed(1);
-  $("progress-text").textContent = total ? `step ${done} / ${total} of this file (${pct.toFixed(0)}%)` : "";
+  $("progress-text").textContent = preparing
+    ? `preparing this file: ${pct.toFixed(0)}% read and tokenized` +
+      (st.eta_prepare_seconds != null ? `, about ${fmt.secs(st.eta_prepare_seconds)} left` : "")
+    : total ? `step ${done} / ${total} of this file (${pct.toFixed(0)}%)` : "";
   const items = [
     ["global step", fmt.int(st.global_step)],
     ["loss", fmt.loss(st.loss)],
