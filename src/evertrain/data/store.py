@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 from array import array
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +164,9 @@ def prune(root: Path, keep: set[str], newest: int = 2) -> None:
     """Remove stores whose key does not start with a prefix in `keep`, except the `newest` most recently used."""
     if not root.is_dir():
         return
+    for p in root.glob(".tmp-*"):  # a build that died with its process (kill -9) is debris
+        if not _alive(int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else 0):
+            shutil.rmtree(p, ignore_errors=True)
     stores = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for p in stores[newest:]:
@@ -172,5 +174,13 @@ def prune(root: Path, keep: set[str], newest: int = 2) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def counters(meta: dict) -> tuple[Counter, Counter]:
-    return Counter(meta.get("formats", {})), Counter(meta.get("ignored", {}))
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
