@@ -15,8 +15,8 @@ OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around trained text: rare in real da
 
 def describe(data: FileData, max_length: int) -> str:
     kinds = ", ".join(f"{k} {v:,}" for k, v in data.formats.most_common())
-    lines = [f"{data.name}: {len(data.examples) + len(data.held_out):,} examples ({kinds}), {data.tokens:,} tokens "
-             f"trained, {data.truncated:,} truncated to {max_length}, {len(data.held_out):,} held out, "
+    lines = [f"{data.name}: {len(data.examples) + len(data.held_out):,} examples ({kinds}), {data.tokens:,} tokens, "
+             f"{data.truncated:,} truncated to {max_length}, {len(data.held_out):,} held out, "
              f"{len(data.rows):,} rows"]
     if data.ignored:
         lines.append("ignored keys (not trained): " + ", ".join(f"{k} ({v:,})" for k, v in data.ignored.most_common()))
