@@ -111,6 +111,8 @@ def cmd_train(args) -> int:
         signal.signal(sig, on_signal)
     session.should_interrupt = lambda: stop["asked"]
 
+    for warning in data.warnings:
+        session.say(f"evertrain: {args.dataset.name}: warning: {warning}")
     G = session.global_batch
     session.say(f"evertrain: {args.dataset.name}: {len(data.examples)} examples {dict(data.formats)}, "
                 f"{data.tokens} tokens, {data.truncated} truncated to {config.max_length}, "

@@ -265,6 +265,8 @@ def prepare(svc: Service, row: dict, path: Path) -> FileData:
     data = loop.prepare(svc.session, path, progress=progress, should_stop=should_stop)
     board.data.update(prepare_percent=None, eta_prepare_seconds=None)
     data.name = row["original_name"]  # the name the person dropped, not the queue's <id>-<name>
+    for warning in data.warnings:
+        svc.say(f"evertrain: {data.name}: warning: {warning}")
     return data
 
 

@@ -7,7 +7,7 @@
     DIR/queue/           taken files waiting or in training, renamed <id>-<name>
     DIR/done/            files trained to the end (and duplicates, and skipped files)
     DIR/failed/          rejected files, each with <name>.error.txt
-    DIR/current_model/   the run: checkpoint-N/ folders, trace.jsonl, held_out/, replay/
+    DIR/current_model/   the run: checkpoint-N/ folders, trace.jsonl, held_out/, replay/, tokens/
     DIR/status/          training_status.json and the control requests (paused, stop, skip)
     DIR/logs/            evertrain.log (rotated), metrics.jsonl, evals.jsonl, tensorboard/
     DIR/snapshots/       evolution snapshots (probes.jsonl beside evertrain.toml adds your own tracked examples)

@@ -96,6 +96,7 @@ class FileData:
     tokens: int = 0                  # tokens of the trained examples
     truncated: int = 0               # examples cut to max_length
     unit: str = "line"               # how the container counts records: line, item or row
+    warnings: list[str] = field(default_factory=list)  # what trains, but probably not as the person meant
     store: object = None             # the TokenStore the examples are read from
     scratch: object = None           # a temporary folder holding the store, removed with this object
 
@@ -178,4 +179,13 @@ def file_data(path: Path, sha: str, store, config) -> FileData:
                     held_out=[store.example(int(i)) for i in np.flatnonzero(is_held)],
                     rows=pack(lengths, config.max_length) if config.packing else Rows.one_per_example(len(train_idx)),
                     formats=formats, ignored=ignored, tokens=int(lengths.sum()), truncated=store.meta["truncated"],
-                    unit=store.meta["unit"], store=store)
+                    unit=store.meta["unit"], store=store, warnings=_warnings(store.meta))
+
+
+def _warnings(meta: dict) -> list[str]:
+    out = []
+    if meta.get("unrendered_tool_calls"):
+        out.append(f"{meta['unrendered_tool_calls']} conversation(s) hold tool calls that the chat template does "
+                   "not render: those assistant turns train as empty answers; use a template that renders "
+                   "tool_calls (--chat-template chatml, or your model's own .jinja)")
+    return out

@@ -108,7 +108,8 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
         if problems.total:
             raise DataError(path, problems.shown, problems.total)
         return writer.commit({"source": path.name, "unit": unit, "formats": dict(formats), "ignored": dict(ignored),
-                              "max_length": config.max_length})
+                              "max_length": config.max_length,
+                              "unrendered_tool_calls": renderer.unrendered_tool_calls})
     except BaseException:
         writer.abort()
         raise

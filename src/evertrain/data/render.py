@@ -20,6 +20,9 @@ import numpy as np
 from evertrain.data.formats import Record
 
 CHATML = (
+    "{% if tools %}{{ '<|im_start|>system\nYou can call these tools:\n<tools>\n' }}{% for tool in tools %}"
+    "{{ (tool['function'] if tool.get('function') else tool) | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools><|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] %}{{ message['content'] }}{% endif %}"
     "{% if message.get('tool_calls') %}{% for call in message['tool_calls'] %}"
@@ -71,6 +74,7 @@ class Renderer:
     def __init__(self, tokenizer, max_length: int):
         self.tok, self.max_length = tokenizer, max_length
         self.eos = tokenizer.eos_token_id
+        self.unrendered_tool_calls = 0  # conversations whose tool calls the template leaves out of the text
         self.template = None
         if tokenizer.chat_template:
             self.template = _compile(tokenizer.chat_template)
@@ -102,6 +106,8 @@ class Renderer:
                     raise RecordFailed(k, f"the chat template failed: {e}") from e
                 chats.append(text)
                 chat_spans.append(spans)
+                if any(call["function"]["name"] not in text for m in rec.messages for call in m.get("tool_calls", ())):
+                    self.unrendered_tool_calls += 1
             elif rec.text is not None:
                 firsts.append(rec.text)
             else:
@@ -164,18 +170,26 @@ class Renderer:
         return full, spans
 
     def _find_spans(self, full: str, messages, train) -> list[tuple[int, int]] | None:
-        """One pass over the rendering: each trained answer sits right after the generation prompt."""
+        """One pass over the rendering: every message's content in order, each answer right after the
+        generation prompt. None when a content is not found as given (the template rewrote it, or a tool call)."""
         spans, pos, gen, eot = [], 0, self.generation_prompt, self.end_of_turn
+        if not gen:
+            return None
         for m, trained in zip(messages, train):
             content = m.get("content")
-            if m["role"] != "assistant" or not content or m.get("tool_calls"):
+            if m["role"] != "assistant" or m.get("tool_calls") or not content:
                 if trained:
                     return None
+                if content:  # walk past it, so an answer is never looked for inside an earlier turn
+                    at = full.find(content, pos)
+                    if at < 0:
+                        return None
+                    pos = at + len(content)
                 continue
             at = full.find(content, pos)
             while at >= 0 and not full.startswith(gen, at - len(gen)):
                 at = full.find(content, at + 1)
-            if at < 0 or not gen:
+            if at < 0:
                 return None
             end = at + len(content)
             if eot and full.startswith(eot, end):
@@ -190,8 +204,12 @@ class Renderer:
         for i, (m, trained) in enumerate(zip(messages, train)):
             if not trained:
                 continue
-            before = self._render(messages[:i], tools=tools, add_generation_prompt=True) if i else ""
             upto = self._render(messages[:i + 1], tools=tools)
+            if i:
+                before = self._render(messages[:i], tools=tools, add_generation_prompt=True)
+            else:  # an answer that opens the conversation: what comes before it ends with the generation prompt
+                g = upto.find(self.generation_prompt) if self.generation_prompt else -1
+                before = upto[:g + len(self.generation_prompt)] if g >= 0 else ""
             if not (full.startswith(upto) and upto.startswith(before)):
                 raise ValueError("the chat template does not render conversations incrementally; "
                                  "cannot tell which tokens are the assistant's")

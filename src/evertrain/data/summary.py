@@ -18,6 +18,7 @@ def describe(data: FileData, max_length: int) -> str:
     lines = [f"{data.name}: {len(data.examples) + len(data.held_out):,} examples ({kinds}), {data.tokens:,} tokens, "
              f"{data.truncated:,} truncated to {max_length}, {len(data.held_out):,} held out, "
              f"{len(data.rows):,} rows"]
+    lines += [f"warning: {w}" for w in data.warnings]
     if data.ignored:
         lines.append("ignored keys (not trained): " + ", ".join(f"{k} ({v:,})" for k, v in data.ignored.most_common()))
     return "\n".join(lines)
