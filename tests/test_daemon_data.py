@@ -104,3 +104,51 @@ def test_the_next_file_is_prepared_while_the_current_one_trains(tmp_path, tiny_m
     assert_exactly_once(ws, files["second.jsonl"], 20)
     log = (ws / "logs" / "evertrain.log").read_text()
     assert "prepared the next file" in log and "second.jsonl" in log
+
+
+def test_every_container_trains_through_the_daemon_and_train(tmp_path, tiny_model):
+    """Each container, dropped in the inbox or given to train, trains every record once; a damaged one fails whole."""
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    ws = make_ws(tmp_path, tiny_model)
+    records = {
+        "a.jsonl.gz": [{"text": f"gz {i}", "id": i} for i in range(9)],
+        "b.jsonl.zst": [{"prompt": f"zst {i}?", "completion": " yes"} for i in range(7)],
+        "c.json": [{"instruction": f"json {i}", "output": "ok"} for i in range(6)],
+        "d.parquet": [{"messages": [{"role": "user", "content": f"pq {i}"}, {"role": "assistant", "content": "ok"}]}
+                      for i in range(8)],
+        "e.csv": [{"question": f"csv {i}", "answer": "fine"} for i in range(5)],
+    }
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    lines = lambda rs: "".join(json.dumps(r) + "\n" for r in rs).encode()  # noqa: E731
+    (staging / "a.jsonl.gz").write_bytes(gzip.compress(lines(records["a.jsonl.gz"])))
+    (staging / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines(records["b.jsonl.zst"])))
+    (staging / "c.json").write_text(json.dumps(records["c.json"]))
+    pq.write_table(pa.Table.from_pylist(records["d.parquet"]), staging / "d.parquet")
+    (staging / "e.csv").write_text("question,answer\n" + "".join(f"csv {i},fine\n" for i in range(5)))
+    whole = gzip.compress(lines([{"text": f"cut {i}"} for i in range(200)]))
+    (staging / "f-cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    for p in sorted(staging.iterdir()):
+        p.rename(ws / "inbox" / p.name)
+    # CSV columns are mapped like any other keys: the workspace maps question/answer onto prompt/completion.
+    toml = (ws / "evertrain.toml").read_text()
+    (ws / "evertrain.toml").write_text(toml.replace("[data.columns]\n", '[data.columns]\nquestion = "prompt"\n'
+                                                                       'answer = "completion"\n'))
+    assert cli("run", ws, "--once") == 0
+    files = by_name(ws)
+    for name, rs in records.items():
+        assert files[name]["state"] == "done", (name, files[name]["error"])
+        assert_exactly_once(ws, files[name], len(rs))
+    cut = files["f-cut.jsonl.gz"]
+    assert cut["state"] == "failed" and "truncated" in cut["error"] and cut["first_step"] is None
+
+    out = tmp_path / "run"
+    assert cli("train", "--dataset", ws / "done" / files["d.parquet"]["name"], "--output-dir", out,
+               "--model", tiny_model, "--trace") == 0
+    assert cli("train", "--dataset", tmp_path / "missing.parquet", "--output-dir", out) == 2
