@@ -33,6 +33,10 @@ def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tin
     cov = trace.coverage(two / "trace.jsonl")
     assert sorted(sorted(c.items()) for c in cov.values()) == sorted(
         [sorted((i, 1) for i in range(13)), sorted((i, 1) for i in range(5))])
+    # The evidence comes from both processes, each micro-batch as it reached its forward pass.
+    first = trace.read(two / "trace.jsonl")[0]
+    assert sorted((mb["rank"], mb["index"]) for mb in first["micro_batches"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(len(mb["examples"]) == 2 and mb["tokens"] > 0 for mb in first["micro_batches"])
 
     # One process with the same global batch (4 rows x 2 micro-batches) must land on the same weights:
     # proof that the two ranks together trained every row of every step, each weighted once.

@@ -214,17 +214,15 @@ def fit(session: Session, data: FileData) -> FileResult:
         rows = [[data.examples[i] for i in data.rows[r]] for r in data.step_rows(cursor.file_step, G, cfg.seed)]
         replayed = replay.draw(session, data.sha256)
         rows += [[e] for _sha, e in replayed]
+        replayed_ids = {id(e): sha for sha, e in replayed}
         n_target = sum(e.target_tokens for row in rows for e in row)  # the loss's denominator, on every process
         lr = cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
                                            progress.decay_start, progress.decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        loss_sum = torch.zeros((), device=acc.device)
-        for m in range(accum):
-            mine = [row for i, row in enumerate(rows) if i % (world * accum) == m * world + rank]
-            if not mine and world == 1:
-                continue
+        loss_sum, seen = torch.zeros((), device=acc.device), []
+        for m, mine in micro_batches(rows, accum, world, rank):
             batch = collate(mine, session.tokenizer.pad_token_id, acc.device)
             sync = m == accum - 1
             with nullcontext() if sync else acc.no_sync(model):
@@ -233,6 +231,8 @@ def fit(session: Session, data: FileData) -> FileResult:
                 acc.backward(out.loss * world)
             loss_sum += out.loss.detach()
             progress.micro_batches += 1
+            if session.trace:  # the evidence, taken after the backward pass: what this process really fed
+                seen.append(evidence(rank, m, mine, replayed_ids))
 
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         step_loss = acc.reduce(loss_sum, reduction="sum").item()
@@ -252,11 +252,8 @@ def fit(session: Session, data: FileData) -> FileResult:
         tokens_trained += step_tokens
         losses.append(step_loss)
         progress.train_seconds += time.perf_counter() - t_step
-        if session.trace and session.is_main:
-            record = {"step": progress.global_step, "file": data.sha256, "examples": sorted(e.line for e in trained)}
-            if replayed:
-                record["replay"] = [[sha, e.line] for sha, e in replayed]
-            session.trace.write(record)
+        if session.trace:
+            write_trace(session, data.sha256, seen)
         log_step(session, data, cursor, total, step_loss, lr, grad_norm, step_tokens, len(trained), len(replayed),
                  t0, tokens_trained)
         if snapshots.due(session, cursor.file_step, total):
@@ -297,6 +294,43 @@ def guard_problems(session: Session, result: FileResult) -> list[str]:
     if state is None or state["global_step"] != result.step_after:
         problems.append(f"no complete checkpoint for global step {result.step_after} at {ckpt}")
     return problems
+
+
+def micro_batches(rows: list[list[Example]], accum: int, world: int, rank: int):
+    """(index, rows) of each micro-batch this process runs in one optimizer step: rows dealt round-robin."""
+    for m in range(accum):
+        mine = [row for i, row in enumerate(rows) if i % (world * accum) == m * world + rank]
+        if mine or world > 1:  # every process runs every micro-batch, so DDP's collectives stay in step
+            yield m, mine
+
+
+def evidence(rank: int, m: int, rows: list[list[Example]], replayed: dict[int, str]) -> dict:
+    """One micro-batch as it reached the model: the file's lines, the replayed [sha256, line]s and the tokens.
+
+    A replayed example is told apart from the file's own by identity (the same line number can be both);
+    identities stay in this process, only lines travel to the main one.
+    """
+    examples = [e for row in rows for e in row]
+    return {"rank": rank, "index": m, "examples": [e.line for e in examples if id(e) not in replayed],
+            "replay": [[replayed[id(e)], e.line] for e in examples if id(e) in replayed],
+            "tokens": sum(len(e.input_ids) for e in examples)}
+
+
+def write_trace(session: Session, sha256: str, seen: list[dict]) -> None:
+    """One trace line per optimizer step, built from every process's micro-batch evidence."""
+    if session.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        seen = gather_object(seen)
+    if not session.is_main:
+        return
+    record = {"step": session.progress.global_step, "file": sha256,
+              "examples": sorted(line for mb in seen for line in mb["examples"]),
+              "micro_batches": [{k: mb[k] for k in ("rank", "index", "examples", "tokens")} for mb in seen]}
+    replay_lines = sorted(pair for mb in seen for pair in mb["replay"])
+    if replay_lines:
+        record["replay"] = replay_lines
+    session.trace.write(record)
 
 
 def collate(rows: list[list[Example]], pad_id: int, device) -> dict[str, torch.Tensor]:

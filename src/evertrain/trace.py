@@ -1,6 +1,9 @@
-"""trace.jsonl: which lines of which file every optimizer step trained (the proof of exactly-once coverage).
+"""trace.jsonl: which records of which file every optimizer step trained (the proof of exactly-once coverage).
 
-One line per optimizer step: {"step": N, "file": "<sha256>", "examples": [0-based line numbers]},
+One line per optimizer step, written from the evidence each process takes after a micro-batch's backward pass
+(so a micro-batch that never reached the model is missing from it):
+  {"step": N, "file": "<sha256>", "examples": [0-based record numbers, all micro-batches],
+   "micro_batches": [{"rank": R, "index": M, "examples": [...], "tokens": T}, ...], "replay": [[sha256, n], ...]}
 plus one line per file with held-out examples: {"file": "<sha256>", "held_out": [...]}.
 A resume rewrites the trace to hold only committed history: steps after the resumed checkpoint are dropped.
 
