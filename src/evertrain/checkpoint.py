@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from evertrain import faults
 from evertrain.data import sha256_file
 
 STATE_FILE = "trainer_state.json"
@@ -107,10 +108,12 @@ def commit(tmp: Path, state: dict) -> Path:
         old = tmp.parent / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
+        faults.hit("old-swap")
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+    faults.hit("after-rename")
     fsync_dir(tmp.parent)
     return final
 
@@ -151,8 +154,22 @@ def candidates(output_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step, reverse=True)
 
 
+def recover_swap(output_dir: Path) -> None:
+    """A crash in the middle of `commit`'s swap left checkpoint-N moved aside and nothing in its place: put it back."""
+    if not output_dir.is_dir():
+        return
+    for old in output_dir.glob(".old-checkpoint-*"):
+        final = output_dir / old.name[len(".old-"):]
+        if not final.exists() and read_state(old) is not None:
+            try:
+                old.rename(final)
+            except OSError:  # another process of the same launch put it back first
+                pass
+
+
 def newest_complete(output_dir: Path, *, warn=print) -> Checkpoint | None:
     """The newest checkpoint that verifies; broken newer ones are reported and passed over."""
+    recover_swap(Path(output_dir))
     for ckpt in candidates(Path(output_dir)):
         problem = verify(ckpt)
         if problem is None:

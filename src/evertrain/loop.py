@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from evertrain import checkpoint, evals, metrics, models, replay, snapshots
+from evertrain import checkpoint, evals, faults, metrics, models, replay, snapshots
 from evertrain.config import TrainConfig
 from evertrain.data import IGNORE, Example, FileData, load_file
 from evertrain.data import store as token_store
@@ -229,6 +229,7 @@ def fit(session: Session, data: FileData) -> FileResult:
                 out = model(**batch, use_cache=False, num_items_in_batch=max(n_target, 1))
                 # DDP averages gradients over processes; each loss is already a share of the global sum.
                 acc.backward(out.loss * world)
+            faults.hit("mid-step")
             loss_sum += out.loss.detach()
             progress.micro_batches += 1
             if session.trace:  # the evidence, taken after the backward pass: what this process really fed
@@ -428,6 +429,7 @@ def save_checkpoint(session: Session) -> Path:
             "next_lr": cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
                                                      progress.decay_start, progress.decay_steps)}, indent=2))
         (tmp / "evertrain_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        faults.hit("checkpoint-write")
     acc.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
     acc.wait_for_everyone()

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evertrain import faults
 from evertrain.checkpoint import write_text_atomic
 from evertrain.daemon.ledger import Ledger
 from evertrain.daemon.workspace import PRIORITIES, Workspace, printable, safe_name
@@ -157,6 +158,7 @@ def enqueue(ws: Workspace, ledger: Ledger, src: Path, original_name: str, *, sha
         file_id = ledger.add_file(original_name, sha256=sha, size=size, priority=priority)
         name = f"{file_id:06d}-{safe_name(Path(original_name).name)}"
         ledger.update(file_id, name=name)
+        faults.hit("enqueue")
         os.rename(staged, ws.queue / name)
         db.execute("COMMIT")
     except BaseException:

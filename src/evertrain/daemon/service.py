@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evertrain import checkpoint, loop
+from evertrain import checkpoint, faults, loop
 from evertrain.config import TrainConfig
 from evertrain.daemon import controls, workspace
 from evertrain.daemon.inbox import Inbox, adopt_orphans, write_error
@@ -228,6 +228,7 @@ def train_file(svc: Service, row: dict) -> bool:
         fail(svc, row, f"{row['original_name']}: trained but NOT done: " + "; ".join(problems))
         return True
     rec = progress.files[-1]
+    faults.hit("before-ledger-done")
     ledger.update(row["id"], state="done", steps_trained=rec.steps, first_step=rec.first_step,
                   last_step=rec.last_step, replayed=rec.replayed, finished_at=time.time(), error=None)
     place(ws, ledger.get(row["id"]))

@@ -1,0 +1,202 @@
+"""Kill -9 anywhere, for real: named fault points and a seeded random kill loop, for `train` and for `run`.
+
+Every run uses packing, a held-out slice, replay and LoRA with dropout (so a lost RNG state would show). After
+each SIGKILL the same command is run again; at the end the weights must equal, bit for bit, those of a run that
+was never interrupted, and the trace must show every record trained exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from conftest import text_rows, write_jsonl
+from safetensors.torch import load_file as load_tensors
+
+from evertrain import checkpoint, trace
+
+SETTINGS = ("--batch-size", "2", "--gradient-accumulation", "2", "--max-length", "64", "--packing",
+            "--held-out-fraction", "0.1", "--replay-fraction", "0.25", "--lora", "--lora-r", "4",
+            "--lora-dropout", "0.1", "--learning-rate", "1e-3", "--warmup-steps", "2", "--save-steps", "2",
+            "--keep-checkpoints", "2", "--trace")
+SIZES = {"a.jsonl": 40, "b.jsonl": 30}
+TRAIN_POINTS = ("mid-step", "checkpoint-write", "after-rename")
+
+
+def evertrain(*args, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "EVERTRAIN_FAULT"}
+    if fault:
+        env["EVERTRAIN_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "evertrain", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def make_files(folder):
+    folder.mkdir(exist_ok=True)
+    return [write_jsonl(folder / name, text_rows(n, name[0])) for name, n in SIZES.items()]
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    newest = checkpoint.newest_complete(out, warn=lambda _t: None)
+    return load_tensors(newest.path / "adapter_model.safetensors")
+
+
+def assert_same_run(out, reference) -> None:
+    a, b = weights(out), weights(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ from the reference"
+    assert trace.coverage(out / "trace.jsonl") == trace.coverage(reference / "trace.jsonl")
+    records = [r for r in trace.read(out / "trace.jsonl") if "step" in r]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # committed history only, no gap
+    held = {r["file"]: set(r["held_out"]) for r in trace.read(out / "trace.jsonl") if "held_out" in r}
+    cov = trace.coverage(out / "trace.jsonl")
+    state = checkpoint.newest_complete(out, warn=lambda _t: None).state["evertrain"]
+    assert [f["name"] for f in state["files"]] == list(SIZES) and all(f["status"] == "done" for f in state["files"])
+    for f, n in zip(state["files"], SIZES.values()):
+        counts = cov[f["sha256"]]
+        assert set(counts.values()) == {1}, "a record trained twice"
+        assert sorted(set(counts) | held.get(f["sha256"], set())) == list(range(n)), "a record never trained"
+        assert not set(counts) & held.get(f["sha256"], set()), "a held-out record was trained"
+
+
+def train_until_done(files, out, model, faults: list[str]) -> list[str]:
+    """Train each file in turn; every fault in `faults` kills one attempt. Returns what happened, for messages."""
+    log, pending = [], list(faults)
+    for f in files:
+        while True:
+            fault = pending.pop(0) if pending else None
+            proc = evertrain("train", "--dataset", f, "--output-dir", out, "--model", model, *SETTINGS, fault=fault)
+            log.append(f"{f.name} {fault}: rc {proc.returncode}")
+            if proc.returncode == -signal.SIGKILL:
+                assert fault is not None, proc.stderr[-2000:]
+                continue
+            # 3: the kill came after the file's last checkpoint was in place, so it is already trained.
+            assert proc.returncode in (0, 3), (log, proc.stderr[-2000:])
+            if proc.returncode == 3 and fault:
+                pending.insert(0, fault)  # nothing ran: the fault is still to come, in the next file
+            break
+    return log
+
+
+@pytest.fixture(scope="module")
+def reference_train(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference-train")
+    out = root / "run"
+    train_until_done(make_files(root / "data"), out, tiny_model, [])
+    return out
+
+
+@pytest.mark.parametrize("point", TRAIN_POINTS)
+def test_train_killed_at_each_fault_point_resumes_to_the_same_weights(tmp_path, tiny_model, reference_train, point):
+    out = tmp_path / "run"
+    log = train_until_done(make_files(tmp_path / "data"), out, tiny_model, [f"{point}:3", f"{point}:1"])
+    assert sum("rc -9" in line for line in log) == 2, log  # both faults really fired
+    assert not list(out.glob(".tmp-*")) or checkpoint.newest_complete(out) is not None
+    assert_same_run(out, reference_train)
+
+
+def test_train_random_kill_loop(tmp_path, tiny_model, reference_train):
+    seed = int(os.environ.get("EVERTRAIN_KILL_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    faults = [f"{rng.choice(TRAIN_POINTS)}:{rng.randint(1, 6)}" for _ in range(8)]
+    print(f"kill loop seed {seed} (rerun with EVERTRAIN_KILL_SEED={seed}): {faults}")
+    log = train_until_done(make_files(tmp_path / "data"), tmp_path / "run", tiny_model, faults)
+    try:
+        assert_same_run(tmp_path / "run", reference_train)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}, {log}: {e}") from e
+
+
+def test_a_crash_inside_the_swap_of_a_checkpoint_saved_twice_keeps_it(tmp_path):
+    """Saving the same step again moves the old folder aside first; a kill right then must not lose it."""
+    out = tmp_path / "run"
+    script = f"""
+import json, pathlib
+from evertrain import checkpoint
+out = pathlib.Path({str(out)!r})
+for version in (1, 2):
+    tmp = checkpoint.temp_path(out, 5)
+    tmp.mkdir(parents=True)
+    (tmp / "weights.bin").write_text(f"version {{version}}")
+    checkpoint.commit(tmp, {{"global_step": 5}})
+"""
+    env = dict(os.environ, EVERTRAIN_FAULT="old-swap")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (out / "checkpoint-5").exists()  # killed with the old one moved aside, the new one not in place
+    ckpt = checkpoint.newest_complete(out)
+    assert ckpt is not None and ckpt.step == 5 and (ckpt.path / "weights.bin").read_text() == "version 1"
+
+
+# ------------------------------------------------------------------------------------------------ the daemon
+
+DAEMON_POINTS = ("mid-step", "checkpoint-write", "after-rename", "before-ledger-done", "enqueue")
+
+
+def make_ws(root, model):
+    ws = root / "ws"
+    proc = evertrain("init", ws, "--model", model, *SETTINGS, "--stable-seconds", "0", "--poll-seconds", "0.05",
+                     "--disk-margin-bytes", "0", "--no-watch")
+    assert proc.returncode == 0, proc.stderr
+    for f in make_files(root / "data"):
+        os.rename(f, ws / "inbox" / f.name)
+    return ws
+
+
+def run_until_done(ws, faults: list[str]) -> list[str]:
+    """`run --once` again and again, each try with the next fault, until it ends on its own with all done."""
+    log, pending = [], list(faults)
+    for _ in range(len(faults) + 2):
+        fault = pending.pop(0) if pending else None
+        proc = evertrain("run", ws, "--once", fault=fault)
+        log.append(f"{fault}: rc {proc.returncode}")
+        if proc.returncode == -signal.SIGKILL:
+            continue
+        assert proc.returncode == 0, (log, proc.stderr[-2000:])
+        return log
+    raise AssertionError(f"never finished: {log}")
+
+
+def ledger(ws) -> list[dict]:
+    db = sqlite3.connect(ws / "ledger.sqlite")
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM files ORDER BY id")]
+    finally:
+        db.close()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model, tmp_path_factory):
+    ws = make_ws(tmp_path_factory.mktemp("reference-run"), tiny_model)
+    run_until_done(ws, [])
+    return ws
+
+
+def test_daemon_random_kill_loop(tmp_path, tiny_model, reference_run):
+    seed = int(os.environ.get("EVERTRAIN_KILL_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    # The intake fault first (it only exists before the files are queued), then the others at random.
+    faults = ["enqueue:2"] + [f"{rng.choice(DAEMON_POINTS[:-1])}:{rng.randint(1, 3)}" for _ in range(12)]
+    print(f"daemon kill loop seed {seed} (rerun with EVERTRAIN_KILL_SEED={seed}): {faults}")
+    ws = make_ws(tmp_path, tiny_model)
+    log = run_until_done(ws, faults)
+    try:
+        assert sum("rc -9" in line for line in log) >= 3, log
+        rows = ledger(ws)
+        assert Counter(r["original_name"] for r in rows) == Counter(list(SIZES))  # each file taken once
+        assert all(r["state"] == "done" for r in rows)
+        assert_same_run(ws / "current_model", reference_run / "current_model")
+        assert sorted(p.name.split("-", 1)[1] for p in (ws / "done").iterdir()) == sorted(SIZES)
+        assert not list((ws / "inbox").iterdir()) and not [p for p in (ws / "queue").iterdir()]
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}, {log}: {e}") from e
+    status = json.loads((ws / "status" / "training_status.json").read_text())
+    assert status["files_done"] == 2
