@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 from conftest import cli, text_rows, write_jsonl
+from test_reference import reference_weights
 from safetensors.torch import load_file as load_tensors
 
 from evertrain import checkpoint, trace
+from evertrain.config import TrainConfig
 
 
 def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tiny_model):
@@ -47,3 +49,9 @@ def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tin
     b = load_tensors(newest.path / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # ... and the same as a plain PyTorch loop that runs every example alone, in one process.
+    config = TrainConfig(model=str(tiny_model), batch_size=2, gradient_accumulation=2, packing=False,
+                         learning_rate=1e-3)
+    _before, reference = reference_weights(tiny_model, files, config, global_batch=8)
+    for k in b:
+        torch.testing.assert_close(b[k], reference[k], rtol=1e-4, atol=2e-6)
