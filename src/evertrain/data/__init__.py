@@ -30,7 +30,8 @@ from evertrain.data.packing import Rows, pack, padding_fraction
 
 IGNORE = -100  # label of a token that is not trained on (the value transformers' loss ignores)
 MAX_REPORTED_ERRORS = 20
-BATCH_RECORDS = 2048  # records tokenized per call: the fast tokenizer's own threads work on a batch
+BATCH_RECORDS = 512  # records tokenized per call: the fast tokenizer's own threads work on a batch
+BATCH_CHARS = 1 << 20  # ... or fewer, when they hold this many characters: a batch's memory stays bounded
 
 __all__ = ["IGNORE", "DataError", "Example", "FileData", "load_file", "sha256_file", "row_order", "held_out_lines",
            "pack", "padding_fraction", "Rows", "Cancelled"]

@@ -50,6 +50,12 @@ class Record:
     tools: list[dict] | None = None
     ignored: tuple[str, ...] = ()       # the record's own names of the top-level keys the shape did not use
 
+    def size(self) -> int:
+        """Characters of text it holds (what a tokenizing batch is bounded by)."""
+        if self.messages is not None:
+            return sum(len(m["content"]) for m in self.messages)
+        return len(self.text or "") + len(self.prompt or "") + len(self.completion or "")
+
 
 def parse_columns(text: str) -> dict[str, str]:
     """"question=prompt,answer=completion" -> {"question": "prompt", "answer": "completion"}."""

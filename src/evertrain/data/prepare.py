@@ -13,7 +13,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from evertrain.data import BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
+from evertrain.data import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
 from evertrain.data.containers import BadRecord, ContainerError, open_records
 from evertrain.data.formats import RecordError, parse_columns, parse_record
 from evertrain.data.render import NoChatTemplate, RecordFailed, Renderer
@@ -42,6 +42,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
     unit = records.unit
     batch: list = []
     numbers: list[int] = []
+    size = [0]  # characters in the batch
 
     # Tokenizing a batch (Rust, GIL released) overlaps with reading and rendering the next one.
     pool, pending = ThreadPoolExecutor(max_workers=1), deque()
@@ -74,6 +75,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
                 drain(keep=1)
         batch.clear()
         numbers.clear()
+        size[0] = 0
         if progress:
             progress(records.fraction())
         if should_stop and should_stop():
@@ -97,7 +99,8 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
                                            "template) or --chat-template FILE.jinja"])
                 batch.append(rec)
                 numbers.append(index)
-                if len(batch) >= BATCH_RECORDS:
+                size[0] += rec.size()
+                if len(batch) >= BATCH_RECORDS or size[0] >= BATCH_CHARS:
                     flush()
             flush()
             drain(keep=0)

@@ -1,7 +1,7 @@
 """The token store: a file's tokens on disk, keyed by its content and everything that changes its tokens.
 
 OUTPUT_DIR/tokens/<key>/ holds flat arrays (ids.bin int32, mask.bin uint8, offsets/records/kinds .npy) and,
-written last, meta.json with every array's size and sha256. A store is built in a hidden temporary folder and
+written last, meta.json with every array's size and CRC-32. A store is built in a hidden temporary folder and
 renamed into place, so a crash leaves nothing that looks complete; one whose sizes or hashes do not match is
 rebuilt, never trained from. Arrays are memory-mapped: a file of millions of examples costs page cache, not RSS.
 Later runs, resumes and evaluations of the same file reuse the store; `prune` keeps the ones still in use.
@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from array import array
 from pathlib import Path
 
 import numpy as np
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 ARRAYS = {"ids.bin": np.int32, "mask.bin": np.uint8}
 INDEXES = ("offsets", "records", "kinds")
 
@@ -88,19 +89,21 @@ def open_store(path: Path) -> TokenStore | None:
     try:
         meta = json.loads(meta_path.read_text())
         for name, want in meta["files"].items():
-            if _sha256(path / name) != want:
-                raise StoreError(f"{path / name} does not match its recorded hash")
+            if _crc32(path / name) != want:
+                raise StoreError(f"{path / name} does not match its recorded checksum")
         return TokenStore(path, meta)
     except (OSError, ValueError, KeyError) as e:
         raise StoreError(f"{path}: {e}") from e
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _crc32(path: Path) -> int:
+    """A checksum against damage, not against an adversary: CRC-32 reads a gigabyte in a fraction of a second,
+    which keeps resuming a big file's store quick (sha256 would take seconds)."""
+    crc = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 class StoreWriter:
@@ -112,7 +115,7 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.files = {name: open(self.tmp / name, "wb") for name in ARRAYS}
-        self.hashes = {name: hashlib.sha256() for name in ARRAYS}
+        self.crcs = dict.fromkeys(ARRAYS, 0)
         self.offsets, self.records, self.kinds = array("q", [0]), array("q"), array("B")
         self.kind_names: list[str] = []
         self.truncated = 0
@@ -121,7 +124,7 @@ class StoreWriter:
         for name, arr in (("ids.bin", encoded.ids), ("mask.bin", encoded.mask)):
             raw = np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes()
             self.files[name].write(raw)
-            self.hashes[name].update(raw)
+            self.crcs[name] = zlib.crc32(raw, self.crcs[name])
         end = self.offsets[-1]
         for length in encoded.lengths.tolist():
             end += length
@@ -138,12 +141,12 @@ class StoreWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        files = {name: h.hexdigest() for name, h in self.hashes.items()}
+        files = dict(self.crcs)
         for name, values, dtype in (("offsets", self.offsets, np.int64), ("records", self.records, np.int64),
                                     ("kinds", self.kinds, np.uint8)):
             np.save(self.tmp / f"{name}.npy", np.frombuffer(values, dtype=dtype) if len(values) else
                     np.zeros(0, dtype=dtype))
-            files[f"{name}.npy"] = _sha256(self.tmp / f"{name}.npy")
+            files[f"{name}.npy"] = _crc32(self.tmp / f"{name}.npy")
         meta = {**meta, "version": STORE_VERSION, "kinds": self.kind_names, "truncated": self.truncated,
                 "examples": len(self.records), "tokens": int(self.offsets[-1]), "files": files}
         from evertrain.checkpoint import fsync_dir, write_text_atomic
