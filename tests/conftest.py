@@ -17,6 +17,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
+def free_port() -> int:
+    """A port the OS says is free now (for a launcher that wants a number, not 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

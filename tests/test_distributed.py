@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import cli, text_rows, write_jsonl
+from conftest import cli, free_port, text_rows, write_jsonl
 from test_reference import reference_weights
 from safetensors.torch import load_file as load_tensors
 
@@ -22,7 +22,7 @@ def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tin
     for f in files:
         proc = subprocess.run(
             [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
              "-m", "evertrain", "train", "--dataset", str(f), "--output-dir", str(two), "--model", str(tiny_model),
              "--batch-size", "2", "--gradient-accumulation", "2", "--no-packing", "--trace",
              "--learning-rate", "1e-3"], capture_output=True, text=True, env=env, timeout=300)

@@ -214,3 +214,11 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model, mo
     resumed = loop.setup(TrainConfig.from_dict(json.loads(
         (checkpoint.final_path(tmp_path / "ckpt", 3) / "evertrain_config.json").read_text())), tmp_path / "ckpt")
     assert resumed.accelerator.unwrap_model(resumed.model).is_gradient_checkpointing  # it really recomputes
+
+
+def test_train_in_process_gives_the_signal_handlers_back(tmp_path, tiny_model):
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    assert train(tmp_path / "run", write_jsonl(tmp_path / "a.jsonl", text_rows(3)), "--model", tiny_model) == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before

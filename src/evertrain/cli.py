@@ -107,9 +107,17 @@ def cmd_train(args) -> int:
         stop["asked"] = True
         session.say(f"evertrain: {signal.Signals(signum).name}: checkpointing at the next step boundary")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     session.should_interrupt = lambda: stop["asked"]
+    try:
+        return _train_file(session, args, config, data)
+    finally:  # `train` may run inside another program (the tests, a notebook): give its handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train_file(session, args, config, data) -> int:
+    from evertrain import loop
 
     for warning in data.warnings:
         session.say(f"evertrain: {args.dataset.name}: warning: {warning}")

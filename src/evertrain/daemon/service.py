@@ -35,6 +35,7 @@ from evertrain.evals import read_evals
 from evertrain.state import FileRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+LOG_BYTES, LOG_BACKUPS = 10 << 20, 5  # logs/evertrain.log is rotated at 10 MB, 5 old ones kept
 
 
 @dataclass
@@ -414,7 +415,8 @@ def _logger(ws: Workspace) -> logging.Logger:
     log = logging.getLogger(f"evertrain.daemon.{ws.root}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    handler = logging.handlers.RotatingFileHandler(ws.logs / "evertrain.log", maxBytes=10 << 20, backupCount=5)
+    handler = logging.handlers.RotatingFileHandler(ws.logs / "evertrain.log", maxBytes=LOG_BYTES,
+                                                   backupCount=LOG_BACKUPS)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     return log
