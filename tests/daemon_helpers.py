@@ -61,9 +61,11 @@ def by_name(ws: Path) -> dict[str, dict]:
 
 
 def status(ws: Path) -> dict:
+    """The daemon's status file; {} before its first write. It is replaced atomically, so a torn one (a
+    ValueError here) would be a bug to see, not to pass over."""
     try:
         return json.loads((ws / "status" / "training_status.json").read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
 
 

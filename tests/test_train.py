@@ -124,7 +124,10 @@ def test_lora_run_continues_and_its_adapter_loads(tmp_path, tiny_model):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), ckpt.path)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: non-zero means it trained
-    assert AutoModelForCausalLM.from_pretrained(ckpt.path) is not None  # transformers' own PEFT loading
+    # transformers' own PEFT loading gives the same model as PeftModel's
+    direct = AutoModelForCausalLM.from_pretrained(ckpt.path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(direct(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("damage", ["flip_weights_byte", "truncate_state", "delete_optimizer"])
