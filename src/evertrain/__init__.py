@@ -1,3 +1,3 @@
-"""evertrain: keep a causal language model training forever on the JSONL files you drop into a folder."""
+"""evertrain: keep a causal language model training forever on the data files you drop into a folder."""
 
 __version__ = "0.1.0"

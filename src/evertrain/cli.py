@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="evertrain", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one JSONL file into the run in --output-dir (continuing it)")
-    p.add_argument("--dataset", type=Path, required=True, help="JSONL file to train")
+    p = sub.add_parser("train", help="train one data file into the run in --output-dir (continuing it)")
+    p.add_argument("--dataset", type=Path, required=True, help="the data file to train (" + _accepted() + ")")
     p.add_argument("--output-dir", type=Path, required=True, help="the run's folder (checkpoints, trace)")
     p.add_argument("--allow-repeat", action="store_true", help="train a file even if its content was trained")
     add_arguments(p)
@@ -242,7 +242,7 @@ def cmd_init(args) -> int:
     from evertrain.daemon import workspace
 
     ws = workspace.init(args.dir, overrides_from_args(args), overrides_from_args(args, workspace.DaemonConfig))
-    print(f"evertrain: created workspace {ws.root}\n  settings: {ws.config_file}\n  drop JSONL files into "
+    print(f"evertrain: created workspace {ws.root}\n  settings: {ws.config_file}\n  drop data files into "
           f"{ws.inbox} (write elsewhere, then mv), then: evertrain run {args.dir}")
     return EXIT_OK
 
