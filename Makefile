@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; a GPU user runs e.g. `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" install`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean mutate
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# Mutation testing of the modules that carry the guarantees ([tool.mutmut] in pyproject.toml; TESTING.md).
+# Too slow for every CI run: run it before resolving changes to those modules.
+mutate: install
+	$(PY) -m pip install --quiet mutmut
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2; $(VENV)/bin/mutmut results

@@ -22,7 +22,13 @@ cache or page of Python heap leaks from one case to the next):
            peak RSS; RSS is compared with the same run on a 1,000-example file (goal: +< 300 MB at 1M).
 
 For the tiny tokenizer (byte-level, so ~1 token per byte) and the embedded SmolLM2-135M-Instruct's; TrainConfig
-defaults (max_length 1024, batch 8, packing). Run on an otherwise idle machine:
+defaults (max_length 1024, batch 8, packing). Train runs are repeated (--rounds, medians), because peak RSS moves
+by tens of MB from one run to the next (thread timing, the kernel's reclaim of page cache).
+
+The machine is shared: before each case the driver waits for it to be quiet, measures the CPU that other
+processes used during the case (from /proc/stat, less the case's own), runs a disturbed case again (--noise,
+--tries) and prints that figure beside every result. It also prints which evertrain source every case ran (a
+hash of src/evertrain), and warns when the tree changed during the run.
 
     .venv/bin/python bench/data_scale.py                                   # 30k and 300k, tiny and smol
     .venv/bin/python bench/data_scale.py --sizes 30000,300000,1000000      # the 1M case too (opt-in, long)
@@ -342,11 +348,29 @@ def run_case(case: str, **options) -> dict:
             "started": time.strftime("%H:%M:%S", time.localtime(time.time() - wall))}
 
 
-def quiet_case(case: str, tries: int, noise: float, before=None, **options) -> dict:
-    """run_case, again (up to `tries` runs in all) while other processes used more than `noise` cores during it;
-    the quietest run is kept. `before()` resets what a case needs (a fresh output folder)."""
+def wait_quiet(noise: float, limit: float) -> float:
+    """Wait (at most `limit` s) until the machine has used at most `noise` cores in two 3-s windows in a row;
+    returns the seconds waited. The driver itself sleeps meanwhile, so all that CPU is other processes'."""
+    t0, calm = time.perf_counter(), 0
+    while calm < 2 and time.perf_counter() - t0 < limit:
+        b0 = busy_cpu_seconds()
+        time.sleep(3)
+        b1 = busy_cpu_seconds()
+        if b0 is None:
+            return 0.0
+        calm = calm + 1 if (b1 - b0) / 3 <= noise else 0
+    return time.perf_counter() - t0
+
+
+def quiet_case(case: str, tries: int, noise: float, wait: float, before=None, **options) -> dict:
+    """run_case on a quiet machine (waiting up to `wait` s for one), again (up to `tries` runs in all) while other
+    processes used more than `noise` cores during it; the quietest run is kept. `before()` resets what a case
+    needs (a fresh output folder)."""
     best = None
     for attempt in range(tries):
+        waited = wait_quiet(noise, wait)
+        if waited > 10:
+            print(f"  (waited {waited:.0f} s for other processes to finish)", flush=True)
         if before:
             before()
         r = run_case(case, **options)
@@ -357,7 +381,6 @@ def quiet_case(case: str, tries: int, noise: float, before=None, **options) -> d
         print(f"  ({case} disturbed: other processes used {r['others_cores']:.2f} cores on average"
               + (", running it again)" if attempt + 1 < tries else ", no tries left: figure kept, marked)"),
               flush=True)
-        time.sleep(10)
     best["tries"] = attempt + 1
     return best
 
@@ -392,6 +415,8 @@ def main() -> None:
                    help="cold + warm train runs per size (peak RSS varies by tens of MB from run to run): medians")
     p.add_argument("--noise", type=float, default=0.15,
                    help="a case during which other processes used more than this many cores (on average) is run again")
+    p.add_argument("--wait", type=float, default=900,
+                   help="before each case, wait up to this many seconds for the machine to be quiet (see --noise)")
     p.add_argument("--tries", type=int, default=3, help="runs of a disturbed case at most; the quietest is kept")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: prepare, bare, train")
     p.add_argument("--json-out", default="", help="also write every figure to this JSON file")
@@ -432,7 +457,7 @@ def main() -> None:
                 print(f"generated {files[n].name}: {n:,} examples, {files[n].stat().st_size / 1e6:,.0f} MB in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
 
-        common = {"model_dir": model_dir, "tries": args.tries, "noise": args.noise}
+        common = {"model_dir": model_dir, "tries": args.tries, "noise": args.noise, "wait": args.wait}
         for n in sizes:
             for tok in tokenizers:
                 key = f"{tok}/{n}"

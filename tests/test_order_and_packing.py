@@ -1,0 +1,94 @@
+"""The pure functions under exactly-once: which examples are held out, and how examples are packed into rows.
+
+Written to kill the mutants `make mutate` found alive (see TESTING.md).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+
+import numpy as np
+import pytest
+
+from evertrain.data.order import held_out_lines, row_order
+from evertrain.data.packing import Rows, pack
+
+SHA_A, SHA_B = "a" * 64, "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("n,fraction,cap,expected", [
+    (2, 0.5, 64, 1),     # the smallest file that can lend one example
+    (3, 0.34, 64, 1),
+    (1, 0.5, 64, 0),     # a single example always trains
+    (10, 0.1, 64, 1),    # one example exactly
+    (10, 0.09, 64, 0),   # less than one: none
+    (10, 0.99, 64, 9),   # never all of them: one is left to train
+    (10, 1.0, 64, 9),
+    (100, 0.5, 7, 7),    # the cap
+])
+def test_held_out_counts(n, fraction, cap, expected):
+    held = held_out_lines(SHA_A, 42, n, fraction, cap)
+    assert len(held) == expected and held <= set(range(n))
+
+
+def test_held_out_choice_depends_on_content_and_seed_only():
+    a = held_out_lines(SHA_A, 42, 1000, 0.05, 64)
+    assert a == held_out_lines(SHA_A, 42, 1000, 0.05, 64)
+    assert a != held_out_lines(SHA_B, 42, 1000, 0.05, 64)  # another file holds out other examples
+    assert a != held_out_lines(SHA_A, 43, 1000, 0.05, 64)
+
+
+def test_the_choices_never_change_between_versions():
+    """A run resumed by a newer evertrain must hold out and order exactly what the older one did."""
+    assert sorted(held_out_lines(SHA_B, 42, 20, 0.25, 64)) == [0, 2, 14, 18, 19]
+    assert sorted(held_out_lines(SHA_A, 42, 20, 0.25, 64)) == [6, 10, 14, 15, 17]
+    assert row_order(SHA_B, 42, 0, 10).tolist() == [1, 9, 3, 7, 4, 5, 2, 0, 6, 8]
+
+
+def test_row_order_is_a_permutation_fixed_by_content_seed_and_epoch():
+    order = row_order(SHA_A, 42, 0, 50)
+    assert sorted(order.tolist()) == list(range(50))
+    assert order.tolist() == row_order(SHA_A, 42, 0, 50).tolist()
+    assert order.tolist() != row_order(SHA_A, 42, 1, 50).tolist()
+    assert order.tolist() != row_order(SHA_B, 42, 0, 50).tolist()
+
+
+def reference_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The textbook algorithm on plain lists: longest first, into the open row with the least room that fits it
+    (the lowest-numbered on a tie), else a new row."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows, free = [], []  # free: sorted (room left, row)
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - lengths[i] > 0:
+            bisect.insort(free, (room - lengths[i], r))
+    return [sorted(r) for r in rows]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packing_is_best_fit_decreasing(seed):
+    rng = random.Random(seed)
+    capacity = rng.choice([8, 32, 64])
+    lengths = [rng.randint(1, capacity) for _ in range(rng.randint(1, 300))]
+    lengths += [1, 1, capacity - 1]  # a row left with room for exactly one token must take a 1-token example
+    rows = pack(lengths, capacity)
+    assert list(rows) == reference_best_fit_decreasing(lengths, capacity)
+    assert all(sum(lengths[i] for i in r) <= capacity for r in rows)
+
+
+def test_rows_index_like_a_list():
+    rows = Rows(np.array([3, 0, 1, 2], dtype=np.int64), np.array([0, 1, 4], dtype=np.int64))
+    assert len(rows) == 2 and rows[0] == [3] and rows[1] == [0, 1, 2]
+    assert rows[-1] == rows[1] and rows[-2] == rows[0]
+    with pytest.raises(IndexError, match="2"):
+        rows[2]
+    with pytest.raises(IndexError, match="-3"):
+        rows[-3]
+    assert list(Rows.one_per_example(3)) == [[0], [1], [2]]
