@@ -213,6 +213,8 @@ def _jsonl(chunks: Iterable[bytes]) -> Iterator[tuple[int, object]]:
             value = json.loads(text)
         except json.JSONDecodeError as e:
             value = BadRecord(f"invalid JSON ({e.msg} at column {e.colno})")
+        except RecursionError:  # a poison line (thousands of nested brackets) fails alone, not the process
+            value = BadRecord("invalid JSON (nested too deeply)")
         yield i, value
 
 
