@@ -18,7 +18,7 @@ cache or page of Python heap leaks from one case to the next):
            ratio = bare seconds / prepare seconds on the same examples (goal >= 0.7).
   train    (tiny model) setup + prepare + exactly one optimizer step, in a fresh output folder ("cold": no
            store, no checkpoint), then again in the same folder ("warm": resuming the file interrupted after one
-           step, its token store present). Time from before `loop.setup` to the first step's `on_step`, and
+           step, its token store present). Time from before `loop.setup` to the first step's record, and
            peak RSS; RSS is compared with the same run on a 1,000-example file (goal: +< 300 MB at 1M).
 
 For the tiny tokenizer (byte-level, so ~1 token per byte) and the embedded SmolLM2-135M-Instruct's; TrainConfig
@@ -263,26 +263,22 @@ def case_train(args) -> dict:
 
     config = config_for("tiny", args.model_dir)
     t_import = time.perf_counter() - t_import
-    asked, stamps = [], {}
+    stamps = {}
 
-    def should_interrupt() -> bool:
-        asked.append(1)
-        return len(asked) > 1  # train one step, then stop (fit checkpoints the interruption)
-
-    def on_step(record: dict) -> None:
+    def decide(record) -> str:  # train one step, then stop (fit checkpoints the interruption)
         stamps.setdefault("first_step", time.perf_counter())
         phases.setdefault("first_step", {**rss_now(), "peak": peak_rss_mb()})
+        return loop.STOP
 
     phases = {"imported": {**rss_now(), "peak": peak_rss_mb()}}
     t0 = time.perf_counter()
     session = loop.setup(config, Path(args.out))
     t_setup = time.perf_counter()
     phases["setup"] = {**rss_now(), "peak": peak_rss_mb()}
-    session.should_interrupt, session.on_step = should_interrupt, on_step
     fd = loop.prepare(session, Path(args.file))
     t_prepare = time.perf_counter()
     phases["prepare"] = {**rss_now(), "peak": peak_rss_mb()}
-    result = loop.fit(session, fd)
+    result = loop.drive(loop.fit(session, fd), decide)
     t_end = time.perf_counter()
     phases["end"] = {**rss_now(), "peak": peak_rss_mb()}
     if result.steps != 1 or result.status != "interrupted":

@@ -28,7 +28,7 @@ def test_files_dropped_while_running_train_once_in_order(tmp_path, tiny_model, c
     daemon = ThreadDaemon(ws)
     try:
         # a second daemon on the same workspace refuses to start
-        assert cli("run", ws, "--once") == 1
+        assert cli("run", ws, "--once") == 2
         assert "another evertrain daemon" in capsys.readouterr().err
 
         sizes = {"a.jsonl": 10, "b.jsonl": 7, "c.jsonl": 13}   # batch 4: 3, 2 and 4 steps

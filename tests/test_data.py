@@ -105,7 +105,7 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok, tiny_model):
     """The logits of an example inside a packed row equal its logits alone."""
     from transformers import AutoModelForCausalLM
 
-    from evertrain.loop import collate
+    from evertrain.data.packing import collate
 
     f = write_jsonl(tmp_path / "p.jsonl", [{"text": "first example here"}, {"text": "second one"}])
     data = load_file(f, tok, TrainConfig(model=str(tiny_model), packing=True))

@@ -39,7 +39,7 @@ def test_a_second_daemon_from_another_process_is_refused(tmp_path, tiny_model):
                  "the first daemon to train")
         second = subprocess.run([sys.executable, "-m", "evertrain", "run", str(ws)], capture_output=True, text=True,
                                 timeout=120)
-        assert second.returncode == 1
+        assert second.returncode == 2
         assert f"another evertrain daemon (pid {first.pid}) is running" in second.stderr
         assert status(ws)["pid"] == first.pid  # the running daemon's status is untouched
     finally:

@@ -27,7 +27,7 @@ from evertrain.data import IGNORE, DataError, load_file
 from evertrain.data.formats import parse_record
 from evertrain.data.render import CHATML, Rendered, Renderer, _template_message, apply_chat_template_option
 from evertrain.data.summary import CLOSE, OPEN, marked
-from evertrain.loop import collate
+from evertrain.data.packing import collate
 from evertrain.models import load_tokenizer
 
 SMOL_SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -17,11 +17,12 @@ import signal
 import sys
 from pathlib import Path
 
-from evertrain import checkpoint
+from evertrain import checkpoint, exits
 from evertrain.config import ConfigError, TrainConfig, add_arguments, overrides_from_args
 
-# Exit codes a script can rely on.
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_GUARD, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+# Exit codes a script can rely on: the one table is exits.py.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_GUARD, EXIT_INTERRUPTED = (
+    exits.OK, exits.FAILED, exits.BAD_INPUT, exits.DUPLICATE, exits.GUARD, exits.INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,47 +77,44 @@ def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpo
 
 
 def cmd_train(args) -> int:
-    from evertrain import loop
+    from evertrain import locks, loop
     from evertrain.data import DataError
 
     if not args.dataset.is_file():
         print(f"evertrain: {args.dataset}: no such file", file=sys.stderr)
         return EXIT_BAD_INPUT
-    resume = checkpoint.newest_complete(args.output_dir)
-    config = resolve_config(args.output_dir, overrides_from_args(args), resume)
+    lock = None
+    if locks.is_main_launch_process():
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = locks.hold(args.output_dir / locks.LOCK_NAME, "train",
+                              "wait for it to finish, or stop it (Ctrl-C, SIGTERM)")
+        except locks.AlreadyRunning as e:
+            print(f"evertrain: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
-        session = loop.setup(config, args.output_dir, resume=resume)
-    except loop.RunMismatch as e:
-        print(f"evertrain: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        data = loop.prepare(session, args.dataset)
-    except DataError as e:
-        print(f"evertrain: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    earlier = session.progress.finished(data.sha256)
-    if earlier and not args.allow_repeat:
-        print(f"evertrain: {args.dataset}: this content (sha256 {data.sha256[:12]}) was already trained in this run "
-              f"as {earlier.name}, global steps {earlier.first_step}-{earlier.last_step}; "
-              "use --allow-repeat to train it again", file=sys.stderr)
-        return EXIT_DUPLICATE
-
-    stop = {"asked": False}
-
-    def on_signal(signum, _frame):
-        stop["asked"] = True
-        session.say(f"evertrain: {signal.Signals(signum).name}: checkpointing at the next step boundary")
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    session.should_interrupt = lambda: stop["asked"]
-    try:
+        resume = checkpoint.newest_complete(args.output_dir)
+        config = resolve_config(args.output_dir, overrides_from_args(args), resume)
+        try:
+            session = loop.setup(config, args.output_dir, resume=resume)
+            data = loop.prepare(session, args.dataset)
+        except (loop.RunMismatch, DataError) as e:
+            print(f"evertrain: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        earlier = session.progress.finished(data.sha256)
+        if earlier and not args.allow_repeat:
+            print(f"evertrain: {args.dataset}: this content (sha256 {data.sha256[:12]}) was already trained in this "
+                  f"run as {earlier.name}, global steps {earlier.first_step}-{earlier.last_step}; "
+                  "use --allow-repeat to train it again", file=sys.stderr)
+            return EXIT_DUPLICATE
         return _train_file(session, args, config, data)
-    finally:  # `train` may run inside another program (the tests, a notebook): give its handlers back
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _train_file(session, args, config, data) -> int:
+    """Train the file, stopping at the step boundary after SIGINT/SIGTERM; a non-finite loss is rolled back."""
     from evertrain import loop
 
     for warning in data.warnings:
@@ -126,7 +124,28 @@ def _train_file(session, args, config, data) -> int:
                 f"{data.tokens} tokens, {data.truncated} truncated to {config.max_length}, "
                 f"{len(data.held_out)} held out, {len(data.rows)} rows, global batch {G}, "
                 f"{data.total_steps(G, config.epochs)} steps")
-    result = loop.fit(session, data)
+    asked = []
+
+    def on_signal(signum, _frame):
+        asked.append(signal.Signals(signum).name)  # only a flag: the loop acts at its next step boundary
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = loop.drive(loop.fit(session, data), lambda _record: loop.STOP if asked else None)
+    except loop.RunMismatch as e:
+        print(f"evertrain: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except loop.NonFiniteLoss as e:
+        session = loop.roll_back(session, data)
+        print(f"evertrain: {args.dataset.name}: {e}; rolled back to "
+              f"{session.last_checkpoint.name if session.last_checkpoint else 'the initial model'} (global step "
+              f"{session.progress.global_step}); the file is recorded as failed and NOT done", file=sys.stderr)
+        return EXIT_GUARD
+    finally:  # `train` may run inside another program (the tests, a notebook): give its handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if asked:
+        session.say(f"evertrain: {asked[0]}: checkpointed at the step boundary")
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     session.say(f"evertrain: {args.dataset.name} {result.status}: {result.steps} steps this call "
                 f"(file {result.file_step}/{result.expected_steps}), global step {result.step_before} -> "
@@ -254,7 +273,7 @@ def cmd_run(args) -> int:
         return service.run(args.dir, once=args.once)
     except workspace.AlreadyRunning as e:
         print(f"evertrain: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_BAD_INPUT
 
 
 def _open(args):

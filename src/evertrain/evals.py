@@ -47,7 +47,7 @@ def mean_loss(session, examples: list[Example]) -> tuple[float, int]:
     """Mean token loss over examples (each its own row), and the number of target tokens."""
     import torch  # here, not at the top: the dashboard reads evaluations without loading torch
 
-    from evertrain.loop import collate
+    from evertrain.data.packing import collate
 
     model, device = session.model, session.accelerator.device
     was_training = model.training

@@ -1,11 +1,14 @@
 """The training loop: one run that never ends, fed one file at a time.
 
 `setup` builds (or resumes) a Session: the model, optimizer and progress live in it, in memory, from one file to
-the next. `fit` trains one file to the end (or until interrupted) and checkpoints. Vocabulary: a *micro-batch* is
-one forward/backward pass on one process; an *optimizer step* (or just *step*) consumes one global batch of rows =
-batch_size x processes x gradient_accumulation. Everything is scheduled on optimizer steps.
+the next. `fit` trains one file and yields after every optimizer step; its caller (the `train` command, the
+daemon) answers each step with a decision: go on, stop (checkpoint, the file stays open) or skip the file.
+Vocabulary: a *micro-batch* is one forward/backward pass on one process; an *optimizer step* (or just *step*)
+consumes one global batch of rows = batch_size x processes x gradient_accumulation. Everything is scheduled on
+optimizer steps. The global batch is part of the run's identity: at another number of processes the gradient
+accumulation changes to keep it.
 
-    evertrain train --dataset FILE --output-dir DIR     # setup -> load the file -> fit -> checks
+    evertrain train --dataset FILE --output-dir DIR     # setup -> prepare the file -> drive(fit) -> checks
 """
 
 from __future__ import annotations
@@ -15,21 +18,26 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Generator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from evertrain import checkpoint, evals, faults, metrics, models, replay, snapshots
+from evertrain import checkpoint, collective, evals, faults, metrics, models, replay, snapshots
 from evertrain.config import TrainConfig
-from evertrain.data import IGNORE, Example, FileData, load_file
+from evertrain.data import Cancelled, DataError, Example, FileData, load_file
+from evertrain.data.packing import collate
 from evertrain.data import store as token_store
 from evertrain.schedule import lr_factor
 from evertrain.state import FileCursor, FileRecord, TrainingProgress
 from evertrain.trace import Trace
+
+
+# The caller's answer to a step (None means GO).
+GO, STOP, SKIP = "go", "stop", "skip"
 
 
 class RunMismatch(RuntimeError):
@@ -52,6 +60,7 @@ class Session:
     optimizer: object
     progress: TrainingProgress
     identity: dict
+    gradient_accumulation: int     # micro-batches per step on each process: what keeps the run's global batch
     trace: Trace | None = None
     last_checkpoint: Path | None = None
     saved_step: int | None = None                       # global step of the newest checkpoint on disk
@@ -60,15 +69,10 @@ class Session:
     workdir: Path | None = None    # where logs/ and snapshots/ go: the workspace, or output_dir for `train`
     replay_pool: list | None = None
     tensorboard: object = None     # SummaryWriter, False when tensorboard is not installed
-    # Set by the daemon: asked before every optimizer step; True stops `fit` after a checkpoint.
-    should_interrupt: Callable[[], bool] = lambda: False
-    # Set by the daemon: told about every optimizer step (status file, progress bar).
-    on_step: Callable[[dict], None] | None = None
 
     @property
     def global_batch(self) -> int:
-        c = self.config
-        return c.batch_size * self.accelerator.num_processes * c.gradient_accumulation
+        return self.config.batch_size * self.accelerator.num_processes * self.gradient_accumulation
 
     @property
     def store_dir(self) -> Path:
@@ -88,8 +92,30 @@ class Session:
 
 
 @dataclass
+class StepRecord:
+    """One optimizer step, as `fit` yields it (and as logs/metrics.jsonl records it)."""
+
+    step: int                  # global step, after this step
+    file: str                  # sha256 of the file in training
+    file_name: str
+    file_step: int             # the file's steps done, after this step
+    file_total_steps: int
+    loss: float                # mean token loss of the step's global batch
+    lr: float
+    grad_norm: float | None    # before clipping; None when clipping is off
+    tokens: int                # input tokens of the step, all processes
+    examples: int              # the file's own examples in the step
+    replayed: int              # examples replayed from earlier files
+    tokens_per_second: float   # since this call of `fit` began
+    time: float                # wall clock (time.time()) at the step's end
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class FileResult:
-    status: str                # done | interrupted
+    status: str                # done | skipped | interrupted
     steps: int                 # optimizer steps trained in this call
     expected_steps: int        # steps the whole file needs
     file_step: int             # the file's cursor after this call
@@ -99,6 +125,7 @@ class FileResult:
     tokens: int
     seconds: float
     checkpoint: Path | None
+    stop_requested: bool = False  # a STOP or SKIP reached the loop (from this process or another)
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -122,9 +149,13 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     newest = resume
     if resume == "newest":
         newest = checkpoint.newest_complete(output_dir, warn=print if accelerator.is_main_process else _quiet)
-    identity = config.identity()
+    world = accelerator.num_processes
+    asked = config.batch_size * world * config.gradient_accumulation
+    # A run from before the global batch was recorded keeps the one it is resumed with.
+    saved = {"global_batch": asked, **newest.state["run"]} if newest is not None else {}
+    accumulation = keep_global_batch(config, world, saved.get("global_batch", asked), output_dir)
+    identity = {**config.identity(), "global_batch": saved.get("global_batch", asked)}
     if newest is not None:
-        saved = newest.state["run"]
         if saved != identity:
             diff = ", ".join(f"{k}: run has {saved.get(k)!r}, asked {identity.get(k)!r}"
                              for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k))
@@ -154,18 +185,38 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
         optimizer.load_state_dict(torch.load(newest.path / "optimizer.pt", weights_only=True))
     model, optimizer = accelerator.prepare(model, optimizer)
     session = Session(config, output_dir, accelerator, model, tokenizer, optimizer, progress, identity,
-                      last_checkpoint=newest.path if newest else None,
+                      accumulation, last_checkpoint=newest.path if newest else None,
                       saved_step=newest.step if newest else None, workdir=Path(workdir or output_dir))
     if session.is_main:
         session.logs_dir.mkdir(parents=True, exist_ok=True)
     if newest is not None:
         _restore_rng(newest.path, accelerator.process_index)
         session.say(f"evertrain: resumed {newest.path} at global step {progress.global_step}")
+    if accumulation != config.gradient_accumulation:
+        session.say(f"evertrain: {world} process(es) x batch_size {config.batch_size}: gradient accumulation "
+                    f"{config.gradient_accumulation} -> {accumulation}, to keep the run's global batch of "
+                    f"{session.global_batch} rows per optimizer step")
     if config.trace:
         session.trace = Trace(output_dir / "trace.jsonl")
         if session.is_main:
             session.trace.truncate(progress.global_step, set(progress.cursors) | {f.sha256 for f in progress.files})
     return session
+
+
+def keep_global_batch(config: TrainConfig, world: int, global_batch: int, output_dir: Path) -> int:
+    """The gradient accumulation that makes `global_batch` at this number of processes; RunMismatch if none does."""
+    per_round = config.batch_size * world
+    if global_batch % per_round:
+        fits = [b for b in range(1, global_batch // world + 1) if global_batch % (b * world) == 0]
+        raise RunMismatch(
+            f"{output_dir} holds a run with a global batch of {global_batch} rows per optimizer step; {world} "
+            f"process(es) x batch_size {config.batch_size} = {per_round} rows per micro-batch round does not "
+            f"divide it, so no gradient accumulation keeps it. "
+            + (f"With {world} process(es) use a batch_size of {', '.join(map(str, fits[-4:]))}, "
+               f"or another number of processes." if fits else
+               f"{global_batch} rows cannot be split over {world} processes; use a number of processes that "
+               f"divides {global_batch}."))
+    return global_batch // per_round
 
 
 def _precision(name: str) -> str:
@@ -181,20 +232,43 @@ def _quiet(_text: str) -> None:
 # ------------------------------------------------------------------------------------------------- the data
 
 def prepare(session: Session, path: Path, **kwargs) -> FileData:
-    """Load a file's tokens with the run's tokenizer and settings; the main process builds the store first."""
-    with session.accelerator.main_process_first():
-        return load_file(path, session.tokenizer, session.config, store_dir=session.store_dir, **kwargs)
+    """Load a file's tokens with the run's tokenizer and settings, on every process.
+
+    The main process checks the file and builds its token store first, alone (`kwargs`: its progress and
+    should_stop); the others learn how that went and then read the store, or raise the same error.
+    """
+    outcome, data = None, None
+    if session.is_main:
+        try:
+            data = load_file(path, session.tokenizer, session.config, store_dir=session.store_dir, **kwargs)
+        except DataError as e:
+            outcome = e
+        except Cancelled:
+            outcome = "cancelled"
+    outcome = collective.from_main(session.accelerator, outcome)
+    if outcome == "cancelled":
+        raise Cancelled()
+    if outcome is not None:
+        raise outcome
+    if data is None:
+        data = load_file(path, session.tokenizer, session.config, store_dir=session.store_dir)
+    return data
 
 
 # ------------------------------------------------------------------------------------------------- the loop
 
-def fit(session: Session, data: FileData) -> FileResult:
-    """Train `data` from its cursor to its last step, one optimizer step at a time."""
+def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, FileResult]:
+    """Train `data` from its cursor, one optimizer step at a time, yielding a StepRecord after each.
+
+    The caller answers each record with a decision (`steps.send(...)`): None or GO goes on, STOP checkpoints and
+    returns (the file stays open, to resume at its cursor), SKIP ends the file as skipped and checkpoints. A STOP
+    on any process stops all of them at the same step. The generator's return value is the FileResult.
+    """
     cfg, acc, progress, model, optimizer = (session.config, session.accelerator, session.progress,
                                             session.model, session.optimizer)
-    G, world, rank, accum = session.global_batch, acc.num_processes, acc.process_index, cfg.gradient_accumulation
+    G, world, rank, accum = session.global_batch, acc.num_processes, acc.process_index, session.gradient_accumulation
     total = data.total_steps(G, cfg.epochs)
-    cursor, first_time = _open_cursor(session, data, total)
+    cursor, first_time = begin_file(session, data, total)
     if first_time:
         evals.store_held_out(session, data)
         metrics.log_evals(session, evals.evaluate(session, [data.sha256], before_file=data))
@@ -205,11 +279,9 @@ def fit(session: Session, data: FileData) -> FileResult:
         progress.decay_start, progress.decay_steps = progress.global_step, cfg.decay_steps
 
     step_before, file_step_before, t0 = progress.global_step, cursor.file_step, time.perf_counter()
-    losses, tokens_trained = [], 0
+    losses, tokens_trained, stop, skip = [], 0, False, False
     model.train()
     while cursor.file_step < total:
-        if session.should_interrupt():
-            break
         t_step = time.perf_counter()
         rows = [[data.examples[i] for i in data.rows[r]] for r in data.step_rows(cursor.file_step, G, cfg.seed)]
         replayed = replay.draw(session, data.sha256)
@@ -236,7 +308,7 @@ def fit(session: Session, data: FileData) -> FileResult:
                 seen.append(evidence(rank, m, mine, replayed_ids))
 
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-        step_loss = acc.reduce(loss_sum, reduction="sum").item()
+        step_loss = acc.reduce(loss_sum, reduction="sum").item()  # the same number on every process
         if not math.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(progress.global_step + 1, step_loss)
@@ -245,18 +317,23 @@ def fit(session: Session, data: FileData) -> FileResult:
 
         progress.global_step += 1
         cursor.file_step += 1
-        trained = [e for row in rows[:len(rows) - len(replayed)] for e in row]
+        n_trained = sum(len(row) for row in rows[:len(rows) - len(replayed)])
         step_tokens = sum(len(e.input_ids) for row in rows for e in row)
         progress.tokens_seen += step_tokens
-        progress.examples_seen += len(trained)
+        progress.examples_seen += n_trained
         cursor.replayed += len(replayed)
         tokens_trained += step_tokens
         losses.append(step_loss)
         progress.train_seconds += time.perf_counter() - t_step
         if session.trace:
             write_trace(session, data.sha256, seen)
-        log_step(session, data, cursor, total, step_loss, lr, grad_norm, step_tokens, len(trained), len(replayed),
-                 t0, tokens_trained)
+        elapsed = time.perf_counter() - t0
+        record = StepRecord(step=progress.global_step, file=data.sha256, file_name=data.name,
+                            file_step=cursor.file_step, file_total_steps=total, loss=step_loss, lr=lr,
+                            grad_norm=None if grad_norm is None else float(grad_norm), tokens=step_tokens,
+                            examples=n_trained, replayed=len(replayed),
+                            tokens_per_second=tokens_trained / elapsed if elapsed else 0.0, time=time.time())
+        log_step(session, record)
         if snapshots.due(session, cursor.file_step, total):
             snapshots.take(session, data, generations=snapshots.with_generations(cursor.file_step, total))
         if cfg.eval_steps and progress.global_step % cfg.eval_steps == 0 and cursor.file_step < total:
@@ -264,21 +341,41 @@ def fit(session: Session, data: FileData) -> FileResult:
         if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and cursor.file_step < total:
             save_checkpoint(session)
 
-    done = cursor.file_step >= total
-    if done:
-        _close_cursor(session, data, cursor, total)
+        decision = yield record
+        stop, skip = collective.agree(acc, decision in (STOP, SKIP), decision == SKIP)
+        if stop:
+            break
+
+    status = "done" if cursor.file_step >= total else "skipped" if skip else "interrupted"
+    if status == "done":
+        end_file(session, data, "done")
         metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session), after_file=data))
         replay.add_file(session, data)
         metrics.file_event(session, f"finished {data.name} at global step {progress.global_step}")
-    if done or session.saved_step != progress.global_step:
+    elif status == "skipped":
+        rec = end_file(session, data, "skipped")
+        metrics.file_event(session, f"skipped {data.name} after {rec.steps}/{total} steps")
+    if status != "interrupted" or session.saved_step != progress.global_step:
         save_checkpoint(session)
-    if done:
+    if status == "done":
         replay.trim(session)
-    return FileResult(status="done" if done else "interrupted", steps=progress.global_step - step_before,
-                      expected_steps=total, file_step=cursor.file_step, step_before=step_before,
-                      step_after=progress.global_step, loss=sum(losses) / len(losses) if losses else None,
-                      tokens=tokens_trained, seconds=time.perf_counter() - t0,
-                      checkpoint=session.last_checkpoint if done or cursor.file_step > file_step_before else None)
+    return FileResult(status=status, steps=progress.global_step - step_before, expected_steps=total,
+                      file_step=cursor.file_step, step_before=step_before, step_after=progress.global_step,
+                      loss=sum(losses) / len(losses) if losses else None, tokens=tokens_trained,
+                      seconds=time.perf_counter() - t0, stop_requested=stop,
+                      checkpoint=session.last_checkpoint if status != "interrupted" or cursor.file_step >
+                      file_step_before else None)
+
+
+def drive(steps: Generator[StepRecord, str | None, FileResult], decide: Callable[[StepRecord], str | None]
+          ) -> FileResult:
+    """Run `fit` to its end, answering each step with `decide(record)`; the FileResult it returns."""
+    try:
+        record = next(steps)
+        while True:
+            record = steps.send(decide(record))
+    except StopIteration as end:
+        return end.value
 
 
 def guard_problems(session: Session, result: FileResult) -> list[str]:
@@ -334,29 +431,8 @@ def write_trace(session: Session, sha256: str, seen: list[dict]) -> None:
     session.trace.write(record)
 
 
-def collate(rows: list[list[Example]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Rows of examples -> input_ids, labels, position_ids, right-padded to the longest row.
-
-    No attention mask is passed: position ids that restart at 0 for every example (and for the padding) make
-    transformers build a block-diagonal causal mask, so packed examples never attend to each other. That
-    detection only runs without a KV cache, hence use_cache=False in the forward pass.
-    """
-    ids, labels, pos = [], [], []
-    for row in rows or [[]]:
-        ids.append([t for e in row for t in e.input_ids])
-        labels.append([t for e in row for t in e.labels])
-        pos.append([p for e in row for p in range(len(e.input_ids))])
-    width = max(1, max(len(r) for r in ids))
-    for r_ids, r_lab, r_pos in zip(ids, labels, pos):
-        pad = width - len(r_ids)
-        r_ids += [pad_id] * pad
-        r_lab += [IGNORE] * pad
-        r_pos += range(pad)
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return {"input_ids": as_tensor(ids), "labels": as_tensor(labels), "position_ids": as_tensor(pos)}
-
-
-def _open_cursor(session: Session, data: FileData, total: int) -> tuple[FileCursor, bool]:
+def begin_file(session: Session, data: FileData, total: int) -> tuple[FileCursor, bool]:
+    """Where a file's life begins: its cursor (new, or the one it was interrupted at) and whether it is new."""
     progress, cfg = session.progress, session.config
     settings = {"global_batch": session.global_batch, "epochs": cfg.epochs, "packing": cfg.packing,
                 "max_length": cfg.max_length, "seed": cfg.seed, "held_out": len(data.held_out)}
@@ -377,32 +453,38 @@ def _open_cursor(session: Session, data: FileData, total: int) -> tuple[FileCurs
     return cursor, first_time
 
 
-def _close_cursor(session: Session, data: FileData, cursor: FileCursor, total: int) -> None:
+def end_file(session: Session, data: FileData, status: str) -> FileRecord:
+    """Where a file's life ends: done, skipped or failed, with the steps it got, recorded in the progress."""
     progress = session.progress
-    del progress.cursors[data.sha256]
+    cursor = progress.cursors.pop(data.sha256, None)
     progress.current = None
-    progress.files.append(FileRecord(
+    record = FileRecord(
         sha256=data.sha256, name=data.name, examples=len(data.examples), tokens=data.tokens,
-        steps=cursor.file_step, expected_steps=total, first_step=cursor.first_step,
-        last_step=progress.global_step, held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed))
+        steps=cursor.file_step if cursor else 0, expected_steps=data.total_steps(session.global_batch,
+                                                                                 session.config.epochs),
+        first_step=cursor.first_step if cursor else progress.global_step + 1, last_step=progress.global_step,
+        status=status, held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed if cursor else 0)
+    progress.files.append(record)
+    return record
 
 
-def log_step(session: Session, data: FileData, cursor: FileCursor, total: int, loss: float, lr: float,
-             grad_norm, step_tokens: int, n_examples: int, n_replayed: int, t0: float, tokens_trained: int) -> None:
-    """metrics.jsonl (and TensorBoard) get every step; the console a line every `log_steps`; the daemon its hook."""
-    progress, elapsed = session.progress, time.perf_counter() - t0
-    record = {"step": progress.global_step, "file": data.sha256, "file_name": data.name,
-              "file_step": cursor.file_step, "file_total_steps": total, "loss": loss, "lr": lr,
-              "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": step_tokens,
-              "examples": n_examples, "replayed": n_replayed,
-              "tokens_per_second": tokens_trained / elapsed if elapsed else 0.0, "time": time.time()}
-    metrics.log_step(session, record)
-    if session.is_main:
-        if cursor.file_step % session.config.log_steps == 0 or cursor.file_step == total:
-            session.say(f"  step {progress.global_step:>7}  {data.name} {cursor.file_step}/{total}  "
-                        f"loss {loss:.4f}  lr {lr:.3g}  {record['tokens_per_second']:.0f} tok/s")
-        if session.on_step:
-            session.on_step(record)
+def roll_back(session: Session, data: FileData) -> Session:
+    """After a non-finite loss: a new session from the newest complete checkpoint, with `data` ended there as
+    failed (and that checkpointed), so the broken weights are gone and the file is never resumed."""
+    fresh = setup(session.config, session.output_dir, workdir=session.workdir)
+    fresh.protected, fresh.budget_bytes = session.protected, session.budget_bytes
+    if data.sha256 in fresh.progress.cursors:
+        end_file(fresh, data, "failed")
+        save_checkpoint(fresh)
+    return fresh
+
+
+def log_step(session: Session, r: StepRecord) -> None:
+    """metrics.jsonl (and TensorBoard) get every step; the console a line every `log_steps`."""
+    metrics.log_step(session, r.as_dict())
+    if session.is_main and (r.file_step % session.config.log_steps == 0 or r.file_step == r.file_total_steps):
+        session.say(f"  step {r.step:>7}  {r.file_name} {r.file_step}/{r.file_total_steps}  "
+                    f"loss {r.loss:.4f}  lr {r.lr:.3g}  {r.tokens_per_second:.0f} tok/s")
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints

@@ -105,7 +105,7 @@ def due(session, file_step: int, total: int) -> bool:
 @torch.no_grad()
 def take(session, data: FileData, *, generations: bool) -> Path | None:
     """Record the model's guesses for every tracked example at the current global step."""
-    from evertrain.loop import collate
+    from evertrain.data.packing import collate
 
     t0 = time.perf_counter()
     tracked = load_tracked(session)

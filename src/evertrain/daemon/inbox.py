@@ -4,7 +4,8 @@ A file is taken once its size and mtime have not changed for `stable_seconds`; h
 `*.part` are never taken (the safe way to drop a file: write it elsewhere, then `mv` it into inbox/).
 Sub-folders are walked; a top folder named low, normal, high or urgent gives its files that priority.
 Symbolic links, fifos and other non-regular entries are moved (not followed) to failed/ with the reason.
-Watchdog events only wake the daemon up; the scan decides.
+Watchdog events only wake the intake thread up; the scan decides. The daemon's `Intake` scans in its own thread
+with its own ledger connection, so hashing a big file never delays an optimizer step.
 
     evertrain add FILE --priority urgent DIR     # copy a file in (it is queued at once)
 """
@@ -110,6 +111,45 @@ class Inbox:
         write_error(target, reason)
         self.say(f"evertrain: rejected {reason}")
         return file_id
+
+
+class Intake:
+    """The inbox, scanned on every file event and every poll by a thread of its own (and by the daemon between
+    files, through `scan`); scans never overlap. `arrived` is set whenever files were taken."""
+
+    def __init__(self, ws: Workspace, daemon, arrived: threading.Event, say=print):
+        self.ledger = Ledger(ws.ledger_path)  # its own connection: its transactions never mix with the daemon's
+        self.inbox = Inbox(ws, self.ledger, daemon.stable_seconds, watch=daemon.watch, say=say)
+        self.poll, self.arrived, self.say = daemon.poll_seconds, arrived, say
+        self.lock, self.closed = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="evertrain-intake")
+        self.thread.start()
+
+    def scan(self) -> tuple[list[int], float | None]:
+        """Inbox.scan, once at a time: the new ledger ids and when the next waiting file may be stable."""
+        with self.lock:
+            taken, due = self.inbox.scan()
+        if taken:
+            self.arrived.set()
+        return taken, due
+
+    def _watch(self) -> None:
+        while not self.closed.is_set():
+            self.inbox.wake.wait(self.poll)
+            if self.closed.is_set():
+                break
+            try:
+                self.scan()
+            except Exception as e:  # noqa: BLE001 - the daemon's own scan between files reports it again
+                self.say(f"evertrain: intake: {type(e).__name__}: {e}")
+                self.closed.wait(self.poll)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.inbox.wake.set()
+        self.thread.join(timeout=30)
+        self.inbox.close()
+        self.ledger.close()
 
 
 def walk(root: Path, depth: int = 0, priority: str = "normal"):

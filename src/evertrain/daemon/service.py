@@ -1,11 +1,15 @@
-"""The daemon's main loop: take files, train them one after another in ONE session, record everything.
+"""The daemon: take files, train them one after another in ONE session, record everything; it steers the loop.
 
-The model, optimizer and schedule stay in memory from one file to the next. Before every optimizer step the
-loop asks `should_interrupt`: new inbox files are taken, and a stop, pause, skip or an urgent file ends the
-current `fit` at that step boundary (after a checkpoint); `fit` on the same file later resumes at its cursor.
+The model, optimizer and schedule stay in memory from one file to the next. `loop.fit` yields after every
+optimizer step; `decide` answers it from the controls (stop, pause, skip), the signals and the queue (an urgent
+file pre-empts), and keeps the status current. Intake (scanning and hashing inbox files) runs in its own thread,
+never inside a step. Under `accelerate launch` or `torchrun` the main process alone does intake, the ledger, the
+status and the controls; every other process follows the orders it broadcasts (`follow`), and a stop any
+process sees stops them all at the same step.
 
     evertrain run DIR            # until SIGINT/SIGTERM or `evertrain stop DIR`
     evertrain run DIR --once     # everything waiting, then exit (cron, tests)
+    accelerate launch --num_processes 2 -m evertrain run DIR
 """
 
 from __future__ import annotations
@@ -22,19 +26,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evertrain import checkpoint, faults, loop
+from evertrain import checkpoint, collective, exits, faults, locks, loop
 from evertrain.config import TrainConfig
 from evertrain.daemon import controls, workspace
-from evertrain.daemon.inbox import Inbox, adopt_orphans, write_error
+from evertrain.daemon.inbox import Intake, adopt_orphans, write_error
 from evertrain.daemon.ledger import Ledger, place
 from evertrain.daemon.prefetch import Prefetch
 from evertrain.daemon.status import Bar, Board
 from evertrain.daemon.workspace import DaemonConfig, Workspace
 from evertrain.data import Cancelled, DataError, FileData
 from evertrain.evals import read_evals
-from evertrain.state import FileRecord
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 LOG_BYTES, LOG_BACKUPS = 10 << 20, 5  # logs/evertrain.log is rotated at 10 MB, 5 old ones kept
 
 
@@ -43,47 +45,53 @@ class Service:
     ws: Workspace
     config: TrainConfig
     daemon: DaemonConfig
-    ledger: Ledger
-    board: Board
-    log: logging.Logger
-    bar: Bar
+    ledger: Ledger | None          # the main process alone holds these four
+    board: Board | None
+    log: logging.Logger | None
+    bar: Bar | None
     stop: threading.Event = field(default_factory=threading.Event)   # SIGINT/SIGTERM
+    wake: threading.Event = field(default_factory=threading.Event)   # a signal, or intake took a file
     session: loop.Session | None = None
-    inbox: Inbox | None = None
+    intake: Intake | None = None
     prefetch: Prefetch | None = None
-    next_scan: float = 0.0
+    next_poll: float = 0.0
+    reason: str | None = None      # why `decide` stopped the file in training: stop | pause | skip | urgent
 
     def say(self, text: str) -> None:
-        self.log.info(text)
-        print(text, flush=True)
+        if self.log is not None:
+            self.log.info(text)
+            print(text, flush=True)
 
 
 def run(root: Path, *, once: bool = False) -> int:
-    """The daemon. Returns the process exit code."""
+    """The daemon, on every process of a launch. Returns the process exit code."""
     ws, config, daemon = workspace.load(root)
+    main = locks.is_main_launch_process()
     lock_fd = workspace.lock(ws)  # raises AlreadyRunning; released by the kernel however this process ends
-    ledger = Ledger(ws.ledger_path)
-    svc = Service(ws, config, daemon, ledger, Board(ws, ledger, daemon.status_interval), _logger(ws),
-                  Bar(sys.stdout.isatty()))
+    ledger = Ledger(ws.ledger_path) if main else None
+    svc = Service(ws, config, daemon, ledger, Board(ws, ledger, daemon.status_interval) if main else None,
+                  _logger(ws) if main else None, Bar(sys.stdout.isatty()) if main else None)
     restore_signals = _catch_signals(svc)
     try:
-        return _serve(svc, once)
+        return _serve(svc, once) if main else follow(svc)
     except Exception as e:
-        svc.board.set(state="error", alert=f"{type(e).__name__}: {e}")
-        svc.log.exception("evertrain: the daemon stopped on an error")
+        if main:
+            svc.board.set(state="error", alert=f"{type(e).__name__}: {e}")
+            svc.log.exception("evertrain: the daemon stopped on an error")
         raise
     finally:
         restore_signals()
-        svc.bar.close()
-        if svc.inbox is not None:
-            svc.inbox.close()
+        if svc.intake is not None:
+            svc.intake.close()
         if svc.prefetch is not None:
             svc.prefetch.stop()
-        for h in list(svc.log.handlers):
-            svc.log.removeHandler(h)
-            h.close()
-        ledger.close()
-        os.close(lock_fd)
+        if main:
+            svc.bar.close()
+            for h in list(svc.log.handlers):
+                svc.log.removeHandler(h)
+                h.close()
+            ledger.close()
+            os.close(lock_fd)
 
 
 def _serve(svc: Service, once: bool) -> int:
@@ -97,16 +105,16 @@ def _serve(svc: Service, once: bool) -> int:
                f"{ws.config_file}.")
         board.set(state="error", alert=msg)
         svc.say(f"evertrain: {msg}")
-        return EXIT_CONFIG
+        return exits.BAD_INPUT
     adopt_orphans(ws, ledger, svc.say)
     ledger.reconcile(ws, svc.session.progress, svc.say)
-    svc.inbox = Inbox(ws, ledger, svc.daemon.stable_seconds, watch=svc.daemon.watch, say=svc.say)
+    svc.intake = Intake(ws, svc.daemon, svc.wake, svc.say)
     svc.prefetch = Prefetch(svc.session.tokenizer, svc.config, svc.session.store_dir, svc.say)
     board.set(state="idle", global_step=svc.session.progress.global_step, last_checkpoint=_ckpt_name(svc))
 
+    code = exits.OK
     while True:
-        _, next_due = svc.inbox.scan()
-        svc.next_scan = time.monotonic() + svc.daemon.poll_seconds
+        _, next_due = svc.intake.scan()
         requests = controls.read(ws)
         if svc.stop.is_set() or requests.stop:
             break
@@ -136,18 +144,53 @@ def _serve(svc: Service, once: bool) -> int:
                 svc.say(f"evertrain: {problem}")
                 board.set(state="idle", alert=problem)
             if once:
-                return EXIT_FAILED
+                code = exits.FAILED
+                break
             _wait(svc, None)
             continue
-        if not train_file(svc, queue[0]):
-            return EXIT_CONFIG
+        row = queue[0]
+        collective.from_main(svc.session.accelerator, {"do": "train", "path": str(ws.queue / row["name"]),
+                                                         "name": row["original_name"]})
+        if not train_file(svc, row):
+            code = exits.BAD_INPUT
+            break
 
-    why = "signal" if svc.stop.is_set() else "stop request" if controls.read(ws).stop else "nothing left to do"
-    svc.say(f"evertrain: {why}: stopped at global step {svc.session.progress.global_step}, "
-            f"last checkpoint {_ckpt_name(svc)}")
-    controls.clear(ws, "stop")
-    board.set(state="stopped", current_file=None, current_file_id=None)
-    return EXIT_OK
+    collective.from_main(svc.session.accelerator, {"do": "stop"})
+    if code == exits.OK:
+        why = "signal" if svc.stop.is_set() else "stop request" if controls.read(ws).stop else "nothing left to do"
+        svc.say(f"evertrain: {why}: stopped at global step {svc.session.progress.global_step}, "
+                f"last checkpoint {_ckpt_name(svc)}")
+        controls.clear(ws, "stop")
+        board.set(state="stopped", current_file=None, current_file_id=None)
+    return code
+
+
+def follow(svc: Service) -> int:
+    """A process of a launch other than the main one: train what the main process orders, decide nothing.
+
+    Every collective step here (preparing, the steps, a rollback) is the one the main process takes in
+    `train_file`, in the same order; a signal seen here still stops every process at the same step.
+    """
+    new_session(svc)
+    while True:
+        order = collective.from_main(svc.session.accelerator)
+        if order["do"] == "stop":
+            return exits.OK
+        try:
+            data = loop.prepare(svc.session, Path(order["path"]))
+        except (DataError, Cancelled):
+            continue
+        data.name = order["name"]
+        if svc.session.progress.finished(data.sha256) is not None:
+            continue
+        try:
+            loop.drive(loop.fit(svc.session, data), lambda _r: loop.STOP if svc.stop.is_set() else None)
+        except loop.NonFiniteLoss:
+            svc.session = loop.roll_back(svc.session, data)
+        except loop.RunMismatch:
+            pass  # the main process reports it and orders the stop
+        if order["do"] != "train":
+            continue  # "wait": the main process is idle or paused, and says so every poll
 
 
 def train_file(svc: Service, row: dict) -> bool:
@@ -191,11 +234,9 @@ def train_file(svc: Service, row: dict) -> bool:
             + (f", resuming at step {cursor.file_step}" if cursor and cursor.file_step else ""))
 
     svc.prefetch.start(_next_path(svc, row))
-    why = {"reason": None}
-    session.should_interrupt = lambda: _should_interrupt(svc, row, why)
-    session.on_step = lambda record: _on_step(svc, row, record)
+    svc.reason = None
     try:
-        result = loop.fit(session, data)
+        result = loop.drive(loop.fit(session, data), lambda record: decide(svc, row, record))
     except loop.NonFiniteLoss as e:
         roll_back(svc, row, data, e)
         return True
@@ -207,35 +248,76 @@ def train_file(svc: Service, row: dict) -> bool:
         svc.say(f"evertrain: {msg}")
         return False
     finally:
-        session.should_interrupt, session.on_step = (lambda: False), None
         ledger.sync_evals(read_evals(ws.root))
     ledger.sync_checkpoints(ws.model_dir)
     board.data["last_checkpoint"] = _ckpt_name(svc)
+    return ended(svc, row, result)
 
-    if result.status == "interrupted":
-        reason = why["reason"] or "stop"
-        if reason == "skip":
-            skip(svc, row, data)
-            return True
-        ledger.update(row["id"], state="queued", steps_trained=result.file_step)
-        words = {"stop": "stopping", "pause": "paused", "urgent": "pre-empted by an urgent file"}[reason]
-        svc.say(f"evertrain: {row['original_name']} {words} at its step {result.file_step}/{expected} "
-                f"(global step {result.step_after}); it resumes there")
-        board.set(state="stopping" if reason == "stop" else board.data["state"])
+
+def decide(svc: Service, row: dict, record: loop.StepRecord) -> str | None:
+    """The answer to one optimizer step of `row`: None goes on, STOP or SKIP ends it (the reason in svc.reason).
+
+    A few stat calls and one indexed SQLite read a step; pins and the next file's preparation every poll.
+    """
+    wrote = svc.board.last_write
+    svc.board.step(record)
+    svc.bar.update(record.file_step, record.loss)
+    if svc.board.last_write != wrote:  # the status was flushed: the ledger's step count too
+        svc.ledger.update(row["id"], steps_trained=record.file_step)
+        svc.board.data["last_checkpoint"] = _ckpt_name(svc)
+    if time.monotonic() >= svc.next_poll or svc.wake.is_set():
+        svc.wake.clear()
+        svc.session.protected = svc.ledger.pins()
+        svc.prefetch.start(_next_path(svc, row))
+        svc.next_poll = time.monotonic() + svc.daemon.poll_seconds
+    requests = controls.read(svc.ws)
+    if svc.stop.is_set() or requests.stop:
+        svc.reason = "stop"
+    elif requests.paused:
+        svc.reason = "pause"
+    elif requests.skip_id == row["id"]:
+        svc.reason = "skip"
+    elif row["priority"] != "urgent" and svc.ledger.has_urgent():
+        svc.reason = "urgent"
+    return {None: None, "skip": loop.SKIP}.get(svc.reason, loop.STOP)
+
+
+def ended(svc: Service, row: dict, result: loop.FileResult) -> bool:
+    """Record how a file's call of `fit` ended: done (after the guards), skipped, or interrupted to resume."""
+    ws, ledger, progress = svc.ws, svc.ledger, svc.session.progress
+    name, expected = row["original_name"], result.expected_steps
+    if result.status == "skipped":
+        rec = progress.files[-1]
+        controls.clear(ws, "skip")
+        ledger.update(row["id"], state="skipped", steps_trained=rec.steps, first_step=rec.first_step if rec.steps
+                      else None, last_step=rec.last_step if rec.steps else None, finished_at=time.time(),
+                      error=f"skipped by request after {rec.steps}/{rec.expected_steps} steps")
+        place(ws, ledger.get(row["id"]))
+        svc.say(f"evertrain: skipped {name} after {rec.steps}/{rec.expected_steps} steps "
+                f"(global step {progress.global_step})")
         return True
-
-    problems = loop.guard_problems(session, result)
+    if result.status == "interrupted":
+        if svc.reason is None:  # another process of the launch was told to stop (a signal reached it alone)
+            svc.reason = "stop"
+            svc.stop.set()
+        ledger.update(row["id"], state="queued", steps_trained=result.file_step)
+        words = {"stop": "stopping", "pause": "paused", "urgent": "pre-empted by an urgent file"}[svc.reason]
+        svc.say(f"evertrain: {name} {words} at its step {result.file_step}/{expected} "
+                f"(global step {result.step_after}); it resumes there")
+        svc.board.set(state="stopping" if svc.reason == "stop" else svc.board.data["state"])
+        return True
+    problems = loop.guard_problems(svc.session, result)
     if problems:
-        fail(svc, row, f"{row['original_name']}: trained but NOT done: " + "; ".join(problems))
+        fail(svc, row, f"{name}: trained but NOT done: " + "; ".join(problems))
         return True
     rec = progress.files[-1]
     faults.hit("before-ledger-done")
     ledger.update(row["id"], state="done", steps_trained=rec.steps, first_step=rec.first_step,
                   last_step=rec.last_step, replayed=rec.replayed, finished_at=time.time(), error=None)
     place(ws, ledger.get(row["id"]))
-    svc.say(f"evertrain: done {row['original_name']}: {rec.steps}/{expected} steps, global steps "
+    svc.say(f"evertrain: done {name}: {rec.steps}/{expected} steps, global steps "
             f"{rec.first_step}-{rec.last_step}, mean loss {result.loss:.4f}, checkpoint {_ckpt_name(svc)}")
-    board.set(global_step=progress.global_step, loss=result.loss)
+    svc.board.set(global_step=progress.global_step, loss=result.loss)
     return True
 
 
@@ -278,64 +360,15 @@ def _next_path(svc: Service, row: dict) -> Path | None:
     return svc.ws.queue / nxt["name"] if nxt else None
 
 
-def _should_interrupt(svc: Service, row: dict, why: dict) -> bool:
-    """Asked before every optimizer step: a few stat calls and one indexed SQLite read."""
-    if time.monotonic() >= svc.next_scan or svc.inbox.wake.is_set():
-        svc.inbox.scan()
-        svc.session.protected = svc.ledger.pins()
-        svc.next_scan = time.monotonic() + svc.daemon.poll_seconds
-        svc.prefetch.start(_next_path(svc, row))
-    requests = controls.read(svc.ws)
-    if svc.stop.is_set() or requests.stop:
-        why["reason"] = "stop"
-    elif requests.paused:
-        why["reason"] = "pause"
-    elif requests.skip_id == row["id"]:
-        why["reason"] = "skip"
-    elif row["priority"] != "urgent" and svc.ledger.has_urgent():
-        why["reason"] = "urgent"
-    return why["reason"] is not None
-
-
-def _on_step(svc: Service, row: dict, record: dict) -> None:
-    wrote = svc.board.last_write
-    svc.board.step(record)
-    svc.bar.update(record["file_step"], record["loss"])
-    if svc.board.last_write != wrote:  # the status was flushed: the ledger's step count too
-        svc.ledger.update(row["id"], steps_trained=record["file_step"])
-        svc.board.data["last_checkpoint"] = _ckpt_name(svc)
-
-
-def skip(svc: Service, row: dict, data: FileData) -> None:
-    """End the file now; the checkpoint records it as skipped with the steps it got."""
-    session, progress = svc.session, svc.session.progress
-    rec = _close_early(session, data, "skipped")
-    loop.save_checkpoint(session)
-    controls.clear(svc.ws, "skip")
-    svc.ledger.update(row["id"], state="skipped", steps_trained=rec.steps, first_step=rec.first_step if rec.steps
-                      else None, last_step=rec.last_step if rec.steps else None, finished_at=time.time(),
-                      error=f"skipped by request after {rec.steps}/{rec.expected_steps} steps")
-    svc.ledger.sync_checkpoints(svc.ws.model_dir)
-    place(svc.ws, svc.ledger.get(row["id"]))
-    svc.say(f"evertrain: skipped {row['original_name']} after {rec.steps}/{rec.expected_steps} steps "
-            f"(global step {progress.global_step})")
-
-
 def roll_back(svc: Service, row: dict, data: FileData, error: loop.NonFiniteLoss) -> None:
     """A NaN/inf loss: reload the newest complete checkpoint, fail the file, carry on with the next."""
     svc.say(f"evertrain: {row['original_name']}: {error}; rolling back to the last good checkpoint")
-    svc.session = None
-    new_session(svc)
-    session = svc.session
-    cursor = session.progress.cursors.get(data.sha256)
-    if cursor is not None:
-        # The checkpoint holds the file part-way: record that it ended here, failed, with the steps it kept.
-        _close_early(session, data, "failed")
-        loop.save_checkpoint(session)
-        svc.ledger.sync_checkpoints(svc.ws.model_dir)
+    cursor = svc.session.progress.cursors.get(data.sha256)
+    svc.session = loop.roll_back(svc.session, data)
+    svc.ledger.sync_checkpoints(svc.ws.model_dir)
     fail(svc, row, f"{row['original_name']}: loss became {error.loss} at global step {error.step} "
                    f"(file step {error.step - (cursor.first_step if cursor else error.step)}); rolled back to "
-                   f"{_ckpt_name(svc) or 'the initial model'} (global step {session.progress.global_step}); "
+                   f"{_ckpt_name(svc) or 'the initial model'} (global step {svc.session.progress.global_step}); "
                    f"the file is not trained further")
 
 
@@ -347,26 +380,13 @@ def fail(svc: Service, row: dict, reason: str) -> None:
     svc.say(f"evertrain: FAILED {reason}")
 
 
-def _close_early(session: loop.Session, data: FileData, status: str) -> FileRecord:
-    progress = session.progress
-    cursor = progress.cursors.pop(data.sha256, None)
-    progress.current = None
-    steps = cursor.file_step if cursor else 0
-    rec = FileRecord(sha256=data.sha256, name=data.name, examples=len(data.examples), tokens=data.tokens,
-                     steps=steps, expected_steps=data.total_steps(session.global_batch, session.config.epochs),
-                     first_step=cursor.first_step if cursor else progress.global_step + 1,
-                     last_step=progress.global_step, status=status,
-                     held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed if cursor else 0)
-    progress.files.append(rec)
-    return rec
-
-
 def new_session(svc: Service) -> None:
     """Load the newest complete checkpoint of the workspace's run (or start the run)."""
     # Checkpoints in current_model/; logs/ and snapshots/ (metrics, evaluations, evolution) at the workspace root.
     session = loop.setup(svc.config, svc.ws.model_dir, workdir=svc.ws.root)
     session.budget_bytes = svc.daemon.checkpoint_budget_bytes or None
-    session.protected = svc.ledger.pins()
+    if svc.ledger is not None:
+        session.protected = svc.ledger.pins()
     svc.session = session
 
 
@@ -390,11 +410,17 @@ def _ckpt_name(svc: Service) -> str | None:
 
 
 def _wait(svc: Service, due: float | None) -> None:
-    """Sleep until a file event, a signal, the next poll, or the moment a waiting file becomes stable."""
+    """Sleep until a signal, a file taken, the next poll, or the moment a waiting file becomes stable.
+
+    The other processes of a launch are told to wait too, once a poll: a collective that waited for hours would
+    time out.
+    """
+    collective.from_main(svc.session.accelerator, {"do": "wait"})
     timeout = svc.daemon.poll_seconds
     if due is not None:
         timeout = max(0.01, min(timeout, due - time.monotonic()))
-    svc.inbox.wake.wait(timeout)
+    svc.wake.wait(timeout)
+    svc.wake.clear()
 
 
 def _catch_signals(svc: Service):
@@ -404,8 +430,7 @@ def _catch_signals(svc: Service):
     def on_signal(signum, _frame):
         # Only flags here: printing from a signal handler can re-enter a write in progress.
         svc.stop.set()
-        if svc.inbox is not None:
-            svc.inbox.wake.set()
+        svc.wake.set()
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(sig, h) for sig, h in old.items()]

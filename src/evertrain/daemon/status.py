@@ -46,19 +46,18 @@ class Board:
         self.set(state="training", current_file=row["original_name"], current_file_id=row["id"],
                  prepare_percent=None, eta_prepare_seconds=None, file_step=file_step, file_total_steps=total_steps, global_step=global_step, alert=None)
 
-    def step(self, record: dict) -> None:
-        """Every optimizer step; written every `interval` seconds."""
+    def step(self, record) -> None:
+        """Every optimizer step (a loop.StepRecord); written every `interval` seconds."""
         now = time.monotonic()
         if self.last_step_time is not None:
             dt = now - self.last_step_time
             self.seconds_per_step = dt if self.seconds_per_step is None else 0.9 * self.seconds_per_step + 0.1 * dt
         self.last_step_time = now
-        total = record["file_total_steps"]
+        total = record.file_total_steps
         if self.seconds_per_step is not None and self.current_size:
             self.seconds_per_byte = self.seconds_per_step * total / self.current_size
-        self.data.update(global_step=record["step"], file_step=record["file_step"], file_total_steps=total,
-                         loss=record["loss"], learning_rate=record["lr"],
-                         tokens_per_second=record["tokens_per_second"])
+        self.data.update(global_step=record.step, file_step=record.file_step, file_total_steps=total,
+                         loss=record.loss, learning_rate=record.lr, tokens_per_second=record.tokens_per_second)
         if now - self.last_write >= self.interval:
             self.write()
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -24,7 +23,9 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from evertrain import locks
 from evertrain.checkpoint import write_text_atomic
+from evertrain.locks import AlreadyRunning  # noqa: F401  (raised by lock)
 from evertrain.config import ConfigError, TrainConfig, _opt, check_fields, settings_from_dict
 
 CONFIG_FILE = "evertrain.toml"
@@ -68,7 +69,7 @@ class Workspace:
     status_dir = property(lambda self: self.root / "status")
     logs = property(lambda self: self.root / "logs")
     ledger_path = property(lambda self: self.root / "ledger.sqlite")
-    lock_path = property(lambda self: self.root / ".evertrain.lock")
+    lock_path = property(lambda self: self.root / locks.LOCK_NAME)
 
 
 class NotAWorkspace(ConfigError):
@@ -171,40 +172,16 @@ def _toml_value(value) -> str:
 
 # ------------------------------------------------------------------------------------------------- lock
 
-class AlreadyRunning(RuntimeError):
-    pass
-
-
-def lock(ws: Workspace):
-    """Hold the workspace's lock for the life of the process; the kernel drops it when the process dies."""
-    fd = os.open(ws.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise AlreadyRunning(f"another evertrain daemon (pid {pid}) is running on {ws.root}; "
-                             "stop it first (evertrain stop)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
+def lock(ws: Workspace) -> int | None:
+    """Hold the workspace's lock for the life of the process (the main process of a launch alone)."""
+    if not locks.is_main_launch_process():
+        return None
+    return locks.hold(ws.lock_path, "daemon", "stop it first (evertrain stop)")
 
 
 def daemon_pid(ws: Workspace) -> int | None:
     """The pid of the daemon holding the lock, or None when no daemon runs."""
-    if not ws.lock_path.exists():
-        return None
-    fd = os.open(ws.lock_path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return locks.holder(ws.lock_path)
 
 
 # ------------------------------------------------------------------------------------------------- names

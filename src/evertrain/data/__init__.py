@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from evertrain.data.order import held_out_lines, row_order
-from evertrain.data.packing import Rows, pack, padding_fraction
+from evertrain.data.packing import IGNORE, Rows, pack, padding_fraction  # noqa: F401
 
-IGNORE = -100  # label of a token that is not trained on (the value transformers' loss ignores)
 MAX_REPORTED_ERRORS = 20
 BATCH_RECORDS = 512  # records tokenized per call: the fast tokenizer's own threads work on a batch
 BATCH_CHARS = 1 << 20  # ... or fewer, when they hold this many characters: a batch's memory stays bounded

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+IGNORE = -100  # label of a token that is not trained on (the value transformers' loss ignores)
+
 
 class Rows(Sequence):
     """Row r holds the example indices items[starts[r]:starts[r+1]], ascending."""
@@ -82,3 +84,27 @@ def padding_fraction(rows, lengths, batch_size: int) -> float:
     real = sum(sizes)
     slots = sum(max(sizes[b:b + batch_size]) * len(sizes[b:b + batch_size]) for b in range(0, len(sizes), batch_size))
     return 1 - real / slots if slots else 0.0
+
+
+def collate(rows: list[list], pad_id: int, device) -> dict:
+    """Rows of Examples -> the model's input_ids, labels, position_ids, right-padded to the longest row.
+
+    No attention mask is passed: position ids that restart at 0 for every example (and for the padding) make
+    transformers build a block-diagonal causal mask, so packed examples never attend to each other. That
+    detection only runs without a KV cache, hence use_cache=False in the forward pass.
+    """
+    import torch  # here: the data package itself needs no torch
+
+    ids, labels, pos = [], [], []
+    for row in rows or [[]]:
+        ids.append([t for e in row for t in e.input_ids])
+        labels.append([t for e in row for t in e.labels])
+        pos.append([p for e in row for p in range(len(e.input_ids))])
+    width = max(1, max(len(r) for r in ids))
+    for r_ids, r_lab, r_pos in zip(ids, labels, pos):
+        pad = width - len(r_ids)
+        r_ids += [pad_id] * pad
+        r_lab += [IGNORE] * pad
+        r_pos += range(pad)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": as_tensor(ids), "labels": as_tensor(labels), "position_ids": as_tensor(pos)}

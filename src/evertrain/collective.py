@@ -1,0 +1,30 @@
+"""Decisions every process of a launch must share, taken once and sent to all of them.
+
+Under `accelerate launch` or `torchrun` each process runs the same loop; a stop seen by one process only (a
+signal, a control file read on the main process) must stop all of them at the same optimizer step, or the
+others wait forever in the next collective. One process alone: every function here is a plain return.
+
+    accelerate launch --num_processes 2 -m evertrain train --dataset F --output-dir D   # then Ctrl-C
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def agree(accelerator, *flags: bool) -> tuple[bool, ...]:
+    """Each flag true on any process is true on all of them (one small all-reduce per call)."""
+    if accelerator.num_processes == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([int(bool(f)) for f in flags], device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def from_main(accelerator, value=None):
+    """The main process's `value` on every process (a picklable object; the others pass anything)."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

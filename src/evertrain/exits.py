@@ -1,0 +1,11 @@
+"""The exit codes of every evertrain command, in one table (README's "Exit codes" lists the same).
+
+    evertrain train --dataset F --output-dir D; echo $?
+"""
+
+OK = 0            # the work asked for was done
+FAILED = 1        # an unexpected error (a traceback says where), or `run --once` left with the disk too full
+BAD_INPUT = 2     # bad data, settings, run mismatch, or the folder is in use by another evertrain process
+DUPLICATE = 3     # `train`: this content was already trained in this run (--allow-repeat to train it again)
+GUARD = 4         # `train`: trained but NOT done (a guard failed, or a non-finite loss was rolled back)
+INTERRUPTED = 130  # `train`: stopped by SIGINT/SIGTERM at a step boundary, checkpointed; run it again to resume
