@@ -1,0 +1,209 @@
+"""Several processes for real: `accelerate launch` with 2 CPU processes (gloo), signals, kills, elastic resume,
+the daemon on two ranks, and two `train` on one folder.
+
+Each launch costs seconds on 2 cores, so the runs are few and each proves several things; all are `slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, free_port, text_rows, write_jsonl
+from daemon_helpers import by_name, drop, make_ws, status, wait_for
+from safetensors.torch import load_file as load_tensors
+
+from evertrain import checkpoint, trace
+
+pytestmark = pytest.mark.slow
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+# batch 1 x 2 processes = the same global batch of 2 as batch 1 x accumulation 2 in one process
+TRAIN = ("--batch-size", "1", "--no-packing", "--trace", "--held-out-fraction", "0", "--save-steps", "0",
+         "--learning-rate", "1e-3", "--warmup-steps", "0")
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD"))}
+
+
+def launch(*args, processes: int = 2, **popen) -> subprocess.Popen:
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "evertrain", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                            start_new_session=True, **popen)
+
+
+def single(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "evertrain", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env())
+
+
+def steps_in_trace(out: Path) -> int:
+    try:
+        return (out / "trace.jsonl").read_text().count('"step"')
+    except FileNotFoundError:
+        return 0
+
+
+def interrupt_after(proc: subprocess.Popen, out: Path, steps: int, sig=signal.SIGTERM) -> tuple[int, str, str]:
+    """Signal `proc` once `out` shows `steps` trained; its exit code and output."""
+    wait_for(lambda: steps_in_trace(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
+def workers(launcher_pid: int) -> list[int]:
+    """The launcher's evertrain processes (its children running `-m evertrain`)."""
+    out = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-e"], capture_output=True, text=True).stdout
+    kids = [line.split(None, 2) for line in out.splitlines()]
+    return [int(pid) for pid, ppid, args in kids if int(ppid) == launcher_pid and "evertrain" in args]
+
+
+def assert_no_debris(out: Path) -> None:
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*")), sorted(p.name for p in out.iterdir())
+
+
+def test_sigterm_to_the_launcher_then_2_1_2_processes_mid_file_keep_the_global_batch_and_exactly_once(
+        tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(40))  # global batch 2: 20 steps
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    args = ("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN)
+    rng = random.Random(os.environ.get("EVERTRAIN_KILL_SEED", "launch"))
+
+    # 2 processes, SIGTERM to the launcher at a random moment: every rank stops at the same step boundary.
+    code, stdout, stderr = interrupt_after(launch(*args), out, rng.randint(2, 6))
+    assert code == 1 and "SignalException" in stderr  # accelerate's launcher itself; the ranks exited 130
+    assert "checkpointed at the step boundary" in stdout and " done: " not in stdout
+    first = checkpoint.newest_complete(out)
+    assert first.step == steps_in_trace(out) < 20
+    assert {p.name for p in first.path.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
+    assert first.state["run"]["global_batch"] == 2
+    assert_no_debris(out)
+
+    # 1 process: the accumulation doubles to keep the global batch, and says so.
+    code, stdout, _ = interrupt_after(single(*args), out, first.step + 3, signal.SIGINT)
+    assert code == 130
+    assert "gradient accumulation 1 -> 2, to keep the run's global batch of 2" in stdout
+    assert "resumes at its step" in stdout
+
+    # 2 processes again, to the end.
+    proc = launch(*args)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    final = checkpoint.newest_complete(out)
+    assert final.step == 20 and final.state["run"]["global_batch"] == 2
+    records = trace.read(out / "trace.jsonl")
+    assert [r["step"] for r in records if "step" in r] == list(range(1, 21))
+    assert dict(next(iter(trace.coverage(out / "trace.jsonl").values()))) == {i: 1 for i in range(40)}
+
+    # The same weights as one uninterrupted process with that global batch (the ranks' sums differ in order only).
+    assert cli("train", "--dataset", data, "--output-dir", whole, "--model", tiny_model, *TRAIN,
+               "--gradient-accumulation", 2) == 0
+    a = load_tensors(checkpoint.final_path(whole, 20) / "model.safetensors")
+    b = load_tensors(final.path / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_global_batch_no_accumulation_can_keep_is_refused_with_the_numbers(tmp_path, tiny_model, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(12))
+    out = tmp_path / "run"
+    assert cli("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN,
+               "--batch-size", 3) == 0  # global batch 3
+    proc = launch("train", "--dataset", write_jsonl(tmp_path / "b.jsonl", text_rows(6, "b")), "--output-dir", out,
+                  "--batch-size", 3)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "global batch of 3 rows per optimizer step; 2 process(es) x batch_size 3 = 6" in stderr
+    assert "RunMismatch" not in stderr  # one clear line from each rank, no traceback of ours
+    assert checkpoint.newest_complete(out).step == 4  # nothing trained
+
+
+def test_kill_9_of_one_rank_ends_the_launch_and_a_restart_resumes_exactly_once(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(300))
+    out = tmp_path / "run"
+    args = ("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN, "--save-steps", "5")
+    proc = launch(*args)
+    wait_for(lambda: steps_in_trace(out) >= 12 or proc.poll() is not None, 180, "steps")
+    victim = workers(proc.pid)[-1]
+    os.kill(victim, signal.SIGKILL)
+    start = time.monotonic()
+    proc.communicate(timeout=120)  # bounded: the launcher ends the other rank rather than wait on it
+    assert proc.returncode != 0
+    assert not workers(proc.pid)  # no orphaned rank
+    saved = checkpoint.newest_complete(out).step
+    assert saved >= 5, saved
+    # A restart (one process is enough to show it) resumes from the newest complete checkpoint.
+    code, stdout, _ = interrupt_after(single(*args), out, saved + 2, signal.SIGINT)
+    assert code == 130 and f"resumed {checkpoint.final_path(out, saved)}" in stdout
+    steps = [r["step"] for r in trace.read(out / "trace.jsonl") if "step" in r]
+    assert steps == list(range(1, len(steps) + 1))  # committed history only: no step twice
+    counts = next(iter(trace.coverage(out / "trace.jsonl").values()))
+    assert set(counts.values()) == {1} and len(counts) == 2 * len(steps)
+    assert time.monotonic() - start < 600
+
+
+def test_a_second_train_on_the_same_folder_is_refused_with_the_holder(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(300))
+    out = tmp_path / "run"
+    first = single("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN)
+    try:
+        wait_for(lambda: steps_in_trace(out) >= 2 or first.poll() is not None, 120, "the first train")
+        second = subprocess.run([sys.executable, "-m", "evertrain", "train", "--dataset", str(data), "--output-dir",
+                                 str(out)], capture_output=True, text=True, env=clean_env(), timeout=120)
+        assert second.returncode == 2
+        assert f"another evertrain train (pid {first.pid}) is running on {out}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()  # kill -9: the lock it held is gone with it
+        first.wait()
+    third = single("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN)
+    code, stdout, _ = interrupt_after(third, out, steps_in_trace(out) + 1, signal.SIGINT)
+    assert code == 130 and "another evertrain" not in stdout
+
+
+def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys_pause_and_urgent(
+        tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--batch-size", "1")
+    drop(ws, "a.jsonl", [{"text": f"a line {i}"} for i in range(6)])
+    drop(ws, "long.jsonl", [{"text": f"long line {i}: " + "ab " * (i % 5)} for i in range(400)])
+    daemon = launch("run", ws)
+    model = ws / "current_model"
+    try:
+        wait_for(lambda: by_name(ws).get("long.jsonl", {}).get("state") == "training"
+                 and (status(ws).get("file_step") or 0) >= 3 or daemon.poll() is not None, 180, "long to train")
+        assert cli("pause", ws) == 0
+        wait_for(lambda: status(ws).get("state") == "paused" or daemon.poll() is not None, 120, "paused")
+        held = checkpoint.newest_complete(model).step
+        assert steps_in_trace(model) == held  # both ranks stopped at that step, checkpointed
+        drop(ws, "now.jsonl", [{"text": f"urgent line {i}"} for i in range(4)], folder="inbox/urgent")
+        assert cli("resume", ws) == 0
+        wait_for(lambda: by_name(ws).get("now.jsonl", {}).get("state") == "done" or daemon.poll() is not None, 180,
+                 "the urgent file")
+        assert cli("stop", ws) == 0
+        stdout, stderr = daemon.communicate(timeout=180)
+        assert daemon.returncode == 0, stderr[-3000:]
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+    files = by_name(ws)
+    assert files["a.jsonl"]["state"] == "done" and files["now.jsonl"]["state"] == "done"
+    assert files["long.jsonl"]["state"] == "queued" and files["long.jsonl"]["steps_trained"] > 0  # pre-empted
+    cov = {sha: dict(c) for sha, c in trace.coverage(model / "trace.jsonl").items()}
+    assert cov[files["a.jsonl"]["sha256"]] == {i: 1 for i in range(6)}
+    assert cov[files["now.jsonl"]["sha256"]] == {i: 1 for i in range(4)}
+    assert set(cov[files["long.jsonl"]["sha256"]].values()) == {1}
+    records = [r for r in trace.read(model / "trace.jsonl") if "step" in r]
+    assert all(sorted(mb["rank"] for mb in r["micro_batches"]) == [0, 1] for r in records)  # both ranks trained
+    assert stdout.count("evertrain: daemon starting") == 1  # the main process alone speaks
