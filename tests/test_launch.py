@@ -176,19 +176,21 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
         tmp_path, tiny_model):
     ws = make_ws(tmp_path, tiny_model, "--batch-size", "1")
     drop(ws, "a.jsonl", [{"text": f"a line {i}"} for i in range(6)])
-    drop(ws, "long.jsonl", [{"text": f"long line {i}: " + "ab " * (i % 5)} for i in range(400)])
+    drop(ws, "long.jsonl", [{"text": f"long line {i}: " + "ab " * (i % 5)} for i in range(3000)])
     daemon = launch("run", ws)
     model = ws / "current_model"
     try:
+        wait_for(lambda: status(ws).get("pid") or daemon.poll() is not None, 180, "the daemon to start")
         wait_for(lambda: by_name(ws).get("long.jsonl", {}).get("state") == "training"
                  and (status(ws).get("file_step") or 0) >= 3 or daemon.poll() is not None, 180, "long to train")
         assert cli("pause", ws) == 0
         wait_for(lambda: status(ws).get("state") == "paused" or daemon.poll() is not None, 120, "paused")
         held = checkpoint.newest_complete(model).step
         assert steps_in_trace(model) == held  # both ranks stopped at that step, checkpointed
-        drop(ws, "now.jsonl", [{"text": f"urgent line {i}"} for i in range(4)], folder="inbox/urgent")
         assert cli("resume", ws) == 0
-        wait_for(lambda: by_name(ws).get("now.jsonl", {}).get("state") == "done" or daemon.poll() is not None, 180,
+        wait_for(lambda: steps_in_trace(model) >= held + 3 or daemon.poll() is not None, 120, "training to go on")
+        drop(ws, "now.jsonl", [{"text": f"urgent line {i}"} for i in range(4)], folder="inbox/urgent")
+        wait_for(lambda: by_name(ws).get("urgent/now.jsonl", {}).get("state") == "done" or daemon.poll() is not None, 180,
                  "the urgent file")
         assert cli("stop", ws) == 0
         stdout, stderr = daemon.communicate(timeout=180)
@@ -198,12 +200,13 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait()
     files = by_name(ws)
-    assert files["a.jsonl"]["state"] == "done" and files["now.jsonl"]["state"] == "done"
+    assert files["a.jsonl"]["state"] == "done" and files["urgent/now.jsonl"]["state"] == "done"
     assert files["long.jsonl"]["state"] == "queued" and files["long.jsonl"]["steps_trained"] > 0  # pre-empted
     cov = {sha: dict(c) for sha, c in trace.coverage(model / "trace.jsonl").items()}
     assert cov[files["a.jsonl"]["sha256"]] == {i: 1 for i in range(6)}
-    assert cov[files["now.jsonl"]["sha256"]] == {i: 1 for i in range(4)}
+    assert cov[files["urgent/now.jsonl"]["sha256"]] == {i: 1 for i in range(4)}
     assert set(cov[files["long.jsonl"]["sha256"]].values()) == {1}
     records = [r for r in trace.read(model / "trace.jsonl") if "step" in r]
     assert all(sorted(mb["rank"] for mb in r["micro_batches"]) == [0, 1] for r in records)  # both ranks trained
     assert stdout.count("evertrain: daemon starting") == 1  # the main process alone speaks
+    assert "long.jsonl pre-empted by an urgent file" in stdout

@@ -176,6 +176,8 @@ def follow(svc: Service) -> int:
         order = collective.from_main(svc.session.accelerator)
         if order["do"] == "stop":
             return exits.OK
+        if order["do"] != "train":
+            continue  # "wait": the main process is idle or paused, and says so every poll
         try:
             data = loop.prepare(svc.session, Path(order["path"]))
         except (DataError, Cancelled):
@@ -189,8 +191,6 @@ def follow(svc: Service) -> int:
             svc.session = loop.roll_back(svc.session, data)
         except loop.RunMismatch:
             pass  # the main process reports it and orders the stop
-        if order["do"] != "train":
-            continue  # "wait": the main process is idle or paused, and says so every poll
 
 
 def train_file(svc: Service, row: dict) -> bool:
