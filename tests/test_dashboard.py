@@ -87,7 +87,8 @@ TRAVERSALS = ["/static/../../etc/passwd", "/static/%2e%2e/%2e%2e/etc/passwd", "/
               "/static/%2e%2e/server.py", "/static/../server.py", "/static//etc/passwd", "/static/",
               "/../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "//etc/passwd", "/etc/passwd",
               "/api/snapshot/../../../etc/passwd", "/api/snapshot/%2e%2e%2f%2e%2e", "/api/snapshot/1e3",
-              "/static/%2e%2e%2fserver.py", "/metrics.jsonl", "/checkpoint-1/trainer_state.json", "/static/style.css/.."]
+              "/static/%2e%2e%2fserver.py", "/metrics.jsonl", "/checkpoint-1/trainer_state.json",
+              "/static/style.css/.."]
 
 
 def test_no_path_reaches_a_file_outside_the_static_folder(run_dir):
@@ -188,6 +189,21 @@ def test_a_hundred_clients_at_once_all_get_their_answer(run_dir):
         answers = asyncio.run(many(s.port))
     assert len(answers) == 100 and [r.status_code for r in answers] == [200] * 100
     assert len({r.content for r in answers if r.url.path == "/api/state"}) == 1  # the same state, whole
+
+
+def test_answers_go_out_at_once_on_a_kept_connection(run_dir):
+    """TCP_NODELAY on every connection: without it, each answer after the first on a keep-alive connection
+    waits out the client's delayed ACK (40 ms)."""
+    with Served(run_dir) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        try:
+            for _ in range(2):
+                conn.request("GET", "/api/state")
+                assert conn.getresponse().read()
+            sockets = [p.transport.get_extra_info("socket") for p in s.server.server.server_state.connections]
+            assert sockets and all(x.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for x in sockets)
+        finally:
+            conn.close()
 
 
 def test_a_half_sent_request_is_dropped_and_does_not_hold_up_others(run_dir, monkeypatch):
