@@ -191,6 +191,54 @@ def test_a_hundred_clients_at_once_all_get_their_answer(run_dir):
     assert len({r.content for r in answers if r.url.path == "/api/state"}) == 1  # the same state, whole
 
 
+def test_reads_run_off_the_event_loop_in_a_bounded_pool(run_dir, monkeypatch):
+    running, most = [], []
+
+    def slow_state(run):
+        running.append(1)
+        most.append(len(running))
+        time.sleep(0.5)  # a slow disk
+        running.pop()
+        return {"ok": True}
+
+    monkeypatch.setattr(sources, "state", slow_state)
+
+    async def many(port):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            slow = [asyncio.create_task(client.get("/api/state")) for _ in range(3 * server.THREADS)]
+            while not running:
+                await asyncio.sleep(0.01)
+            # The event loop is free meanwhile: what needs no file read (a 404) is answered during the reads.
+            missing = await client.get("/nope")
+            reading = len(running)
+            return missing, reading, [r.status_code for r in await asyncio.gather(*slow)]
+
+    with Served(run_dir) as s:
+        missing, reading, statuses = asyncio.run(many(s.port))
+    assert missing.status_code == 404 and reading > 0
+    assert statuses == [200] * 3 * server.THREADS
+    assert max(most) == server.THREADS  # as many at once as the pool has, no more
+
+
+def test_past_the_connection_limit_a_request_is_refused_at_once(run_dir, monkeypatch):
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 4)
+    with Served(run_dir) as s:
+        held = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(4)]
+        try:
+            for c in held:
+                c.sendall(b"GET / HTTP/1.1\r\n")
+            assert request(s.port, "/api/state")[0] == 503
+        finally:
+            for c in held:
+                c.close()
+        for _ in range(100):  # the server notices the closed connections within a few loop turns
+            status = request(s.port, "/api/state")[0]
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert status == 200
+
+
 def test_answers_go_out_at_once_on_a_kept_connection(run_dir):
     """TCP_NODELAY on every connection: without it, each answer after the first on a keep-alive connection
     waits out the client's delayed ACK (40 ms)."""
