@@ -16,6 +16,10 @@ and those that will change something (controls, uploads, a box that asks the mod
   equal to the page's own origin (scheme and Host): a form or script on another site cannot post with the
   user's cookie. `AccessMiddleware` applies this to every such request; `Access.refusal_to_change` is the
   same check for a route that wants to call it itself.
+
+A new route (a POST for a control, an upload, a prompt) needs nothing of its own: added to the app that
+`server.build_app` wraps in `AccessMiddleware`, it gets these rules. No CORS headers are ever sent, so a
+preflight from another origin is refused like any other change.
 """
 
 from __future__ import annotations

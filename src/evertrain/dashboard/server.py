@@ -21,12 +21,12 @@ here, never from the request path.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import resource
 import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlencode
 
 import anyio.to_thread
 import h11
@@ -39,7 +39,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
-from urllib.parse import urlencode
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from evertrain.dashboard import auth, sources
@@ -56,7 +55,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                                "frame-ancestors 'none'",
 }
-THREADS = 8              # file reads at once: more only queue for the same 2 disks' worth of work
+THREADS = 8              # file reads at once (anyio's default pool is 40): more would only wait on the same disk
 MAX_CONNECTIONS = 2048   # uvicorn's limit_concurrency: past it a request is answered 503 at once
 BACKLOG = 2048           # connections the kernel holds until they are accepted (uvicorn's default)
 HEAD_TIMEOUT = 10        # seconds for a request's line and headers to arrive
