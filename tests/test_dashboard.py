@@ -309,6 +309,10 @@ def test_a_change_on_loopback_needs_the_pages_own_origin():
             headers = {} if origin is None else {"Origin": origin}
             status, _h, body = request(s.port, "/thing", headers=headers, method="POST")
             assert status == 403 and b"own page" in body, (origin, status)
+        # A CORS preflight from elsewhere is a change like any other: refused, and no CORS header says more.
+        status, headers, _ = request(s.port, "/thing", method="OPTIONS", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert status == 403 and "Access-Control-Allow-Origin" not in headers
         assert done == []  # no refused request reached the route
         assert request(s.port, "/thing", headers={"Origin": own}, method="POST")[0] == 200
         assert request(s.port, "/thing", headers={"Origin": own.upper()}, method="DELETE")[0] == 200
