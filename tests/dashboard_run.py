@@ -63,22 +63,28 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-class Served:
-    """The dashboard server in a thread of this process, on a free port."""
+class Serving:
+    """A server.Listener (the real uvicorn server) answering from a thread of this process."""
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", token: str | None = None):
-        from evertrain.dashboard.server import make_server
+    def __init__(self, listener):
+        self.server = listener
+        self.port = listener.port
+        self.thread = threading.Thread(target=listener.serve_forever, daemon=True)
 
-        self.server = make_server(root, host, 0, token)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-
-    def __enter__(self) -> "Served":
+    def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self.thread.join(10)
+        self.server.close()
+
+
+class Served(Serving):
+    """The dashboard of the run in `root`, on a port the OS chose."""
+
+    def __init__(self, root: Path, host: str = "127.0.0.1", token: str | None = None):
+        from evertrain.dashboard.server import make_server
+
+        super().__init__(make_server(root, host, 0, token))

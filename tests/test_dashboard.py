@@ -1,22 +1,34 @@
 """The dashboard's server and its reader of the run's files, without a browser: API answers on a real run,
-no file outside the package's static folder is ever served, the token off loopback, and the readers' edge
-cases (resumed steps, torn lines, long histories, a ledger in use, NaN)."""
+no file outside the package's static folder is ever served, the access rules (token, Host, Origin), bad
+query values, many clients and half-sent requests, and the readers' edge cases (resumed steps, torn lines,
+long histories, a ledger in use, NaN).
 
+    pytest tests/test_dashboard.py
+"""
+
+import asyncio
 import http.client
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
-from dashboard_run import Served, lines, trained_run
+from dashboard_run import Served, Serving, lines, trained_run
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-from evertrain.dashboard import server, sources
+from evertrain.dashboard import auth, server, sources
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +36,13 @@ def run_dir(tmp_path_factory, tiny_model):
     return trained_run(tmp_path_factory, tiny_model)
 
 
-def request(port: int, path: str, headers: dict | None = None, host: str = "127.0.0.1"):
+def request(port: int, path: str, headers: dict | None = None, host: str = "127.0.0.1", method: str = "GET"):
     """The raw path goes out as given (no client-side normalisation of '..')."""
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, headers=headers or {})
         r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
+        return r.status, r.headers, r.read()  # headers: any case of a name finds it
     finally:
         conn.close()
 
@@ -75,7 +87,8 @@ TRAVERSALS = ["/static/../../etc/passwd", "/static/%2e%2e/%2e%2e/etc/passwd", "/
               "/static/%2e%2e/server.py", "/static/../server.py", "/static//etc/passwd", "/static/",
               "/../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "//etc/passwd", "/etc/passwd",
               "/api/snapshot/../../../etc/passwd", "/api/snapshot/%2e%2e%2f%2e%2e", "/api/snapshot/1e3",
-              "/api/snapshot/%31", "/metrics.jsonl", "/checkpoint-1/trainer_state.json", "/static/style.css/.."]
+              "/static/%2e%2e%2fserver.py", "/metrics.jsonl", "/checkpoint-1/trainer_state.json",
+              "/static/style.css/.."]
 
 
 def test_no_path_reaches_a_file_outside_the_static_folder(run_dir):
@@ -84,7 +97,7 @@ def test_no_path_reaches_a_file_outside_the_static_folder(run_dir):
     with Served(run_dir) as s:
         for path in TRAVERSALS:
             status, _h, body = request(s.port, path)
-            assert status in (403, 404), (path, status)
+            assert status in (400, 403, 404), (path, status)
             assert secret not in body and own_source not in body and b"global_step" not in body, path
         # What is whitelisted is served, and is exactly the packaged file.
         status, _h, body = request(s.port, "/static/style.css")
@@ -102,24 +115,287 @@ def test_page_needs_nothing_from_the_network():
 
 def test_loopback_server_refuses_a_foreign_host_header(run_dir):
     with Served(run_dir) as s:
+        for host in ("evil.example:80", "127.0.0.1.evil.example", "127.0.0.1@evil.example", "[::1", ""):
+            status, _h, body = request(s.port, "/api/state", headers={"Host": host})
+            assert status in (400, 403) and b"global_step" not in body, (host, status)
         assert request(s.port, "/api/state", headers={"Host": "evil.example:80"})[0] == 403
         assert request(s.port, "/api/state", headers={"Host": f"localhost:{s.port}"})[0] == 200
+        assert request(s.port, "/api/state", headers={"Host": f"[::1]:{s.port}"})[0] == 200
+
+
+BAD_VALUES = ["/api/metrics?since=--5", "/api/metrics?since=abc", "/api/metrics?since=1e999",
+              "/api/metrics?since=-1", "/api/metrics?since=", "/api/metrics?since=%00", "/api/metrics?since=%D9%A3",
+              "/api/metrics?since=" + "9" * 4000, "/api/metrics?since=1000000000001", "/api/metrics?since=+3",
+              "/api/snapshot/-3", "/api/snapshot/1e3", "/api/snapshot/" + "9" * 30, "/api/snapshot/%D9%A3"]
+
+
+def test_every_bad_query_value_is_a_400_with_a_short_message(run_dir):
+    with Served(run_dir) as s:
+        for path in BAD_VALUES:
+            status, headers, body = request(s.port, path)
+            assert status == 400, (path, status, body[:200])
+            error = json.loads(body)["error"]
+            assert "must be a step number" in error and len(error) < 120, error
+            assert "Traceback" not in error and "Error" not in error, error
+            assert headers["X-Content-Type-Options"] == "nosniff"
+        assert request(s.port, "/api/snapshot/99999")[0] == 404
+        assert request(s.port, "/api/metrics?since=1000000000000")[0] == 200
+
+
+def test_an_unexpected_failure_is_a_generic_500_and_goes_to_the_log(run_dir, monkeypatch):
+    def broken(run):
+        raise RuntimeError("secret detail of /home/someone")
+
+    monkeypatch.setattr(sources, "state", broken)
+    logged = []
+    with Served(run_dir) as s:
+        handler = logging.Handler()
+        handler.emit = logged.append
+        logging.getLogger("uvicorn.error").addHandler(handler)
+        try:
+            status, headers, body = request(s.port, "/api/state")
+            metrics_status = request(s.port, "/api/metrics?since=0")[0]
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert status == 500 and json.loads(body) == {"error": "internal error: the dashboard's log says what went wrong"}
+    assert b"secret" not in body and b"RuntimeError" not in body
+    assert headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert any(r.exc_info and "secret detail" in str(r.exc_info[1]) for r in logged)
+    assert metrics_status == 200  # the server goes on
+
+
+def test_only_get_and_head_and_no_long_addresses(run_dir):
+    with Served(run_dir) as s:
+        own = {"Origin": f"http://127.0.0.1:{s.port}"}
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            status, headers, _ = request(s.port, "/api/state", headers=own, method=method)
+            assert status == 405 and set(headers["Allow"].split(", ")) == {"GET", "HEAD"}, method
+            assert request(s.port, "/api/state", method=method)[0] == 403, method  # no Origin: refused first
+        status, headers, body = request(s.port, "/api/state", method="HEAD")
+        assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+        assert request(s.port, "/api/state?pad=" + "a" * 5000)[0] == 414
+        assert request(s.port, "/static/" + "a" * 20_000)[0] in (400, 414)
+        assert request(s.port, "/api/state?pad=" + "a" * 3000)[0] == 200
+
+
+def test_a_hundred_clients_at_once_all_get_their_answer(run_dir):
+    async def many(port):
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=120) as client:
+            return await asyncio.gather(*(client.get(p) for _ in range(25)
+                                          for p in ("/api/state", "/api/metrics?since=0", "/", "/api/snapshots")))
+
+    with Served(run_dir) as s:
+        answers = asyncio.run(many(s.port))
+    assert len(answers) == 100 and [r.status_code for r in answers] == [200] * 100
+    assert len({r.content for r in answers if r.url.path == "/api/state"}) == 1  # the same state, whole
+
+
+def test_reads_run_off_the_event_loop_in_a_bounded_pool(run_dir, monkeypatch):
+    running, most = [], []
+
+    def slow_state(run):
+        running.append(1)
+        most.append(len(running))
+        time.sleep(0.5)  # a slow disk
+        running.pop()
+        return {"ok": True}
+
+    monkeypatch.setattr(sources, "state", slow_state)
+
+    async def many(port):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            slow = [asyncio.create_task(client.get("/api/state")) for _ in range(3 * server.THREADS)]
+            while not running:
+                await asyncio.sleep(0.01)
+            # The event loop is free meanwhile: what needs no file read (a 404) is answered during the reads.
+            missing = await client.get("/nope")
+            reading = len(running)
+            return missing, reading, [r.status_code for r in await asyncio.gather(*slow)]
+
+    with Served(run_dir) as s:
+        missing, reading, statuses = asyncio.run(many(s.port))
+    assert missing.status_code == 404 and reading > 0
+    assert statuses == [200] * 3 * server.THREADS
+    assert max(most) == server.THREADS  # as many at once as the pool has, no more
+
+
+def test_past_the_connection_limit_a_request_is_refused_at_once(run_dir, monkeypatch):
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 4)
+    with Served(run_dir) as s:
+        held = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(4)]
+        try:
+            for c in held:
+                c.sendall(b"GET / HTTP/1.1\r\n")
+            assert request(s.port, "/api/state")[0] == 503
+        finally:
+            for c in held:
+                c.close()
+        for _ in range(100):  # the server notices the closed connections within a few loop turns
+            status = request(s.port, "/api/state")[0]
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert status == 200
+
+
+def test_answers_go_out_at_once_on_a_kept_connection(run_dir):
+    """TCP_NODELAY on every connection: without it, each answer after the first on a keep-alive connection
+    waits out the client's delayed ACK (40 ms)."""
+    with Served(run_dir) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        try:
+            for _ in range(2):
+                conn.request("GET", "/api/state")
+                assert conn.getresponse().read()
+            sockets = [p.transport.get_extra_info("socket") for p in s.server.server.server_state.connections]
+            assert sockets and all(x.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for x in sockets)
+        finally:
+            conn.close()
+
+
+def test_a_half_sent_request_is_dropped_and_does_not_hold_up_others(run_dir, monkeypatch):
+    monkeypatch.setattr(server, "HEAD_TIMEOUT", 2)
+    with Served(run_dir) as s:
+        idle = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        idle.sendall(b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        trickle = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        assert request(s.port, "/api/state")[0] == 200  # meanwhile
+        try:
+            assert idle.recv(100) == b""  # closed by the server, with nothing sent
+            # Sending a byte now and then does not keep a head waiting past its deadline.
+            for _ in range(200):
+                try:
+                    trickle.sendall(b"G")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("a request trickling in byte by byte was kept for 10 s")
+        finally:
+            idle.close()
+            trickle.close()
+
+
+# ------------------------------------------------------------------------------------------------ access rules
+# The rules for routes that change state, on a small app of their own (no route of the page changes state yet).
+
+def tiny_app(access: auth.Access) -> Starlette:
+    done = []
+
+    def change(request):
+        done.append(request.method)
+        return JSONResponse({"done": len(done)})
+
+    app = Starlette(routes=[Route("/thing", change, methods=["GET", "POST", "DELETE"])],
+                    middleware=[Middleware(auth.AccessMiddleware, access=access)])
+    app.state.done = done
+    return app
+
+
+def serve_tiny(access: auth.Access) -> Serving:
+    app = tiny_app(access)
+    serving = Serving(server.Listener(app, "127.0.0.1", 0))
+    serving.done = app.state.done  # what reached the route
+    return serving
+
+
+def test_a_change_on_loopback_needs_the_pages_own_origin():
+    with serve_tiny(auth.Access.for_binding("127.0.0.1", None)) as s:
+        own = f"http://127.0.0.1:{s.port}"
+        done = s.done
+        for origin in (None, "", "null", "http://evil.example", f"http://127.0.0.1:{s.port + 1}",
+                       f"https://127.0.0.1:{s.port}", f"{own}.evil.example"):
+            headers = {} if origin is None else {"Origin": origin}
+            status, _h, body = request(s.port, "/thing", headers=headers, method="POST")
+            assert status == 403 and b"own page" in body, (origin, status)
+        # A CORS preflight from elsewhere is a change like any other: refused, and no CORS header says more.
+        status, headers, _ = request(s.port, "/thing", method="OPTIONS", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert status == 403 and "Access-Control-Allow-Origin" not in headers
+        assert done == []  # no refused request reached the route
+        assert request(s.port, "/thing", headers={"Origin": own}, method="POST")[0] == 200
+        assert request(s.port, "/thing", headers={"Origin": own.upper()}, method="DELETE")[0] == 200
+        assert request(s.port, "/thing")[0] == 200  # a read needs no Origin
+        # The page's own origin on a foreign Host is still a foreign host.
+        assert request(s.port, "/thing", headers={"Origin": "http://evil.example", "Host": "evil.example"},
+                       method="POST")[0] == 403
+        assert done == ["POST", "DELETE", "GET"]
+
+
+def test_a_change_off_loopback_needs_the_token_and_the_origin():
+    access = auth.Access.for_binding("0.0.0.0", TOKEN)
+    with serve_tiny(access) as s:
+        own = {"Origin": f"http://127.0.0.1:{s.port}"}
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        cookie = {"Cookie": f"{auth.COOKIE}={TOKEN}"}
+        assert request(s.port, "/thing", headers=own, method="POST")[0] == 401
+        assert request(s.port, "/thing", headers={**own, "Cookie": f"{auth.COOKIE}="}, method="POST")[0] == 401
+        assert request(s.port, "/thing", headers=bearer, method="POST")[0] == 403
+        assert request(s.port, "/thing", headers={**cookie, "Origin": "http://evil.example"}, method="POST")[0] == 403
+        assert request(s.port, "/thing", headers={**own, **bearer}, method="POST")[0] == 200
+        assert request(s.port, "/thing", headers={**own, **cookie}, method="POST")[0] == 200
+        # ?token= on a change is not turned into a redirect (a form cannot be replayed by one)
+        assert request(s.port, f"/thing?token={TOKEN}", headers=own, method="POST")[0] == 200
+
+
+def test_rules_for_a_binding():
+    assert auth.Access.for_binding("127.0.0.1", None) == auth.Access(None, True)
+    assert auth.Access.for_binding("::1", None).loopback
+    made = auth.Access.for_binding("0.0.0.0", None)
+    assert not made.loopback and len(made.token) >= 24 and made != auth.Access.for_binding("0.0.0.0", None)
+    assert auth.Access.for_binding("192.0.2.1", TOKEN) == auth.Access(TOKEN, False)
+    for weak in ("", " ", "x" * 15):
+        with pytest.raises(auth.TokenRefused, match="at least 16 characters"):
+            auth.Access.for_binding("0.0.0.0", weak)
+
+
+TOKEN = "s3cret-token-for-tests"
 
 
 def test_off_loopback_every_request_needs_the_token(run_dir):
-    with Served(run_dir, host="0.0.0.0", token="s3cret-token") as s:
+    with Served(run_dir, host="0.0.0.0", token=TOKEN) as s:
         for path in ("/", "/api/state", "/static/app.js", "/api/metrics?since=0"):
             assert request(s.port, path)[0] == 401, path
         assert request(s.port, "/api/state?token=wrong")[0] == 401
         assert request(s.port, "/api/state", headers={"Authorization": "Bearer wrong"})[0] == 401
-        assert request(s.port, "/api/state", headers={"Authorization": "Bearer s3cret-token"})[0] == 200
+        assert request(s.port, "/api/state", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
         # ?token= sets a cookie and sends the browser to the same page without the token in its address.
-        status, headers, _ = request(s.port, "/?token=s3cret-token")
+        status, headers, _ = request(s.port, f"/?token={TOKEN}")
         assert status == 303 and headers["Location"] == "/"
+        assert request(s.port, f"/api/metrics?since=3&token={TOKEN}")[1]["Location"] == "/api/metrics?since=3"
         cookie = headers["Set-Cookie"].split(";")[0]
-        assert "HttpOnly" in headers["Set-Cookie"]
+        assert "httponly" in headers["Set-Cookie"].lower() and "samesite=strict" in headers["Set-Cookie"].lower()
         assert request(s.port, "/api/state", headers={"Cookie": cookie})[0] == 200
         assert request(s.port, "/api/state", headers={"Cookie": "evertrain_token=nope"})[0] == 401
+        assert request(s.port, "/api/state", headers={"Cookie": "evertrain_token=" + TOKEN[:-1]})[0] == 401
+
+
+EMPTY_CREDENTIALS = [{"Authorization": "Bearer "}, {"Authorization": "Bearer"}, {"Authorization": ""},
+                     {"Cookie": "evertrain_token="}, {"Cookie": 'evertrain_token=""'}, {"Cookie": "evertrain_token"}]
+
+
+def test_an_empty_credential_never_passes(run_dir):
+    with Served(run_dir, host="0.0.0.0", token=TOKEN) as s:
+        for headers in EMPTY_CREDENTIALS:
+            assert request(s.port, "/api/state", headers=headers)[0] == 401, headers
+        assert request(s.port, "/api/state?token=")[0] == 401
+    # Even rules made with an empty token (for_binding refuses one) let no empty credential through.
+    with Serving(server.Listener(tiny_app(auth.Access("", loopback=False)), "127.0.0.1", 0)) as s:
+        for headers in EMPTY_CREDENTIALS:
+            assert request(s.port, "/thing", headers=headers)[0] == 401, headers
+        assert request(s.port, "/thing?token=")[0] == 401
+
+
+@pytest.mark.parametrize("host, token", [("0.0.0.0", ""), ("0.0.0.0", "short"), ("127.0.0.1", "x" * 15)])
+def test_cli_refuses_an_empty_or_short_token_at_start(tmp_path, capsys, host, token):
+    from evertrain.cli import main
+
+    assert main(["dashboard", str(tmp_path), "--host", host, "--port", "0", "--token", token]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"evertrain: dashboard: --token must have at least 16 characters (this one has "
+                                f"{len(token)}); leave it out to have a random one made and printed"]
+    assert "dashboard of" not in out  # it never served
 
 
 def test_cli_off_loopback_generates_a_token_and_prints_it_once(run_dir):

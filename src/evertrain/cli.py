@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", type=Path, nargs="?", default=Path("."), help="workspace or --output-dir (default: .)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; off loopback a token is required")
     p.add_argument("--port", type=int, default=8777, help="port (0: any free one)")
-    p.add_argument("--token", help="the token clients must send (default off loopback: a random one, printed)")
+    p.add_argument("--token", help="the token clients must send, 16 characters or more "
+                                   "(default off loopback: a random one, printed)")
     p.set_defaults(func=cmd_dashboard)
 
     args = parser.parse_args(argv)
@@ -199,13 +200,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from evertrain.dashboard import server
+    from evertrain.dashboard import auth, server
 
     if not args.dir.is_dir():
         print(f"evertrain: {args.dir}: no such folder", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         return server.serve(args.dir, args.host, args.port, args.token)
+    except auth.TokenRefused as e:
+        print(f"evertrain: dashboard: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except OSError as e:
         print(f"evertrain: dashboard: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILED

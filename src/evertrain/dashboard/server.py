@@ -2,6 +2,7 @@
 
     evertrain dashboard DIR                          # http://127.0.0.1:8777/, loopback only, no token
     evertrain dashboard DIR --host 0.0.0.0           # reachable from elsewhere: prints a URL with a token
+    python bench/dashboard_load.py                   # 500 clients at once, 1,000 half-sent requests
 
 GET /                       the page (static/index.html; it polls the API every 2 s)
 GET /static/NAME            one of the files shipped in static/ (a fixed list: nothing else is ever served)
@@ -10,36 +11,42 @@ GET /api/metrics?since=N    metric columns of the steps after N, file spans
 GET /api/snapshots          snapshot steps and tracked examples with their per-step summary
 GET /api/snapshot/N         one snapshot (tokens right/wrong, prediction, generation)
 
-Workspace files are only reached through `sources`, by names built here (never from the request path).
-Bound to a loopback address, requests must name a loopback Host (a web page elsewhere cannot rebind its
-domain to reach it). Bound elsewhere, every request needs the token: `?token=` (then kept in a cookie) or
-`Authorization: Bearer TOKEN`.
+Starlette routes served by uvicorn (asyncio, h11). Who may ask is decided in auth.py, for every route. The
+reads of `sources` block on files, so the routes are plain functions: Starlette runs them in its thread pool,
+held to THREADS. A bad query value is a 400 with a short message; anything unexpected a 500 that says only
+that (the traceback goes to the log). Workspace files are only reached through `sources`, by names built
+here, never from the request path.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
-import json
+import asyncio
 import math
-import secrets
+import resource
 import socket
-import sys
-import traceback
-from http import HTTPStatus
-from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode
 
-from evertrain.dashboard import sources
+import anyio.to_thread
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from evertrain.dashboard import auth, sources
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml",
                  ".txt": "text/plain; charset=utf-8"}
-COOKIE = "evertrain_token"
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -48,6 +55,14 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                                "frame-ancestors 'none'",
 }
+THREADS = 8              # file reads at once (anyio's default pool is 40): more would only wait on the same disk
+MAX_CONNECTIONS = 2048   # uvicorn's limit_concurrency: past it a request is answered 503 at once
+BACKLOG = 2048           # connections the kernel holds until they are accepted (uvicorn's default)
+HEAD_TIMEOUT = 10        # seconds for a request's line and headers to arrive
+KEEP_ALIVE = 5           # seconds a connection may sit idle between requests
+MAX_HEAD = 16384         # bytes of request line and headers while they arrive (h11): then 400
+MAX_URL = 4096           # bytes of path and query: the page's own are under 100
+MAX_STEP = 10**12        # far past any run: a longer number is a mistake, not a step
 
 
 def static_files() -> dict[str, Path]:
@@ -55,128 +70,14 @@ def static_files() -> dict[str, Path]:
     return {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in CONTENT_TYPES}
 
 
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+class BadQuery(ValueError):
+    """A query value the page never sends: answered 400 with this message."""
 
 
-class DashboardServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, run: sources.Run, host: str, port: int, token: str | None):
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.run, self.token, self.loopback = run, token, is_loopback(host)
-        self.static = static_files()
-        super().__init__((host, port), Handler)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}/" + (f"?{urlencode({'token': self.token})}" if self.token else "")
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: DashboardServer
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 (the http.server naming)
-        url = urlsplit(self.path)
-        query = parse_qs(url.query)
-        if not self.allowed(query):
-            return
-        if "token" in query:  # keep it in a cookie, and out of the address bar and of links
-            clean = url.path + (f"?{urlencode({k: v for k, v in query.items() if k != 'token'}, doseq=True)}"
-                                if len(query) > 1 else "")
-            cookie = f"{COOKIE}={self.server.token}; Path=/; HttpOnly; SameSite=Strict"
-            return self.send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": clean, "Set-Cookie": cookie})
-        try:
-            self.route(url.path, query)
-        except Exception as e:  # one bad read must not take the page down: show it there
-            traceback.print_exc(file=sys.stderr)
-            self.json({"error": f"{type(e).__name__}: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
-
-    def route(self, path: str, query: dict) -> None:
-        run = self.server.run
-        if path in ("/", "/index.html"):
-            return self.static("index.html")
-        if path.startswith("/static/"):
-            return self.static(path[len("/static/"):])
-        if path == "/api/state":
-            return self.json(sources.state(run))
-        if path == "/api/metrics":
-            since = query.get("since", ["0"])[0]
-            if not since.lstrip("-").isdigit():
-                return self.json({"error": "since must be a step number"}, HTTPStatus.BAD_REQUEST)
-            return self.json(sources.metrics(run, int(since)))
-        if path == "/api/snapshots":
-            return self.json(sources.snapshots_index(run))
-        if path.startswith("/api/snapshot/"):
-            step = path[len("/api/snapshot/"):]
-            snap = sources.snapshot(run, int(step)) if step.isdigit() and step.isascii() else None
-            if snap is None:
-                return self.json({"error": f"no snapshot for step {step}"}, HTTPStatus.NOT_FOUND)
-            return self.json(snap)
-        self.json({"error": "not found"}, HTTPStatus.NOT_FOUND)
-
-    def allowed(self, query: dict) -> bool:
-        """The token when one is set; otherwise (loopback) a loopback Host header."""
-        server = self.server
-        if server.token is None:
-            host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
-            if server.loopback and not is_loopback(host):
-                self.json({"error": f"bound to loopback, this dashboard answers only to localhost or 127.0.0.1, "
-                                    f"not {host!r}; to reach it by another name, start it with --host and use "
-                                    "the token it prints"}, HTTPStatus.FORBIDDEN)
-                return False
-            return True
-        given = []
-        auth = self.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            given.append(auth[len("Bearer "):].strip())
-        given += query.get("token", [])
-        cookie = SimpleCookie()
-        try:
-            cookie.load(self.headers.get("Cookie", ""))
-        except Exception:
-            pass
-        if COOKIE in cookie:
-            given.append(cookie[COOKIE].value)
-        if any(hmac.compare_digest(g.encode(), server.token.encode()) for g in given):
-            return True
-        self.json({"error": "token required: open the URL with ?token=... that `evertrain dashboard` printed"},
-                  HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
-        return False
-
-    def static(self, name: str) -> None:
-        path = self.server.static.get(name)  # a name, never a path: '..', '/', '%2e' match nothing
-        if path is None:
-            return self.json({"error": "not found"}, HTTPStatus.NOT_FOUND)
-        body = path.read_bytes()
-        self.send(HTTPStatus.OK, body, CONTENT_TYPES[path.suffix], {"Cache-Control": "no-cache"})
-
-    def json(self, data, status: HTTPStatus = HTTPStatus.OK, headers: dict | None = None) -> None:
-        body = json.dumps(finite(data), separators=(",", ":")).encode()
-        self.send(status, body, "application/json", {"Cache-Control": "no-store", **(headers or {})})
-
-    def send(self, status: HTTPStatus, body: bytes, content_type: str, headers: dict) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in {**SECURITY_HEADERS, **headers}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
-        pass  # a poll every 2 s would flood the terminal; errors are printed where they happen
+def step_number(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_STEP)) or int(text) > MAX_STEP:
+        raise BadQuery(f"{what} must be a step number from 0 to {MAX_STEP}, not {text[:40]!r}")
+    return int(text)
 
 
 def finite(x):
@@ -190,25 +91,203 @@ def finite(x):
     return x
 
 
+def as_json(data, status: int = 200, headers: dict | None = None) -> Response:
+    return JSONResponse(finite(data), status, headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+def build_app(run: sources.Run, access: auth.Access) -> Starlette:
+    static = static_files()
+
+    def static_file(name: str) -> Response:
+        path = static.get(name)  # a name, never a path: '..', '/', '%2e' match nothing
+        if path is None:
+            return as_json({"error": "not found"}, 404)
+        return Response(path.read_bytes(), media_type=CONTENT_TYPES[path.suffix],
+                        headers={"Cache-Control": "no-cache"})
+
+    def metrics(request: Request) -> Response:
+        return as_json(sources.metrics(run, step_number(request.query_params.get("since", "0"), "since")))
+
+    def snapshot(request: Request) -> Response:
+        step = step_number(request.path_params["step"], "the snapshot's step")
+        snap = sources.snapshot(run, step)
+        return as_json(snap) if snap is not None else as_json({"error": f"no snapshot for step {step}"}, 404)
+
+    routes = [Route(path, endpoint, methods=["GET"]) for path, endpoint in [
+        ("/", lambda request: static_file("index.html")),
+        ("/index.html", lambda request: static_file("index.html")),
+        ("/static/{name}", lambda request: static_file(request.path_params["name"])),
+        ("/api/state", lambda request: as_json(sources.state(run))),
+        ("/api/metrics", metrics),
+        ("/api/snapshots", lambda request: as_json(sources.snapshots_index(run))),
+        ("/api/snapshot/{step}", snapshot),
+    ]]
+    return Starlette(routes=routes, lifespan=bounded_threads,
+                     middleware=[Middleware(Guard), Middleware(auth.AccessMiddleware, access=access)],
+                     exception_handlers={BadQuery: bad_query, HTTPException: http_error, Exception: server_error})
+
+
+def bad_query(request: Request, exc: BadQuery) -> Response:
+    return as_json({"error": str(exc)}, 400)
+
+
+def http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (404, 405 with its Allow header) as JSON, like every other answer."""
+    return as_json({"error": exc.detail.lower()}, exc.status_code, exc.headers)
+
+
+def server_error(request: Request, exc: Exception) -> Response:
+    # Outside the middleware (Starlette answers it last), so the headers are added here. Starlette raises
+    # the exception again after this answer, and uvicorn logs it with its traceback.
+    return as_json({"error": "internal error: the dashboard's log says what went wrong"}, 500, SECURITY_HEADERS)
+
+
+@asynccontextmanager
+async def bounded_threads(app: Starlette):
+    anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+    yield
+
+
+class Guard:
+    """SECURITY_HEADERS on every answer, refusals included; an address longer than MAX_URL refused (414):
+    h11 bounds only a head that arrives in pieces, not one that came whole."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for k, v in SECURITY_HEADERS.items():
+                    headers.setdefault(k, v)
+            await send(message)
+
+        if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_URL:
+            return await as_json({"error": f"address longer than {MAX_URL} bytes"}, 414)(
+                scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
+
+
+class Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 with a deadline for each request's head. uvicorn times out a connection only while
+    it is idle between requests: one that sent half a request would keep it, and its place under
+    MAX_CONNECTIONS, for ever."""
+
+    head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.await_head()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is h11.IDLE:  # the next request's head has not (entirely) come
+            self.await_head()
+        else:
+            self.stop_waiting()
+
+    def connection_lost(self, exc) -> None:
+        self.stop_waiting()
+        super().connection_lost(exc)
+
+    def await_head(self) -> None:
+        if self.head_deadline is None:  # from the first byte it waited for, not the last it got
+            self.head_deadline = self.loop.call_later(HEAD_TIMEOUT, self.head_too_slow)
+
+    def stop_waiting(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def head_too_slow(self) -> None:
+        self.head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class Listener:
+    """An ASGI app served by uvicorn with the limits above, on a socket bound and listening from here on
+    (port 0: one the OS chose), so a client may connect before `serve_forever` runs."""
+
+    def __init__(self, app: ASGIApp, host: str, port: int):
+        # IPPROTO_TCP by name: asyncio sets TCP_NODELAY only on sockets that say so, and without it a
+        # keep-alive client waits out the delayed ACK (40 ms) for every answer.
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
+                                    socket.IPPROTO_TCP)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(BACKLOG)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, http=Protocol, loop="asyncio", ws="none", lifespan="on", interface="asgi3",
+            limit_concurrency=MAX_CONNECTIONS, backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE,
+            timeout_graceful_shutdown=KEEP_ALIVE,
+            h11_max_incomplete_event_size=MAX_HEAD, proxy_headers=False, server_header=False,
+            access_log=False, log_level="warning"))
+
+    @property
+    def port(self) -> int:
+        return self.socket.getsockname()[1]
+
+    def serve_forever(self) -> None:
+        """Until `shutdown` (from another thread) or, in the main thread, SIGINT/SIGTERM."""
+        self.server.run(sockets=[self.socket])
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class DashboardServer(Listener):
+    def __init__(self, root: Path, host: str, port: int, token: str | None):
+        self.access = auth.Access.for_binding(host, token)  # before binding: a refused token never listens
+        self.run = sources.open_run(root)
+        super().__init__(build_app(self.run, self.access), host, port)
+
+    @property
+    def url(self) -> str:
+        host = self.socket.getsockname()[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}/" + (f"?{urlencode({'token': self.access.token})}"
+                                                 if self.access.token else "")
+
+
 def make_server(root: Path, host: str = "127.0.0.1", port: int = 8777, token: str | None = None,
                 ) -> DashboardServer:
-    """A server for the run in `root` (not yet serving). Off loopback a token is always required."""
-    if token is None and not is_loopback(host):
-        token = secrets.token_urlsafe(24)
-    return DashboardServer(sources.open_run(root), host, port, token)
+    """A server for the run in `root`, listening but not yet answering. Raises auth.TokenRefused."""
+    return DashboardServer(root, host, port, token)
+
+
+def room_for_connections() -> None:
+    """A soft limit of 1,024 open files (common) would refuse connections far below MAX_CONNECTIONS."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_CONNECTIONS + 64
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
+                                                    hard))
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 8777, token: str | None = None) -> int:
     server = make_server(root, host, port, token)
+    room_for_connections()
     run = server.run
     print(f"evertrain: dashboard of {run.root} ({'workspace' if run.daemon else 'train output dir'}) "
           f"at {server.url}", flush=True)
-    if server.token:
+    if server.access.token:
         print("evertrain: the token is required from every client; keep this URL private", flush=True)
     try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
+        server.serve_forever()
+    except KeyboardInterrupt:  # uvicorn stops on SIGINT, then raises it again for the caller
         pass
     finally:
-        server.server_close()
+        server.close()
     return 0
