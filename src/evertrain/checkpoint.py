@@ -202,20 +202,24 @@ def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip") -> C
     """
     output_dir = Path(output_dir)
     recover_swap(output_dir)
-    problems = []
+    problems, found = [], None
     for ckpt in candidates(output_dir):
         problem = verify(ckpt)
         if problem is None:
-            return ckpt
-        warn(f"evertrain: skipping {ckpt.path}: {problem}")
+            found = ckpt
+            break
         problems.append((ckpt.path, problem))
     problems += unreadable(output_dir)
-    if problems and damaged == "refuse":
-        raise NoUsableCheckpoint(output_dir, problems)
-    if problems and damaged == "set-aside":
-        for path, why in problems:
-            warn(f"evertrain: moved {path} to {set_aside(path)} ({why})")
-    return None
+    if found is None:
+        if problems and damaged == "refuse":
+            raise NoUsableCheckpoint(output_dir, problems)
+        if damaged == "set-aside":
+            for path, why in problems:
+                warn(f"evertrain: moved {path} to {set_aside(path)} ({why})")
+            return None
+    for path, why in problems:
+        warn(f"evertrain: skipping {path}: {why}")
+    return found
 
 
 def set_aside(path: Path) -> Path:
