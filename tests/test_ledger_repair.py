@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from conftest import cli, write_jsonl
@@ -133,3 +136,33 @@ def test_a_new_workspace_gets_its_ledger_silently_and_a_lost_one_is_told_from_it
     assert "no checkpoint holds a copy of the ledger" in capsys.readouterr().out
     (row,) = ledger_rows(other)
     assert (row["id"], row["state"]) == (1, "failed") and "line 1: invalid JSON" in row["error"]
+
+
+def test_a_file_finished_just_before_a_kill_and_a_lost_ledger_is_not_trained_again(tmp_path, tiny_model, capsys):
+    ws = make_ws(tmp_path, tiny_model)
+    drop(ws, "a.jsonl", rows(8, "a"))
+    drop(ws, "b.jsonl", rows(6, "b"))
+    # killed with a's last checkpoint committed, the ledger not yet told: a is in queue/, its row "training"
+    env = dict(os.environ, EVERTRAIN_FAULT="before-ledger-done:1")
+    killed = subprocess.run([sys.executable, "-m", "evertrain", "run", str(ws), "--once"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (ws / "ledger.sqlite-wal").exists()  # what a kill leaves beside it; it must not outlive its ledger
+    look = sqlite3.connect(f"{(ws / 'ledger.sqlite').as_uri()}?mode=ro", uri=True)  # read-only: the WAL stays
+    assert look.execute("SELECT id, state FROM files").fetchall() == [(1, "training"), (2, "queued")]
+    look.close()
+    (ws / "ledger.sqlite").unlink()
+
+    capsys.readouterr()
+    assert cli("run", ws, "--once") == 2 and "is missing" in capsys.readouterr().err
+    assert cli("repair", ws) == 0
+    assert sorted(p.name for p in next(ws.glob("ledger-broken-*")).iterdir()) == ["ledger.sqlite-shm",
+                                                                                  "ledger.sqlite-wal"]
+    assert [(r["id"], r["state"]) for r in ledger_rows(ws)] == [(1, "done"), (2, "queued")]
+    assert (ws / "done" / "000001-a.jsonl").is_file()
+    assert cli("run", ws, "--once") == 0
+    files = ledger_rows(ws)
+    assert [(r["id"], r["state"], r["first_step"], r["last_step"]) for r in files] == [(1, "done", 1, 2),
+                                                                                     (2, "done", 3, 4)]
+    assert_exactly_once(ws, files[0], 8)
+    assert_exactly_once(ws, files[1], 6)

@@ -86,8 +86,11 @@ def cmd_train(args) -> int:
     if not args.dataset.is_file():
         print(f"evertrain: {args.dataset}: no such file", file=sys.stderr)
         return EXIT_BAD_INPUT
-    resume = checkpoint.newest_complete(args.output_dir, damaged="set-aside" if args.from_base else "refuse")
-    if resume is None and args.from_base:
+    # Before `setup` builds the accelerator, the launcher's RANK is what tells the one process that moves files.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    damaged = ("set-aside" if main_rank else "skip") if args.from_base else "refuse"
+    resume = checkpoint.newest_complete(args.output_dir, damaged=damaged)
+    if resume is None and args.from_base and main_rank:
         print(f"evertrain: no checkpoint loads in {args.output_dir}: starting again from the base model "
               "(--from-base)")
     config = resolve_config(args.output_dir, overrides_from_args(args), resume)
