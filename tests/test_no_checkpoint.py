@@ -56,6 +56,12 @@ def test_train_refuses_when_no_checkpoint_loads_and_from_base_starts_again(tmp_p
     # b's 2 steps from global step 0: the run started again, a is not part of it
     assert newest.step == 2 and [f["name"] for f in newest.state["evertrain"]["files"]] == ["b.jsonl"]
     assert not newest.state["evertrain"]["cursors"]
+    # while a checkpoint loads, --from-base changes nothing: the run goes on
+    c = write_jsonl(tmp_path / "c.jsonl", text_rows(2, "c"))
+    assert cli("train", "--dataset", c, "--output-dir", out, "--from-base") == 0
+    said = capsys.readouterr().out
+    assert "starting again" not in said and f"resumed {newest.path}" in said
+    assert checkpoint.newest_complete(out).step == 3
 
 
 def test_run_refuses_when_no_checkpoint_loads_and_from_base_is_in_the_ledger(tmp_path, tiny_model, capsys):
@@ -80,6 +86,10 @@ def test_run_refuses_when_no_checkpoint_loads_and_from_base_is_in_the_ledger(tmp
     assert_exactly_once(ws, files["a.jsonl"], 12)
     assert_exactly_once(ws, files["b.jsonl"], 4)
     assert sorted(p.name for p in (model_dir / checkpoint.DAMAGED_DIR).iterdir()) == sorted(why)
+    drop(ws, "c.jsonl", rows(4, "c"))
+    assert cli("run", ws, "--once", "--from-base") == 0  # a checkpoint loads: it goes on, nothing is noted
+    assert "started again" not in capsys.readouterr().out
+    assert [(r["original_name"], r["first_step"]) for r in ledger_rows(ws)][2] == ("c.jsonl", 5)
     assert cli("status", ws, "--json") == 0
     events = json.loads(capsys.readouterr().out)["events"]
     assert [e["kind"] for e in events] == ["from-base"] and str(tiny_model) in events[0]["text"]

@@ -222,6 +222,19 @@ def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip") -> C
     return found
 
 
+def resume_policy(from_base: bool, main_process: bool) -> str:
+    """`newest_complete`'s `damaged` at resume: refuse; with --from-base set them aside, from one process only."""
+    if not from_base:
+        return "refuse"
+    return "set-aside" if main_process else "skip"
+
+
+def present(output_dir: Path) -> bool:
+    """Whether any checkpoint-* folder is there, loadable or not."""
+    output_dir = Path(output_dir)
+    return output_dir.is_dir() and any(p.is_dir() and p.name.startswith("checkpoint-") for p in output_dir.iterdir())
+
+
 def set_aside(path: Path) -> Path:
     """Move a damaged checkpoint into OUTPUT_DIR/damaged/, under a name not yet taken there."""
     target_dir = path.parent / DAMAGED_DIR

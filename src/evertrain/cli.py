@@ -88,9 +88,9 @@ def cmd_train(args) -> int:
         return EXIT_BAD_INPUT
     # Before `setup` builds the accelerator, the launcher's RANK is what tells the one process that moves files.
     main_rank = os.environ.get("RANK", "0") == "0"
-    damaged = ("set-aside" if main_rank else "skip") if args.from_base else "refuse"
-    resume = checkpoint.newest_complete(args.output_dir, damaged=damaged)
-    if resume is None and args.from_base and main_rank:
+    starting_over = args.from_base and checkpoint.present(args.output_dir)
+    resume = checkpoint.newest_complete(args.output_dir, damaged=checkpoint.resume_policy(args.from_base, main_rank))
+    if resume is None and starting_over and main_rank:
         print(f"evertrain: no checkpoint loads in {args.output_dir}: starting again from the base model "
               "(--from-base)")
     config = resolve_config(args.output_dir, overrides_from_args(args), resume)

@@ -127,9 +127,8 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
 
     newest = resume
     if resume == "newest":
-        damaged = ("set-aside" if accelerator.is_main_process else "skip") if from_base else "refuse"
         newest = checkpoint.newest_complete(output_dir, warn=print if accelerator.is_main_process else _quiet,
-                                            damaged=damaged)
+                                            damaged=checkpoint.resume_policy(from_base, accelerator.is_main_process))
     identity = config.identity()
     if newest is not None:
         saved = newest.state["run"]

@@ -373,11 +373,12 @@ def _close_early(session: loop.Session, data: FileData, status: str) -> FileReco
 def new_session(svc: Service) -> None:
     """Load the newest complete checkpoint of the workspace's run (or start the run)."""
     # Checkpoints in current_model/; logs/ and snapshots/ (metrics, evaluations, evolution) at the workspace root.
+    starting_over = svc.from_base and checkpoint.present(svc.ws.model_dir)
     session = loop.setup(svc.config, svc.ws.model_dir, workdir=svc.ws.root, from_base=svc.from_base)
     session.budget_bytes = svc.daemon.checkpoint_budget_bytes or None
     session.protected = svc.ledger.pins()
     session.extra_files = lambda tmp: svc.ledger.backup(tmp / COPY_NAME)  # `evertrain repair` rebuilds from it
-    if svc.from_base and session.last_checkpoint is None:
+    if starting_over and session.last_checkpoint is None:
         text = f"no checkpoint loads; started again from the base model {svc.config.model} (--from-base)"
         svc.ledger.note("from-base", text)
         svc.say(f"evertrain: {text}")
