@@ -166,3 +166,25 @@ def test_a_file_finished_just_before_a_kill_and_a_lost_ledger_is_not_trained_aga
                                                                                      (2, "done", 3, 4)]
     assert_exactly_once(ws, files[0], 8)
     assert_exactly_once(ws, files[1], 6)
+
+
+def test_with_the_ledger_and_every_checkpoint_lost_nothing_counts_as_trained_until_from_base(tmp_path, tiny_model,
+                                                                                            capsys):
+    ws = make_ws(tmp_path, tiny_model)
+    drop(ws, "a.jsonl", rows(8, "a"))
+    assert cli("run", ws, "--once") == 0
+    (only,) = checkpoint.candidates(ws / "current_model")
+    (only.path / "model.safetensors").write_bytes(b"damaged")  # its ledger copy still matches the manifest
+    (ws / "ledger.sqlite").write_bytes(b"damaged")
+    capsys.readouterr()
+    assert cli("repair", ws) == 0
+    out = capsys.readouterr().out
+    assert f"restored the ledger copy of {only.path}" in out and "no checkpoint loads" in out
+    assert "done/000001-a.jsonl: no loadable checkpoint records it as trained; queued again" in out
+    assert [(r["id"], r["state"]) for r in ledger_rows(ws)] == [(1, "queued")]
+    assert (ws / "queue" / "000001-a.jsonl").is_file()
+    assert cli("run", ws, "--once") == 2 and "no checkpoint in" in capsys.readouterr().out
+    assert cli("run", ws, "--once", "--from-base") == 0
+    (row,) = ledger_rows(ws)
+    assert (row["id"], row["state"], row["first_step"]) == (1, "done", 1)
+    assert_exactly_once(ws, row, 8)

@@ -126,14 +126,19 @@ def settle_from_disk(ws: workspace.Workspace, ledger: Ledger, progress: Training
         row = ledger.get(file_id)
         if row["state"] not in ("queued", "training"):
             continue
+        where = f"evertrain: repair: {folder}/{p.name}"
         if folder == "failed":
             error = p.with_name(p.name + ".error.txt")
             ledger.update(file_id, state="failed", finished_at=p.lstat().st_mtime,
                           error=error.read_text().strip() if error.is_file() else "found in failed/ by repair")
+            say(f"{where}: failed")
         elif folder == "done" and row["sha256"] in trained:
             first = claimed.setdefault(row["sha256"], file_id)
             if first != file_id:
                 ledger.update(file_id, state="duplicate", duplicate_of=first, finished_at=p.lstat().st_mtime,
                               error=f"same content as file id {first}; not trained again")
+                say(f"{where}: a duplicate of file id {first}")
             else:  # `reconcile` gives it the state and steps its checkpoint record says
                 ledger.update(file_id, state="training")
+        elif folder == "done":
+            say(f"{where}: no loadable checkpoint records it as trained; queued again")
