@@ -86,8 +86,11 @@ def test_a_broken_ledger_is_refused_then_repaired_with_its_ids_and_nothing_train
         assert f"{ws / 'ledger.sqlite'} {WHY[how]}" in err and f"repair it with: evertrain repair {ws}\n" in err, err
         assert "Traceback" not in err and len(err.splitlines()) == 1
     # refused means untouched: no new ledger, no file taken, nothing trained
-    assert ((ws / "ledger.sqlite").read_bytes() if how != "deleted" else None) == broken
-    assert not (ws / "ledger.sqlite").exists() or how != "deleted"
+    if how == "deleted":
+        assert not (ws / "ledger.sqlite").exists()
+    else:
+        assert (ws / "ledger.sqlite").read_bytes() == broken
+    assert sorted(p.name for p in (ws / "queue").iterdir()) == ["000005-e.jsonl"]
     assert checkpoint.newest_complete(ws / "current_model").step == newest.step
 
     assert cli("repair", ws) == 0
