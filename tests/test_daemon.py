@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 import time
 
@@ -61,7 +62,13 @@ def test_files_dropped_while_running_train_once_in_order(tmp_path, tiny_model, c
     # nothing overwritten: every file is in done/ under its own name
     assert sorted(p.name for p in (ws / "done").iterdir()) == sorted(r["name"] for r in files)
     assert not list((ws / "queue").iterdir()) and not [p for p in (ws / "inbox").iterdir()]
-    assert checkpoint.newest_complete(ws / "current_model").step == 11
+    newest = checkpoint.newest_complete(ws / "current_model")
+    assert newest.step == 11
+    # the newest checkpoint holds the ledger as it was when sealed: the second a.jsonl still in training
+    copy = sqlite3.connect(f"{(newest.path / 'ledger.sqlite').as_uri()}?mode=ro", uri=True)
+    assert copy.execute("SELECT id, state FROM files WHERE id <= 4").fetchall() == [
+        (1, "done"), (2, "done"), (3, "done"), (4, "training")]
+    copy.close()
     for key in ("state", "global_step", "current_file", "file_step", "file_total_steps", "loss", "learning_rate",
                 "tokens_per_second", "eta_file_seconds", "eta_queue_seconds", "queue_length", "files_done",
                 "files_failed", "total_evals", "last_checkpoint", "updated_at"):

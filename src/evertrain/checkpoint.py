@@ -3,7 +3,9 @@
 A checkpoint is first written to `OUTPUT_DIR/.tmp-checkpoint-N/`, every file fsync'd, then renamed to
 `checkpoint-N/` and the parent folder fsync'd: a crash leaves either no checkpoint-N or a complete one.
 `trainer_state.json` is written last and lists every other file with its size and sha256 (the manifest);
-resume verifies the manifest and falls back to the previous checkpoint when the newest fails.
+resume verifies the manifest and falls back to the previous checkpoint when the newest fails. When checkpoints
+exist and none verifies, resume refuses (NoUsableCheckpoint) rather than start the run again from the base model;
+`--from-base` moves the damaged ones into OUTPUT_DIR/damaged/ and starts again.
 Checkpoints are ordered by the global step recorded inside them, never by folder name or mtime.
 
     python -m evertrain.checkpoint OUTPUT_DIR      # list checkpoints and whether each verifies
@@ -18,10 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evertrain import faults
+from evertrain.config import ConfigError
 from evertrain.data import sha256_file
 
 STATE_FILE = "trainer_state.json"
 FORMAT = 1
+DAMAGED_DIR = "damaged"  # where --from-base moves checkpoints that do not load; never deleted
+
+
+class NoUsableCheckpoint(ConfigError):
+    """Checkpoints exist and none of them loads: starting from the base model would silently drop the run."""
+
+    def __init__(self, output_dir: Path, problems: list[tuple[Path, str]]):
+        self.problems = problems
+        lines = "".join(f"\n  {path}: {why}" for path, why in problems)
+        super().__init__(f"no checkpoint in {output_dir} loads; nothing was trained or changed:{lines}\n"
+                         f"Restore a checkpoint, or start the run again from the base model with --from-base "
+                         f"(the damaged checkpoints are then moved to {Path(output_dir) / DAMAGED_DIR}/)")
 
 
 @dataclass
@@ -167,15 +182,69 @@ def recover_swap(output_dir: Path) -> None:
                 pass
 
 
-def newest_complete(output_dir: Path, *, warn=print) -> Checkpoint | None:
-    """The newest checkpoint that verifies; broken newer ones are reported and passed over."""
-    recover_swap(Path(output_dir))
-    for ckpt in candidates(Path(output_dir)):
+def unreadable(output_dir: Path) -> list[tuple[Path, str]]:
+    """checkpoint-* folders whose state file does not parse: `candidates` cannot even order them."""
+    out = []
+    if output_dir.is_dir():
+        for p in sorted(output_dir.iterdir()):
+            if p.is_dir() and p.name.startswith("checkpoint-") and read_state(p) is None:
+                out.append((p, f"{STATE_FILE} is missing or does not parse"))
+    return out
+
+
+def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip") -> Checkpoint | None:
+    """The newest checkpoint that verifies; broken newer ones are reported and passed over.
+
+    When checkpoints exist but none verifies, `damaged` decides: "skip" returns None (the caller's business),
+    "refuse" raises NoUsableCheckpoint naming each one's problem, "set-aside" moves them into damaged/ (so that
+    a run started again from the base model neither prunes its own good checkpoints for them nor trips on them)
+    and returns None.
+    """
+    output_dir = Path(output_dir)
+    recover_swap(output_dir)
+    problems, found = [], None
+    for ckpt in candidates(output_dir):
         problem = verify(ckpt)
         if problem is None:
-            return ckpt
-        warn(f"evertrain: skipping {ckpt.path}: {problem}")
-    return None
+            found = ckpt
+            break
+        problems.append((ckpt.path, problem))
+    problems += unreadable(output_dir)
+    if found is None:
+        if problems and damaged == "refuse":
+            raise NoUsableCheckpoint(output_dir, problems)
+        if damaged == "set-aside":
+            for path, why in problems:
+                warn(f"evertrain: moved {path} to {set_aside(path)} ({why})")
+            return None
+    for path, why in problems:
+        warn(f"evertrain: skipping {path}: {why}")
+    return found
+
+
+def resume_policy(from_base: bool, main_process: bool) -> str:
+    """`newest_complete`'s `damaged` at resume: refuse; with --from-base set them aside, from one process only."""
+    if not from_base:
+        return "refuse"
+    return "set-aside" if main_process else "skip"
+
+
+def present(output_dir: Path) -> bool:
+    """Whether any checkpoint-* folder is there, loadable or not."""
+    output_dir = Path(output_dir)
+    return output_dir.is_dir() and any(p.is_dir() and p.name.startswith("checkpoint-") for p in output_dir.iterdir())
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged checkpoint into OUTPUT_DIR/damaged/, under a name not yet taken there."""
+    target_dir = path.parent / DAMAGED_DIR
+    target_dir.mkdir(exist_ok=True)
+    target, n = target_dir / path.name, 1
+    while target.exists():
+        target, n = target_dir / f"{path.name}.{n}", n + 1
+    path.rename(target)
+    fsync_dir(path.parent)
+    return target
 
 
 def prune(output_dir: Path, keep: int, *, protected: set[str] = frozenset(), budget_bytes: int | None = None,
@@ -216,3 +285,5 @@ if __name__ == "__main__":
 
     for c in candidates(Path(sys.argv[1])):
         print(f"{c.path}  step {c.step}  {verify(c) or 'ok'}")
+    for path, why in unreadable(Path(sys.argv[1])):
+        print(f"{path}  {why}")

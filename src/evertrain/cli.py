@@ -2,6 +2,7 @@
 
     evertrain train --dataset FILE --output-dir DIR     # train one file into a continuing run
     evertrain init DIR --model M; evertrain run DIR     # the daemon: train every file dropped into DIR/inbox
+    evertrain repair DIR                                # rebuild a workspace's lost or damaged ledger
     evertrain check FILE                                # what a file will teach, before training it
     evertrain report DIR                                # forgetting matrix of a run
     evertrain dashboard DIR                             # live web page of a run, http://127.0.0.1:8777/
@@ -15,6 +16,7 @@ import json
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from evertrain import checkpoint, exits
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", type=Path, required=True, help="the data file to train (" + _accepted() + ")")
     p.add_argument("--output-dir", type=Path, required=True, help="the run's folder (checkpoints, trace)")
     p.add_argument("--allow-repeat", action="store_true", help="train a file even if its content was trained")
+    add_from_base(p)
     add_arguments(p)
     p.set_defaults(func=cmd_train)
     add_daemon_commands(sub)
@@ -94,7 +97,13 @@ def cmd_train(args) -> int:
             print(f"evertrain: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
     try:
-        resume = checkpoint.newest_complete(args.output_dir)
+        main_rank = locks.is_main_launch_process()
+        starting_over = args.from_base and checkpoint.present(args.output_dir)
+        resume = checkpoint.newest_complete(args.output_dir,
+                                            damaged=checkpoint.resume_policy(args.from_base, main_rank))
+        if resume is None and starting_over and main_rank:
+            print(f"evertrain: no checkpoint loads in {args.output_dir}: starting again from the base model "
+                  "(--from-base)")
         config = resolve_config(args.output_dir, overrides_from_args(args), resume)
         try:
             session = loop.setup(config, args.output_dir, resume=resume)
@@ -232,7 +241,12 @@ def add_daemon_commands(sub) -> None:
     p = sub.add_parser("run", help="train every file dropped into DIR/inbox, until SIGINT/SIGTERM or `stop`")
     workspace_arg(p)
     p.add_argument("--once", action="store_true", help="train everything waiting, then exit")
+    add_from_base(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("repair", help="rebuild a lost or damaged ledger.sqlite from the checkpoints and the disk")
+    workspace_arg(p)
+    p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser("add", help="copy a file into the workspace's queue (safe while the daemon runs)")
     p.add_argument("file", type=Path)
@@ -270,22 +284,46 @@ def cmd_init(args) -> int:
     return EXIT_OK
 
 
+def add_from_base(p) -> None:
+    p.add_argument("--from-base", action="store_true",
+                   help="when checkpoints exist and none loads, move them to damaged/ and start again from the "
+                        "base model (without it: refused, exit 2)")
+
+
 def cmd_run(args) -> int:
-    from evertrain.daemon import service, workspace
+    from evertrain.daemon import service
+
+    return _locked(lambda: service.run(args.dir, once=args.once, from_base=args.from_base))
+
+
+def cmd_repair(args) -> int:
+    from evertrain.daemon import repair
+
+    return _locked(lambda: repair.repair(args.dir))
+
+
+def _locked(command) -> int:
+    """A command that holds the workspace's lock: refused while a daemon runs there."""
+    from evertrain.daemon import workspace
 
     try:
-        return service.run(args.dir, once=args.once)
+        return command()
     except workspace.AlreadyRunning as e:
         print(f"evertrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
+@contextmanager
 def _open(args):
     from evertrain.daemon import workspace
     from evertrain.daemon.ledger import Ledger
 
     ws, _train, _daemon = workspace.load(args.dir)
-    return ws, Ledger(ws.ledger_path)
+    ledger = Ledger.open(ws)
+    try:
+        yield ws, ledger
+    finally:  # closed here, not at exit: the commands also run inside other programs (the tests)
+        ledger.close()
 
 
 def cmd_add(args) -> int:
@@ -301,25 +339,26 @@ def cmd_add(args) -> int:
     if kind_of(args.file.name) is None:
         print(f"evertrain: {args.file}: not a dataset file; evertrain takes {accepted_text()}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    ws, ledger = _open(args)
-    file_id = enqueue(ws, ledger, args.file, printable(str(args.file)), sha=sha256_file(args.file),
-                      size=args.file.stat().st_size, priority=args.priority, move=False)
-    print(f"evertrain: queued {args.file} as queue/{ledger.get(file_id)['name']} (id {file_id}, {args.priority})")
+    with _open(args) as (ws, ledger):
+        file_id = enqueue(ws, ledger, args.file, printable(str(args.file)), sha=sha256_file(args.file),
+                          size=args.file.stat().st_size, priority=args.priority, move=False)
+        name = ledger.get(file_id)["name"]
+    print(f"evertrain: queued {args.file} as queue/{name} (id {file_id}, {args.priority})")
     return EXIT_OK
 
 
 def cmd_status(args) -> int:
     from evertrain.daemon import status
 
-    ws, ledger = _open(args)
-    print(status.show(ws, ledger, as_json=args.json))
+    with _open(args) as (ws, ledger):
+        print(status.show(ws, ledger, as_json=args.json))
     return EXIT_OK
 
 
 def cmd_control(args) -> int:
     from evertrain.daemon import controls, status, workspace
 
-    ws, _ledger = _open(args)
+    ws, _train, _daemon = workspace.load(args.dir)  # the ledger is not needed: `stop` works even when it is damaged
     pid = workspace.daemon_pid(ws)
     if args.action == "pause":
         controls.pause(ws)
@@ -345,7 +384,11 @@ def cmd_control(args) -> int:
 
 
 def cmd_pin(args) -> int:
-    ws, ledger = _open(args)
+    with _open(args) as (ws, ledger):
+        return _pin(args, ws, ledger)
+
+
+def _pin(args, ws, ledger) -> int:
     if args.remove:
         print(f"evertrain: unpinned checkpoint-{args.step}" if ledger.unpin(args.step)
               else f"evertrain: checkpoint-{args.step} was not pinned")

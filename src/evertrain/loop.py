@@ -69,6 +69,9 @@ class Session:
     workdir: Path | None = None    # where logs/ and snapshots/ go: the workspace, or output_dir for `train`
     replay_pool: list | None = None
     tensorboard: object = None     # SummaryWriter, False when tensorboard is not installed
+    # Set by the daemon: writes its own files (a copy of the ledger) into a checkpoint's temporary folder, so
+    # that they are sealed in the manifest and committed atomically with it.
+    extra_files: Callable[[Path], None] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -131,8 +134,11 @@ class FileResult:
 # ------------------------------------------------------------------------------------------------- setup
 
 def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoint | None | str = "newest",
-          workdir: Path | None = None, cpu: bool = False) -> Session:
-    """Build the accelerator, then load `resume` (by default the newest complete checkpoint of `output_dir`)."""
+          workdir: Path | None = None, cpu: bool = False, from_base: bool = False) -> Session:
+    """Build the accelerator, then load `resume` (by default the newest complete checkpoint of `output_dir`).
+
+    When checkpoints exist and none loads, this raises checkpoint.NoUsableCheckpoint, unless `from_base`
+    (then the damaged ones are set aside and the run starts again from the base model)."""
     from accelerate import Accelerator
 
     output_dir = Path(output_dir)
@@ -148,7 +154,8 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
 
     newest = resume
     if resume == "newest":
-        newest = checkpoint.newest_complete(output_dir, warn=print if accelerator.is_main_process else _quiet)
+        newest = checkpoint.newest_complete(output_dir, warn=print if accelerator.is_main_process else _quiet,
+                                            damaged=checkpoint.resume_policy(from_base, accelerator.is_main_process))
     world = accelerator.num_processes
     asked = config.batch_size * world * config.gradient_accumulation
     # A run from before the global batch was recorded keeps the one it is resumed with.
@@ -511,6 +518,8 @@ def save_checkpoint(session: Session) -> Path:
             "next_lr": cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
                                                      progress.decay_start, progress.decay_steps)}, indent=2))
         (tmp / "evertrain_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        if session.extra_files:
+            session.extra_files(tmp)
         faults.hit("checkpoint-write")
     acc.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")

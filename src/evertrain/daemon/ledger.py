@@ -12,16 +12,24 @@ File states:
     skipped     `evertrain skip` ended it early; steps_trained says what it got; in done/
     failed      rejected (bad content, NaN loss, failed guard, unreadable); in failed/ with NAME.error.txt
 
+Durability: WAL with synchronous=FULL, a quick integrity check at every open, and a copy of the ledger inside
+every checkpoint (`backup`). A damaged ledger, or a missing one in a workspace that has a history, is refused
+(LedgerError, exit 2) with the command that rebuilds it; only a workspace without any history gets a new one.
+
     evertrain status DIR --json       # every row of the files table, and the status
+    evertrain repair DIR              # rebuild a lost or damaged ledger (daemon/repair.py)
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from evertrain import checkpoint
+from evertrain.config import ConfigError
 from evertrain.daemon.workspace import PRIORITIES, Workspace
 
 STATES = ("queued", "training", "done", "duplicate", "skipped", "failed")
@@ -60,16 +68,100 @@ CREATE TABLE IF NOT EXISTS evals (           -- a copy of logs/evals.jsonl, one 
     examples INTEGER, tokens INTEGER, loss REAL, created_at REAL
 );
 CREATE TABLE IF NOT EXISTS pins (name TEXT PRIMARY KEY, step INTEGER, pinned_at REAL);
+CREATE TABLE IF NOT EXISTS events (          -- what changed the run's course: a repair, a start from the base
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, kind TEXT NOT NULL, text TEXT
+);
 """
+COPY_NAME = "ledger.sqlite"  # the ledger's copy inside every checkpoint the daemon writes
+ID_NAME = re.compile(r"^(\d{6,})-(.+)$")  # <id>-<safe name>: the names of queue/, done/, failed/
+
+
+class LedgerError(ConfigError):
+    """The ledger is damaged, or missing where a history exists: refused with the command that repairs it."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path} {problem}; nothing was changed; repair it with: evertrain repair {path.parent}")
+
+
+@contextmanager
+def _damage_as_ledger_error(path: Path):
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            raise  # busy beyond the timeout, not damaged
+        raise LedgerError(path, f"is damaged ({e})") from None
+
+
+def history(ws: Workspace) -> str:
+    """What on disk shows that the workspace has run before ('' for a new one): a ledger must exist then."""
+    found = []
+    ckpts = [p for p in ws.model_dir.glob("checkpoint-*") if p.is_dir()] if ws.model_dir.is_dir() else []
+    if ckpts:
+        found.append(f"{len(ckpts)} checkpoint(s) in {ws.model_dir.name}/")
+    for folder in (ws.queue, ws.done, ws.failed):
+        n = sum(not p.name.startswith(".") for p in folder.iterdir()) if folder.is_dir() else 0
+        if n:
+            found.append(f"{n} file(s) in {folder.name}/")
+    return ", ".join(found)
 
 
 class Ledger:
     def __init__(self, path: Path):
+        path = Path(path)
+        if path.exists():
+            # Checked read-only first: closing a writable connection checkpoints the WAL into a damaged file.
+            with _damage_as_ledger_error(path):
+                check = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+                try:
+                    problems = [r[0] for r in check.execute("PRAGMA quick_check")]
+                finally:
+                    check.close()
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError("; ".join(problems[:3]))
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            with _damage_as_ledger_error(path):
+                self._open()
+        except BaseException:
+            self.db.close()
+            raise
+
+    @classmethod
+    def open(cls, ws: Workspace) -> "Ledger":
+        """The workspace's ledger; a new one only where nothing shows a history that it would forget."""
+        path = ws.ledger_path
+        # SQLite takes an empty file for a new database: for a truncated ledger that is a silent new history.
+        if not path.exists() or path.stat().st_size == 0:
+            found = history(ws)
+            if found:
+                raise LedgerError(path, f"is {'missing' if not path.exists() else 'empty'}, but the workspace has "
+                                        f"a history ({found}): a new ledger would restart ids and forget what "
+                                        "was trained")
+        ledger = cls(path)
+        unknown = ledger.unknown_on_disk(ws)
+        if unknown:
+            ledger.close()
+            # An old copy put back, or lost transactions: going on would reuse those ids for other files.
+            raise LedgerError(path, f"is behind the disk: it has no row for {unknown[0]}"
+                                    + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""))
+        return ledger
+
+    def unknown_on_disk(self, ws: Workspace) -> list[str]:
+        """Files in done/ or failed/ with an id above every row's. (queue/ may legitimately hold one: a crash
+        between `enqueue`'s rename and its commit, adopted at start-up.)"""
+        top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM files").fetchone()[0]
+        return [f"{folder.name}/{p.name}" for folder in (ws.done, ws.failed) if folder.is_dir()
+                for p in sorted(folder.iterdir())
+                if (m := ID_NAME.match(p.name)) and int(m[1]) > top and not p.name.endswith(".error.txt")]
+
+    def _open(self) -> None:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is consistent under WAL; a lost last transaction is restored by `reconcile` from the checkpoint.
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a row the CLI has reported ("queued as id 7") survives a power cut too. The cost, one fsync per
+        # commit, is negligible at the ledger's rate (a few writes per file, one per status flush).
+        self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         # Columns added after a workspace's ledger was created: add them, empty, instead of failing on old ledgers.
         have = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
@@ -79,6 +171,22 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+
+    def backup(self, dest: Path) -> None:
+        """A consistent copy of the ledger at `dest`, by SQLite's online backup (safe while it is in use)."""
+        target = sqlite3.connect(dest)
+        try:
+            self.db.backup(target)
+            # One self-contained file: opening the copy later never writes -wal/-shm files beside it.
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+
+    def note(self, kind: str, text: str) -> None:
+        self.db.execute("INSERT INTO events (at, kind, text) VALUES (?, ?, ?)", (time.time(), kind, text))
+
+    def events(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM events ORDER BY id")]
 
     # -------------------------------------------------------------------------------------- files
 

@@ -30,7 +30,7 @@ from evertrain import checkpoint, collective, exits, faults, locks, loop
 from evertrain.config import TrainConfig
 from evertrain.daemon import controls, workspace
 from evertrain.daemon.inbox import Intake, adopt_orphans, write_error
-from evertrain.daemon.ledger import Ledger, place
+from evertrain.daemon.ledger import COPY_NAME, Ledger, place
 from evertrain.daemon.prefetch import Prefetch
 from evertrain.daemon.status import Bar, Board
 from evertrain.daemon.workspace import DaemonConfig, Workspace
@@ -56,6 +56,7 @@ class Service:
     prefetch: Prefetch | None = None
     next_poll: float = 0.0
     reason: str | None = None      # why `decide` stopped the file in training: stop | pause | skip | urgent
+    from_base: bool = False   # --from-base: when no checkpoint loads, start again from the base model
 
     def say(self, text: str) -> None:
         if self.log is not None:
@@ -63,14 +64,19 @@ class Service:
             print(text, flush=True)
 
 
-def run(root: Path, *, once: bool = False) -> int:
+def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
     """The daemon, on every process of a launch. Returns the process exit code."""
     ws, config, daemon = workspace.load(root)
     main = locks.is_main_launch_process()
     lock_fd = workspace.lock(ws)  # raises AlreadyRunning; released by the kernel however this process ends
-    ledger = Ledger(ws.ledger_path) if main else None
+    try:
+        ledger = Ledger.open(ws) if main else None  # raises LedgerError: damaged, or lost where a history exists
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)  # the same process may run again (tests, notebooks): an open lock would refuse it
+        raise
     svc = Service(ws, config, daemon, ledger, Board(ws, ledger, daemon.status_interval) if main else None,
-                  _logger(ws) if main else None, Bar(sys.stdout.isatty()) if main else None)
+                  _logger(ws) if main else None, Bar(sys.stdout.isatty()) if main else None, from_base=from_base)
     restore_signals = _catch_signals(svc)
     try:
         return _serve(svc, once) if main else follow(svc)
@@ -99,6 +105,10 @@ def _serve(svc: Service, once: bool) -> int:
     svc.say(f"evertrain: daemon starting on {ws.root} (pid {os.getpid()})")
     try:
         new_session(svc)
+    except checkpoint.NoUsableCheckpoint as e:
+        board.set(state="error", alert=str(e))
+        svc.say(f"evertrain: {e}")
+        return EXIT_CONFIG
     except loop.RunMismatch as e:
         msg = (f"{e}\nTo train with the new settings, start a new run: `evertrain init NEWDIR` with them, or move "
                f"{ws.model_dir} away (the old run stays there); to continue this run, restore the settings in "
@@ -383,10 +393,16 @@ def fail(svc: Service, row: dict, reason: str) -> None:
 def new_session(svc: Service) -> None:
     """Load the newest complete checkpoint of the workspace's run (or start the run)."""
     # Checkpoints in current_model/; logs/ and snapshots/ (metrics, evaluations, evolution) at the workspace root.
-    session = loop.setup(svc.config, svc.ws.model_dir, workdir=svc.ws.root)
+    starting_over = svc.from_base and checkpoint.present(svc.ws.model_dir)
+    session = loop.setup(svc.config, svc.ws.model_dir, workdir=svc.ws.root, from_base=svc.from_base)
     session.budget_bytes = svc.daemon.checkpoint_budget_bytes or None
     if svc.ledger is not None:
         session.protected = svc.ledger.pins()
+        session.extra_files = lambda tmp: svc.ledger.backup(tmp / COPY_NAME)  # `evertrain repair` rebuilds from it
+        if starting_over and session.last_checkpoint is None:
+            text = f"no checkpoint loads; started again from the base model {svc.config.model} (--from-base)"
+            svc.ledger.note("from-base", text)
+            svc.say(f"evertrain: {text}")
     svc.session = session
 
 

@@ -93,7 +93,8 @@ def show(ws: Workspace, ledger: Ledger, as_json: bool = False) -> str:
         status = dict(status, state="not running")
     if as_json:
         return json.dumps({"status": status, "daemon_pid": running, "files": ledger.files(),
-                           "checkpoints": ledger.checkpoints(), "pins": sorted(ledger.pins())}, indent=2)
+                           "checkpoints": ledger.checkpoints(), "pins": sorted(ledger.pins()),
+                           "events": ledger.events()}, indent=2)
     import io
 
     from rich.console import Console

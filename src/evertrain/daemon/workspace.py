@@ -11,7 +11,8 @@
     DIR/status/          training_status.json and the control requests (paused, stop, skip)
     DIR/logs/            evertrain.log (rotated), metrics.jsonl, evals.jsonl, tensorboard/
     DIR/snapshots/       evolution snapshots (probes.jsonl beside evertrain.toml adds your own tracked examples)
-    DIR/ledger.sqlite    every file, checkpoint and evaluation (see ledger.py)
+    DIR/ledger.sqlite    every file, checkpoint and evaluation (see ledger.py); a copy is in every checkpoint
+    DIR/ledger-broken-*/ a damaged ledger that `evertrain repair` moved aside (never deleted)
 """
 
 from __future__ import annotations
