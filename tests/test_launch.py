@@ -210,3 +210,34 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
     assert all(sorted(mb["rank"] for mb in r["micro_batches"]) == [0, 1] for r in records)  # both ranks trained
     assert stdout.count("evertrain: daemon starting") == 1  # the main process alone speaks
     assert "long.jsonl pre-empted by an urgent file" in stdout
+
+
+def test_two_machines_on_loopback_train_one_file_exactly_once(tmp_path, tiny_model):
+    """`torchrun --nnodes 2` as two launches of one process each: what two machines sharing a folder run."""
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(24))  # global batch 4: 6 steps
+    out, port = tmp_path / "run", free_port()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    nodes = [subprocess.Popen(
+        [str(torchrun), "--nnodes", "2", "--node_rank", str(n), "--nproc_per_node", "1", "--master_addr",
+         "127.0.0.1", "--master_port", str(port), "-m", "evertrain", "train", "--dataset", str(data),
+         "--output-dir", str(out), "--model", str(tiny_model), *TRAIN, "--batch-size", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()) for n in (0, 1)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert " done: " in results[0][0] and " done: " not in results[1][0]  # the global main process reports
+    assert checkpoint.newest_complete(out).step == 6
+    records = [r for r in trace.read(out / "trace.jsonl") if "step" in r]
+    assert all(sorted(mb["rank"] for mb in r["micro_batches"]) == [0, 1] for r in records)
+    assert dict(next(iter(trace.coverage(out / "trace.jsonl").values()))) == {i: 1 for i in range(24)}
+
+
+def test_fsdp_asked_for_on_a_machine_without_cuda_is_refused_not_run_as_ddp(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(8))
+    cmd = [str(ACCELERATE), "launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "evertrain", "train", "--dataset", str(data), "--output-dir", str(tmp_path / "run"),
+           "--model", str(tiny_model)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("evertrain: FSDP was asked for.") == 2  # each rank says it, neither trains
+    assert checkpoint.newest_complete(tmp_path / "run") is None
