@@ -96,7 +96,12 @@ def test_sigterm_to_the_launcher_then_2_1_2_processes_mid_file_keep_the_global_b
     assert "gradient accumulation 1 -> 2, to keep the run's global batch of 2" in stdout
     assert "resumes at its step" in stdout
 
-    # 2 processes again, to the end.
+    # 2 processes again: SIGTERM at another random moment, then to the end.
+    resumed = checkpoint.newest_complete(out).step
+    code, stdout, _ = interrupt_after(launch(*args), out, resumed + rng.randint(1, 4))
+    assert code == 1 and "checkpointed at the step boundary" in stdout
+    assert checkpoint.newest_complete(out).step == steps_in_trace(out) < 20
+    assert_no_debris(out)
     proc = launch(*args)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
@@ -176,6 +181,7 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
         tmp_path, tiny_model):
     ws = make_ws(tmp_path, tiny_model, "--batch-size", "1")
     drop(ws, "a.jsonl", [{"text": f"a line {i}"} for i in range(6)])
+    drop(ws, "bad.jsonl", '{"text": "fine"}\n{"text": broken\n')  # fails on every rank alike; the daemon goes on
     drop(ws, "long.jsonl", [{"text": f"long line {i}: " + "ab " * (i % 5)} for i in range(3000)])
     daemon = launch("run", ws)
     model = ws / "current_model"
@@ -201,6 +207,7 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
             daemon.wait()
     files = by_name(ws)
     assert files["a.jsonl"]["state"] == "done" and files["urgent/now.jsonl"]["state"] == "done"
+    assert files["bad.jsonl"]["state"] == "failed" and "line 2" in files["bad.jsonl"]["error"]
     assert files["long.jsonl"]["state"] == "queued" and files["long.jsonl"]["steps_trained"] > 0  # pre-empted
     cov = {sha: dict(c) for sha, c in trace.coverage(model / "trace.jsonl").items()}
     assert cov[files["a.jsonl"]["sha256"]] == {i: 1 for i in range(6)}

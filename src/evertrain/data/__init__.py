@@ -41,12 +41,15 @@ class DataError(ValueError):
 
     def __init__(self, path: Path, problems: list[str], total: int | None = None):
         self.path, self.problems = Path(path), problems
-        total = len(problems) if total is None else total
+        total = self.total = len(problems) if total is None else total
         shown = problems[:MAX_REPORTED_ERRORS]
         text = f"{self.path}: not trained, {total} problem(s):\n" + "\n".join(f"  {p}" for p in shown)
         if total > len(shown):
             text += f"\n  ... and {total - len(shown)} more"
         super().__init__(text)
+
+    def __reduce__(self):  # the main process of a launch sends it to the others (collective.from_main)
+        return type(self), (self.path, self.problems, self.total)
 
 
 class Cancelled(Exception):
