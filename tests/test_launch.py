@@ -55,8 +55,12 @@ def steps_in_trace(out: Path) -> int:
 
 def interrupt_after(proc: subprocess.Popen, out: Path, steps: int, sig=signal.SIGTERM) -> tuple[int, str, str]:
     """Signal `proc` once `out` shows `steps` trained; its exit code and output."""
-    wait_for(lambda: steps_in_trace(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
-    assert proc.poll() is None, proc.communicate()
+    try:
+        wait_for(lambda: steps_in_trace(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
+        assert proc.poll() is None, proc.communicate()
+    except BaseException:
+        stop_launch(proc)  # never leave ranks behind a failed test
+        raise
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
@@ -67,6 +71,23 @@ def workers(launcher_pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-e"], capture_output=True, text=True).stdout
     kids = [line.split(None, 2) for line in out.splitlines()]
     return [int(pid) for pid, ppid, args in kids if int(ppid) == launcher_pid and "evertrain" in args]
+
+
+def stop_launch(proc: subprocess.Popen) -> None:
+    """After a failed check: SIGTERM to the launcher (it forwards it), then SIGKILL to any rank still there."""
+    if proc.poll() is None:
+        ranks = workers(proc.pid)
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def assert_no_debris(out: Path) -> None:
@@ -202,9 +223,7 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
         stdout, stderr = daemon.communicate(timeout=180)
         assert daemon.returncode == 0, stderr[-3000:]
     finally:
-        if daemon.poll() is None:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        stop_launch(daemon)
     files = by_name(ws)
     assert files["a.jsonl"]["state"] == "done" and files["urgent/now.jsonl"]["state"] == "done"
     assert files["bad.jsonl"]["state"] == "failed" and "line 2" in files["bad.jsonl"]["error"]
