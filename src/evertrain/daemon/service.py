@@ -108,7 +108,7 @@ def _serve(svc: Service, once: bool) -> int:
     except checkpoint.NoUsableCheckpoint as e:
         board.set(state="error", alert=str(e))
         svc.say(f"evertrain: {e}")
-        return EXIT_CONFIG
+        return exits.BAD_INPUT
     except loop.RunMismatch as e:
         msg = (f"{e}\nTo train with the new settings, start a new run: `evertrain init NEWDIR` with them, or move "
                f"{ws.model_dir} away (the old run stays there); to continue this run, restore the settings in "
