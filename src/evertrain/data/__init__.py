@@ -137,10 +137,23 @@ def load_file(path: Path, tokenizer, config, *, store_dir: Path | None = None,
     `store_dir` holds the token stores (a run's OUTPUT_DIR/tokens); without one a temporary folder is used.
     `progress(fraction)` is told how far preparation got; `should_stop()` True raises Cancelled.
     """
+    from evertrain.data.prepare import is_disk_full, one_line
+
+    path = Path(path)
+    try:
+        return _load_file(path, tokenizer, config, store_dir, progress, should_stop)
+    except (DataError, Cancelled):
+        raise
+    except Exception as e:  # a poison file fails alone, whatever it breaks (build_store names the record)
+        if is_disk_full(e):
+            raise
+        raise DataError(path, [one_line(e)]) from e
+
+
+def _load_file(path: Path, tokenizer, config, store_dir, progress, should_stop) -> FileData:
     from evertrain.data import store as stores
     from evertrain.data.prepare import build_store
 
-    path = Path(path)
     try:
         sha = sha256_file(path)
     except OSError as e:
