@@ -16,6 +16,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from evertrain import faults
 from evertrain.data import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
 from evertrain.data.containers import BadRecord, ContainerError, open_records
 from evertrain.data.formats import RecordError, parse_columns, parse_record
@@ -40,6 +41,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
         records = open_records(path, config.max_line_bytes, config.max_json_depth)
     except (ContainerError, ValueError) as e:
         raise DataError(path, [str(e)]) from None
+    faults.hit("prepare")
     renderer = Renderer(tokenizer, config.max_length)
     problems, formats, ignored = Problems(), Counter(), Counter()
     unit = records.unit
