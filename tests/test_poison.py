@@ -17,6 +17,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 
@@ -333,6 +334,33 @@ def test_a_file_the_process_died_preparing_twice_is_quarantined(tmp_path, tiny_m
     assert files["after.jsonl"]["state"] == "done" and f"FAILED twice.jsonl: not trained" in done.stdout
 
 
+def test_a_file_that_died_once_is_not_prepared_in_the_background(tmp_path, tiny_model, monkeypatch):
+    import sqlite3
+
+    from evertrain.data import prepare as prepare_module
+
+    builds = []
+    real = prepare_module.build_store
+
+    def build_store(path, *args, **kwargs):
+        builds.append((path.name.split("-", 1)[1], threading.current_thread().name))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "build_store", build_store)
+    ws = make_ws(tmp_path, tiny_model, "--no-watch")
+    for name in ("first.jsonl", "second.jsonl", "third.jsonl"):
+        assert cli("add", write_jsonl(tmp_path / name, rows(8, name)), ws) == 0
+    db = sqlite3.connect(ws / "ledger.sqlite")
+    db.execute("UPDATE files SET attempts = 1 WHERE original_name LIKE '%second.jsonl'")   # as one death leaves it
+    db.commit()
+    db.close()
+    assert cli("run", ws, "--once") == 0
+    assert all(r["state"] == "done" and r["attempts"] == 0 for r in by_name(ws).values())
+    # the prefetch leaves "second" to the daemon's own thread (where a death is told apart), builds "third"
+    assert ("second.jsonl", "MainThread") in builds and ("third.jsonl", "evertrain-prefetch") in builds
+    assert ("second.jsonl", "evertrain-prefetch") not in builds
+
+
 def test_old_ledgers_get_the_attempts_column(tmp_path):
     import sqlite3
 
@@ -430,3 +458,50 @@ def test_peak_memory_stays_flat_in_a_poison_line_and_a_sparse_file(tmp_path, tin
     assert rc == 0, err
     # the line, its text and its decoded value, a few copies of 60 MB; tokenized whole it took 14 GB
     assert rss - base < 400 << 20 and seconds < 120
+
+
+def test_preparing_counts_deaths_only(tmp_path):
+    from evertrain.daemon.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        fid = ledger.add_file("a.jsonl", sha256=None, size=1)
+        ledger.update(fid, name="000001-a.jsonl")
+        path = tmp_path / "queue" / "000001-a.jsonl"
+        with pytest.raises(DataError):   # a DataError is lived through: not counted
+            with ledger.preparing(path):
+                assert ledger.get(fid)["attempts"] == 1   # committed before the work starts
+                raise DataError(path, ["bad"])
+        assert ledger.get(fid)["attempts"] == 0
+        ledger.update(fid, attempts=1)   # as a death leaves it
+        with pytest.raises(DataError, match="quarantined"):
+            with ledger.preparing(path, background=True):   # the prefetch leaves it to the daemon
+                pass
+        with ledger.preparing(path):   # the daemon tries once more
+            assert ledger.get(fid)["attempts"] == 2
+        ledger.update(fid, attempts=2, steps_trained=3)   # part-trained: its deaths were not its data's
+        with ledger.preparing(path):
+            pass
+        ledger.update(fid, attempts=2, steps_trained=0)
+        with pytest.raises(DataError, match=r"quarantined: the process died twice while preparing it \(attempts 2\)"):
+            with ledger.preparing(path):
+                pass
+        with ledger.preparing(tmp_path / "not-in-the-ledger.jsonl"):
+            pass
+    finally:
+        ledger.close()
+
+
+def test_a_full_disk_is_not_blamed_on_the_file(tmp_path, tok, tiny_model, monkeypatch):
+    import errno
+
+    from evertrain.data import store
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.StoreWriter, "add", full)
+    f = write_jsonl(tmp_path / "fine.jsonl", text_rows(3))
+    with pytest.raises(OSError) as err:   # the daemon waits for room; the file stays queued
+        load_file(f, tok, TrainConfig(model=str(tiny_model)))
+    assert not isinstance(err.value, DataError) and err.value.errno == errno.ENOSPC

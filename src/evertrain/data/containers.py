@@ -202,7 +202,10 @@ def _lines(chunks: Iterable[bytes], limit: int) -> Iterator[bytes | None]:
             else:
                 pending.append(parts[0])
                 yield b"".join(pending)
-            yield from (p if len(p) <= limit else None for p in parts[1:-1])
+            if len(chunk) <= limit:   # the usual case (chunks are far below the limit): no line to check
+                yield from parts[1:-1]
+            else:
+                yield from (p if len(p) <= limit else None for p in parts[1:-1])
             pending, size, skipping = [], 0, False
         if not skipping:
             pending.append(parts[-1])
