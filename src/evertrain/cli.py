@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import stat
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,8 +85,7 @@ def cmd_train(args) -> int:
     from evertrain import locks, loop
     from evertrain.data import DataError
 
-    if not args.dataset.is_file():
-        print(f"evertrain: {args.dataset}: no such file", file=sys.stderr)
+    if not readable_file(args.dataset):
         return EXIT_BAD_INPUT
     lock = None
     if locks.is_main_launch_process():
@@ -169,6 +169,21 @@ def _train_file(session, args, config, data) -> int:
     return EXIT_GUARD if problems else EXIT_OK
 
 
+def readable_file(path: Path) -> bool:
+    """Whether `path` is a regular file; if not, say what it is instead ("no such file" only when it is so)."""
+    try:
+        mode = path.stat().st_mode
+        why = (None if stat.S_ISREG(mode) else "a folder, not a regular file" if stat.S_ISDIR(mode)
+               else "not a regular file (a FIFO)" if stat.S_ISFIFO(mode) else "not a regular file")
+    except FileNotFoundError:
+        why = "no such file"
+    except OSError as e:
+        why = f"cannot read it: {e.strerror or e}"
+    if why:
+        print(f"evertrain: {path}: {why}", file=sys.stderr)
+    return why is None
+
+
 def _accepted() -> str:
     from evertrain.data.containers import accepted_text
 
@@ -180,8 +195,7 @@ def cmd_check(args) -> int:
     from evertrain.data import DataError, load_file
     from evertrain.data.summary import CLOSE, OPEN, describe, marked
 
-    if not args.file.is_file():
-        print(f"evertrain: {args.file}: no such file", file=sys.stderr)
+    if not readable_file(args.file):
         return EXIT_BAD_INPUT
     config = TrainConfig(model=args.model, chat_template=args.chat_template, columns=args.columns,
                          max_length=args.max_length, held_out_fraction=0.0)
@@ -333,8 +347,7 @@ def cmd_add(args) -> int:
 
     from evertrain.data.containers import accepted_text, kind_of
 
-    if not args.file.is_file():
-        print(f"evertrain: {args.file}: no such file", file=sys.stderr)
+    if not readable_file(args.file):
         return EXIT_BAD_INPUT
     if kind_of(args.file.name) is None:
         print(f"evertrain: {args.file}: not a dataset file; evertrain takes {accepted_text()}", file=sys.stderr)

@@ -9,6 +9,7 @@ Nothing happens when the variable is unset: `hit` is then a dictionary lookup. T
     old-swap            the same step saved again: the old folder moved aside, the new one not yet in place
     before-ledger-done  the daemon: a file's last checkpoint committed, the ledger not yet told "done"
     enqueue             intake: a file copied into queue/, its ledger row not yet committed
+    prepare             a file's token store being built (its records opened, none read yet)
 
     EVERTRAIN_FAULT=mid-step:7 evertrain train --dataset F --output-dir D     # dies inside the 7th step
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("mid-step", "checkpoint-write", "after-rename", "old-swap", "before-ledger-done", "enqueue")
+POINTS = ("mid-step", "checkpoint-write", "after-rename", "old-swap", "before-ledger-done", "enqueue", "prepare")
 _hits: dict[str, int] = {}
 
 

@@ -119,7 +119,7 @@ def _serve(svc: Service, once: bool) -> int:
     adopt_orphans(ws, ledger, svc.say)
     ledger.reconcile(ws, svc.session.progress, svc.say)
     svc.intake = Intake(ws, svc.daemon, svc.wake, svc.say)
-    svc.prefetch = Prefetch(svc.session.tokenizer, svc.config, svc.session.store_dir, svc.say)
+    svc.prefetch = Prefetch(svc.session.tokenizer, svc.config, svc.session.store_dir, svc.say, svc.ledger.preparing)
     board.set(state="idle", global_step=svc.session.progress.global_step, last_checkpoint=_ckpt_name(svc))
 
     code = exits.OK
@@ -356,7 +356,9 @@ def prepare(svc: Service, row: dict, path: Path) -> FileData:
 
     progress(0.0)
     svc.prefetch.claim(path, should_stop)
-    data = loop.prepare(svc.session, path, progress=progress, should_stop=should_stop)
+    # attempt: a file that killed the process twice while prepared is quarantined instead (Ledger.preparing)
+    data = loop.prepare(svc.session, path, progress=progress, should_stop=should_stop,
+                        attempt=svc.ledger.preparing(path))
     board.data.update(prepare_percent=None, eta_prepare_seconds=None)
     data.name = row["original_name"]  # the name the person dropped, not the queue's <id>-<name>
     for warning in data.warnings:

@@ -16,6 +16,7 @@ reported with its number ("line 12", "item 12", "row 12"); the file's memory cos
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections import Counter
@@ -131,16 +132,32 @@ def sha256_file(path: Path) -> str:
 
 def load_file(path: Path, tokenizer, config, *, store_dir: Path | None = None,
               progress: Callable[[float], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> FileData:
+              should_stop: Callable[[], bool] | None = None, attempt=None) -> FileData:
     """Check and tokenize a file with a TrainConfig's settings (or reuse its store); DataError before any training.
 
     `store_dir` holds the token stores (a run's OUTPUT_DIR/tokens); without one a temporary folder is used.
-    `progress(fraction)` is told how far preparation got; `should_stop()` True raises Cancelled.
+    `progress(fraction)` is told how far preparation got; `should_stop()` True raises Cancelled. `attempt`: a
+    context manager the preparation runs in (the daemon's ledger counts the deaths in it; it may refuse with a
+    DataError, which then reaches every process of a launch like any other).
     """
+    from evertrain.data.prepare import is_disk_full, one_line
+
+    path = Path(path)
+    try:
+        with attempt or contextlib.nullcontext():
+            return _load_file(path, tokenizer, config, store_dir, progress, should_stop)
+    except (DataError, Cancelled):
+        raise
+    except Exception as e:  # a poison file fails alone, whatever it breaks (build_store names the record)
+        if is_disk_full(e):
+            raise
+        raise DataError(path, [one_line(e)]) from e
+
+
+def _load_file(path: Path, tokenizer, config, store_dir, progress, should_stop) -> FileData:
     from evertrain.data import store as stores
     from evertrain.data.prepare import build_store
 
-    path = Path(path)
     try:
         sha = sha256_file(path)
     except OSError as e:
