@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; a GPU user runs e.g. `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" install`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean mutate
+.PHONY: install demo test test-gpu bench clean mutate
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The tests that need CUDA (tests/test_gpu.py), on a GPU machine; everywhere else they are skipped with the reason.
+test-gpu: install
+	$(PY) -m pytest -q -p no:cacheprovider -m gpu -rs $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/throughput.py

@@ -17,6 +17,7 @@ from typing import Any
 
 LR_SCHEDULES = ("constant", "inverse_sqrt", "wsd")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+ATTENTIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_LINE_BYTES, MAX_JSON_DEPTH = 16 << 20, 100  # the defaults of the two limits below (the containers use them too)
 
@@ -43,6 +44,9 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input", low=0.0, high=0.9, identity=True)
     lora_target_modules: str = _opt("all-linear", "comma-separated module names, or all-linear", identity=True)
     dtype: str = _opt("float32", "dtype the weights are loaded and kept in", choices=DTYPES, identity=True)
+    load_in_4bit: bool = _opt(False, "QLoRA: load the base model's weights in 4 bits (bitsandbytes NF4; LoRA only, "
+                              "CUDA only) so a 7-8B model fits a 24 GB card", flag="load-in-4bit/no-load-in-4bit",
+                              identity=True)
     chat_template: str = _opt("", "chat template for conversations: empty = the model's own, chatml = a built-in "
                               "ChatML template (base models have none), or a FILE.jinja; saved with the tokenizer",
                               identity=True)
@@ -82,8 +86,16 @@ class TrainConfig:
                             low=0)
     weight_decay: float = _opt(0.0, "AdamW weight decay", low=0.0, high=1.0)
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)", low=0.0)
-    precision: str = _opt("auto", "mixed precision: auto (bf16 where the GPU has it, else none), no, bf16, fp16",
-                          choices=PRECISIONS)
+    precision: str = _opt("auto", "mixed precision: auto (bf16 where the GPU has it, fp16 with a loss scaler on "
+                          "older GPUs, none on CPU), no, bf16, fp16", choices=PRECISIONS)
+    attention: str = _opt("auto", "attention kernel: auto (flash_attention_2 where installed, else flex_attention on "
+                          "CUDA, else sdpa), or one by name; packed examples never attend to each other in any",
+                          choices=ATTENTIONS)
+    fused_optimizer: bool = _opt(True, "use torch's fused AdamW kernel (one kernel for all parameters)",
+                                 flag="fused-optimizer/no-fused-optimizer")
+    deterministic: bool = _opt(False, "PyTorch's deterministic algorithms: a resume on CUDA is then bitwise equal to "
+                               "an uninterrupted run (CPU runs are deterministic anyway), at some cost in speed",
+                               flag="deterministic/no-deterministic")
     seed: int = _opt(42, "seed of the data order and of initialisation", low=0)
 
     # --- checkpoints and logs ---
@@ -116,6 +128,8 @@ class TrainConfig:
         if not self.lora:
             for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
                 ident.pop(name)
+        if not self.load_in_4bit:
+            ident.pop("load_in_4bit")  # runs from before the setting existed keep their identity
         return ident
 
     @classmethod
@@ -159,6 +173,8 @@ def validate(config: TrainConfig) -> None:
     check_fields(config)
     if config.decay_steps and config.lr_schedule != "wsd":
         raise ConfigError("decay_steps only applies to lr_schedule = wsd")
+    if config.load_in_4bit and not config.lora:
+        raise ConfigError("load_in_4bit (QLoRA) trains a LoRA adapter on frozen 4-bit weights: add --lora")
     if config.columns:
         from evertrain.data.formats import parse_columns
 

@@ -145,7 +145,11 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     # Launched as several processes on a machine without CUDA: accelerate only picks gloo when told "cpu".
     cpu = cpu or ("LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     refuse_unhonoured_sharding()
-    accelerator = Accelerator(mixed_precision=_precision(config.precision), cpu=cpu)
+    if config.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matrix products; set before the first CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    accelerator = Accelerator(mixed_precision=resolved_precision(config.precision), cpu=cpu)
     refuse_unhonoured_sharding(accelerator.distributed_type.value)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -157,10 +161,11 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
                                             damaged=checkpoint.resume_policy(from_base, accelerator.is_main_process))
     world = accelerator.num_processes
     asked = config.batch_size * world * config.gradient_accumulation
-    # A run from before the global batch was recorded keeps the one it is resumed with.
-    saved = {"global_batch": asked, **newest.state["run"]} if newest is not None else {}
+    precision = accelerator.mixed_precision
+    # A run from before these were recorded keeps the ones it is resumed with.
+    saved = {"global_batch": asked, "precision": precision, **newest.state["run"]} if newest is not None else {}
     accumulation = keep_global_batch(config, world, saved.get("global_batch", asked), output_dir)
-    identity = {**config.identity(), "global_batch": saved.get("global_batch", asked)}
+    identity = {**config.identity(), "global_batch": saved.get("global_batch", asked), "precision": precision}
     if newest is not None:
         if saved != identity:
             diff = ", ".join(f"{k}: run has {saved.get(k)!r}, asked {identity.get(k)!r}"
@@ -169,14 +174,14 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
                               "or start a new run in a new output folder.")
         tokenizer = models.load_tokenizer(str(newest.path))
         if config.lora:
-            model = models.load_lora(models.load_model(models.resolve_model(config.model), config.dtype), newest.path)
+            model = models.load_lora(load_base(config), newest.path)
         else:
-            model = models.load_model(str(newest.path), config.dtype)
+            model = models.load_model(str(newest.path), config.dtype, config.attention)
         progress = TrainingProgress.from_state_dict(newest.state["evertrain"])
     else:
         torch.manual_seed(config.seed)  # LoRA's initialisation
         tokenizer = models.load_tokenizer(config.model, config.chat_template)
-        model = models.load_model(models.resolve_model(config.model), config.dtype)
+        model = load_base(config)
         if config.lora:
             model = models.add_lora(model, config)
         progress = TrainingProgress()
@@ -185,8 +190,9 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora:  # frozen embeddings: give the checkpointed blocks an input that requires grad
             model.enable_input_require_grads()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=config.fused_optimizer and fused_adamw_supported(trainable))
     if newest is not None:
         optimizer.load_state_dict(torch.load(newest.path / "optimizer.pt", weights_only=True))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -240,10 +246,26 @@ def keep_global_batch(config: TrainConfig, world: int, global_batch: int, output
     return global_batch // per_round
 
 
-def _precision(name: str) -> str:
+def load_base(config: TrainConfig):
+    """The run's base model, with its attention kernel (and 4-bit weights for QLoRA)."""
+    return models.load_model(models.resolve_model(config.model), config.dtype, config.attention,
+                             config.load_in_4bit)
+
+
+def fused_adamw_supported(params: list) -> bool:
+    """torch's fused AdamW takes floating-point parameters on CPU, CUDA and a few others, all on one kind."""
+    kinds = {p.device.type for p in params}
+    return len(kinds) == 1 and kinds <= {"cpu", "cuda", "mps", "xpu", "hpu"} and all(p.is_floating_point()
+                                                                                     for p in params)
+
+
+def resolved_precision(name: str) -> str:
+    """auto: bf16 on GPUs that have it, fp16 (with accelerate's loss scaler) on older GPUs, none on CPU."""
     if name != "auto":
         return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _quiet(_text: str) -> None:

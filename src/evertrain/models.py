@@ -94,14 +94,54 @@ def load_tokenizer(name: str | None, chat_template: str = ""):
     return tok
 
 
-def load_model(source: str, dtype: str):
+def attention_implementation(asked: str) -> str:
+    """The attention kernel to load: `asked`, or for auto the fastest one here that keeps packed examples apart.
+
+    Every choice gets the packed rows' position ids, from which transformers builds the per-example mask: the
+    flash kernels run variable-length attention on them, flex_attention a block mask that skips the blocks
+    between examples, sdpa and eager a block-diagonal mask (correct, but the masked blocks still cost compute).
+    """
+    if asked != "auto":
+        return asked
+    if torch.cuda.is_available():
+        import importlib.util
+
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+    return "sdpa"
+
+
+def load_model(source: str, dtype: str, attention: str = "auto", load_in_4bit: bool = False):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    kwargs = {}
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_4bit(dtype)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype),
+                                                attn_implementation=attention_implementation(attention), **kwargs)
+
+
+def quantization_4bit(dtype: str):
+    """QLoRA's NF4 settings; refused (ConfigError) where bitsandbytes cannot run: it needs CUDA."""
+    import importlib.util
+
+    from evertrain.config import ConfigError
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("load_in_4bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes); "
+                          + ("this machine has no CUDA" if not torch.cuda.is_available() else
+                             "bitsandbytes is not installed"))
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=getattr(torch, dtype))
 
 
 def add_lora(model, config):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.load_in_4bit:  # norms in fp32, inputs that require grad: what QLoRA needs to train stably
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
 
     targets = config.lora_target_modules
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

@@ -120,7 +120,8 @@ def _serve(svc: Service, once: bool) -> int:
     ledger.reconcile(ws, svc.session.progress, svc.say)
     svc.intake = Intake(ws, svc.daemon, svc.wake, svc.say)
     svc.prefetch = Prefetch(svc.session.tokenizer, svc.config, svc.session.store_dir, svc.say, svc.ledger.preparing)
-    board.set(state="idle", global_step=svc.session.progress.global_step, last_checkpoint=_ckpt_name(svc))
+    board.set(state="idle", global_step=svc.session.progress.global_step, last_checkpoint=_ckpt_name(svc),
+              precision=svc.session.identity["precision"], global_batch=svc.session.global_batch)
 
     code = exits.OK
     while True:

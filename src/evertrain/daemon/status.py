@@ -33,6 +33,7 @@ class Board:
                      "tokens_per_second": None, "eta_file_seconds": None, "eta_queue_seconds": None,
                      "queue_length": 0, "files_done": 0, "files_failed": 0, "files_duplicate": 0,
                      "files_skipped": 0, "total_evals": 0, "last_checkpoint": None, "alert": None,
+                     "precision": None, "global_batch": None,
                      "pid": os.getpid(), "updated_at": None}
 
     def set(self, **values) -> None:

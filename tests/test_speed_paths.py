@@ -1,0 +1,95 @@
+"""The faster paths a GPU wants, each proven equal to the plain path on CPU: attention kernels on packed rows,
+fused AdamW, deterministic algorithms; and the settings that cannot be honoured here are refused, not dropped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import cli, text_rows, write_jsonl
+from safetensors.torch import load_file as load_tensors
+
+from evertrain import checkpoint, models
+from evertrain.data import Example
+from evertrain.data.packing import collate
+
+
+def examples(n: int) -> list[Example]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, 200, (5 + 3 * i,), generator=g).tolist()
+        out.append(Example(line=i, format="text", input_ids=ids, labels=[-100] + ids[1:]))
+    return out
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_row_has_the_loss_of_its_examples_alone_with_every_attention_kernel(tiny_model, attention):
+    model = models.load_model(str(tiny_model), "float32", attention)
+    assert model.config._attn_implementation == attention
+    exs = examples(3)
+    n = sum(e.target_tokens for e in exs)
+    with torch.no_grad():
+        packed = model(**collate([exs], 0, "cpu"), use_cache=False, num_items_in_batch=n).loss * n
+        alone = sum(model(**collate([[e]], 0, "cpu"), use_cache=False,
+                          num_items_in_batch=e.target_tokens).loss * e.target_tokens for e in exs)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without CUDA only")
+def test_auto_attention_is_sdpa_without_cuda():
+    assert models.attention_implementation("auto") == "sdpa"
+    assert models.attention_implementation("eager") == "eager"
+
+
+def test_fused_adamw_trains_the_same_weights_as_the_plain_one(tmp_path, tiny_model):
+    f = write_jsonl(tmp_path / "a.jsonl", text_rows(12))
+    opts = ("--model", tiny_model, "--batch-size", 4, "--learning-rate", 1e-2, "--warmup-steps", 0)
+    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "fused", *opts) == 0
+    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "plain", *opts, "--no-fused-optimizer") == 0
+    a = load_tensors(checkpoint.newest_complete(tmp_path / "fused").path / "model.safetensors")
+    b = load_tensors(checkpoint.newest_complete(tmp_path / "plain").path / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    base = load_tensors(tiny_model / "model.safetensors")
+    moved = any(not torch.equal(a[k], base[k]) for k in a)
+    assert moved  # both really trained
+
+
+def test_deterministic_runs_turn_on_deterministic_algorithms(tmp_path, tiny_model):
+    f = write_jsonl(tmp_path / "a.jsonl", text_rows(4))
+    try:
+        assert cli("train", "--dataset", f, "--output-dir", tmp_path / "run", "--model", tiny_model,
+                   "--deterministic") == 0
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_qlora_is_refused_where_it_cannot_run_and_needs_lora(tmp_path, tiny_model, capsys):
+    f = write_jsonl(tmp_path / "a.jsonl", text_rows(4))
+    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "full", "--model", tiny_model,
+               "--load-in-4bit") == 2
+    assert "load_in_4bit (QLoRA) trains a LoRA adapter" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli("train", "--dataset", f, "--output-dir", tmp_path / "q", "--model", tiny_model, "--lora",
+                   "--load-in-4bit") == 2
+        err = capsys.readouterr().err
+        assert "load_in_4bit needs a CUDA GPU and the bitsandbytes package" in err and "Traceback" not in err
+        assert checkpoint.newest_complete(tmp_path / "q") is None
+
+
+def test_the_precision_is_part_of_the_run_and_a_change_is_refused(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    assert cli("train", "--dataset", write_jsonl(tmp_path / "a.jsonl", text_rows(4)), "--output-dir", out,
+               "--model", tiny_model) == 0
+    run = checkpoint.newest_complete(out).state["run"]
+    assert run["precision"] == ("no" if not torch.cuda.is_available() else run["precision"])
+    # a process of its own: accelerate fixes the precision once per process
+    other = subprocess.run([sys.executable, "-m", "evertrain", "train", "--dataset",
+                            str(write_jsonl(tmp_path / "b.jsonl", text_rows(4, "b"))), "--output-dir", str(out),
+                            "--precision", "bf16"], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "precision: run has 'no', asked 'bf16'" in other.stderr
+    assert checkpoint.newest_complete(out).step == 1
