@@ -257,7 +257,59 @@ def test_two_machines_on_loopback_train_one_file_exactly_once(tmp_path, tiny_mod
     assert dict(next(iter(trace.coverage(out / "trace.jsonl").values()))) == {i: 1 for i in range(24)}
 
 
-def test_fsdp_asked_for_on_a_machine_without_cuda_is_refused_not_run_as_ddp(tmp_path, tiny_model):
+def launch_fsdp(*args, env: dict | None = None) -> subprocess.Popen:
+    cmd = [str(ACCELERATE), "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), "-m", "evertrain", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**clean_env(), **(env or {})}, start_new_session=True)
+
+
+@pytest.mark.parametrize("mode", ["--full", "--lora"])
+def test_fsdp2_on_two_processes_equals_one_process_and_resumes_after_kill_9_mid_file(tmp_path, tiny_model, mode):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(40))  # global batch 2 x 2 = 4: 10 steps
+    opts = ("--dataset", data, "--model", tiny_model, mode, *TRAIN, "--batch-size", 2, "--save-steps", 3)
+    weights = "adapter_model.safetensors" if mode == "--lora" else "model.safetensors"
+
+    whole = launch_fsdp("train", "--output-dir", tmp_path / "fsdp", *opts)
+    stdout, stderr = whole.communicate(timeout=300)
+    assert whole.returncode == 0, stderr[-3000:]
+    ckpt = checkpoint.newest_complete(tmp_path / "fsdp")
+    assert ckpt.step == 10 and ckpt.state["run"]["sharding"] == "fsdp2"
+    # the optimizer's shards, one per process, inside the same atomic checkpoint (and in its manifest)
+    assert sorted(p.name for p in (ckpt.path / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert "optimizer/__1_0.distcp" in ckpt.state["manifest"] and not (ckpt.path / "optimizer.pt").exists()
+
+    # one process, the same global batch, no sharding: the same weights
+    assert cli("train", "--output-dir", tmp_path / "one", *opts, "--batch-size", 4) == 0
+    a = load_tensors(checkpoint.newest_complete(tmp_path / "one").path / weights)
+    b = load_tensors(ckpt.path / weights)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+    # kill -9 of a rank in the middle of the file, then the same command: equal to the uninterrupted run
+    cut = tmp_path / "cut"
+    killed = launch_fsdp("train", "--output-dir", cut, *opts, env={"EVERTRAIN_FAULT": "mid-step:7"})
+    killed.communicate(timeout=300)  # every rank dies inside its 7th step
+    assert killed.returncode != 0 and checkpoint.newest_complete(cut).step == 6
+    resumed = launch_fsdp("train", "--output-dir", cut, *opts)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resumes at its step 6/10" in stdout, stderr[-3000:]
+    c = load_tensors(checkpoint.newest_complete(cut).path / weights)
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-5, atol=1e-6)
+    assert dict(next(iter(trace.coverage(cut / "trace.jsonl").values()))) == {i: 1 for i in range(40)}
+    assert_no_debris(cut)
+
+    # a sharded run is not resumed unsharded (its optimizer state is in shards): refused with the reason
+    refused = subprocess.run([sys.executable, "-m", "evertrain", "train", "--output-dir", str(tmp_path / "fsdp"),
+                              "--dataset", str(write_jsonl(tmp_path / "b.jsonl", text_rows(4, "b")))],
+                             capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert refused.returncode == 2 and "sharding: run has 'fsdp2', asked 'none'" in refused.stderr
+
+
+def test_deepspeed_or_fsdp1_asked_for_is_refused_not_run_as_something_else(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "data.jsonl", text_rows(8))
     cmd = [str(ACCELERATE), "launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
@@ -265,5 +317,6 @@ def test_fsdp_asked_for_on_a_machine_without_cuda_is_refused_not_run_as_ddp(tmp_
            "--model", str(tiny_model)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
     assert proc.returncode != 0
-    assert proc.stderr.count("evertrain: FSDP was asked for.") == 2  # each rank says it, neither trains
+    assert "add --fsdp_version 2" in proc.stderr
+    assert "src/evertrain/" not in proc.stderr  # a line, not a traceback through our code
     assert checkpoint.newest_complete(tmp_path / "run") is None

@@ -267,12 +267,18 @@ def test_a_non_finite_loss_in_train_rolls_back_marks_the_file_failed_and_exits_4
     assert all(math.isfinite(m["loss"]) for m in metrics(out) if m["file_name"] == "after.jsonl")
 
 
-def test_fsdp_or_deepspeed_asked_for_is_refused_never_dropped(tmp_path, tiny_model, monkeypatch, capsys):
+def test_sharding_evertrain_cannot_honour_is_refused_never_dropped(tmp_path, tiny_model, monkeypatch, capsys):
     f = write_jsonl(tmp_path / "a.jsonl", text_rows(4))
-    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.setenv(var, "true")
-        assert train(tmp_path / var, f, "--model", tiny_model) == 2
+    cases = [({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed was asked for"),
+             ({"ACCELERATE_USE_FSDP": "true"}, "FSDP version 1 (evertrain shards with FSDP2: add --fsdp_version 2)"),
+             ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"},
+              "sharding strategy SHARD_GRAD_OP"),
+             ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "one process holds it whole")]
+    for i, (env, message) in enumerate(cases):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert train(tmp_path / str(i), f, "--model", tiny_model) == 2
         err = capsys.readouterr().err
-        assert "was asked for" in err and "DDP trains the same global batch" in err and "Traceback" not in err
-        assert checkpoint.newest_complete(tmp_path / var) is None
-        monkeypatch.delenv(var)
+        assert message in err and "Traceback" not in err, err
+        assert checkpoint.newest_complete(tmp_path / str(i)) is None

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evertrain import checkpoint, collective, evals, faults, metrics, models, replay, snapshots
+from evertrain import checkpoint, collective, evals, faults, metrics, models, replay, sharding, snapshots
 from evertrain.config import ConfigError, TrainConfig
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.data.packing import collate
@@ -59,7 +59,7 @@ class Session:
     tokenizer: object
     optimizer: object
     progress: TrainingProgress
-    identity: dict
+    identity: dict                 # what defines the run; identity["sharding"] == "fsdp2": sharded by FSDP2
     gradient_accumulation: int     # micro-batches per step on each process: what keeps the run's global batch
     trace: Trace | None = None
     last_checkpoint: Path | None = None
@@ -76,6 +76,10 @@ class Session:
     @property
     def global_batch(self) -> int:
         return self.config.batch_size * self.accelerator.num_processes * self.gradient_accumulation
+
+    @property
+    def sharded(self) -> bool:
+        return self.identity["sharding"] == "fsdp2"
 
     @property
     def store_dir(self) -> Path:
@@ -144,6 +148,9 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     output_dir = Path(output_dir)
     # Launched as several processes on a machine without CUDA: accelerate only picks gloo when told "cpu".
     cpu = cpu or ("LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+    sharded = sharding.asked()  # FSDP2, which evertrain does itself; accelerate then runs plain processes
+    if sharded:
+        sharding.stand_aside()
     refuse_unhonoured_sharding()
     if config.deterministic:
         # cuBLAS needs a fixed workspace for deterministic matrix products; set before the first CUDA call.
@@ -163,9 +170,12 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     asked = config.batch_size * world * config.gradient_accumulation
     precision = accelerator.mixed_precision
     # A run from before these were recorded keeps the ones it is resumed with.
-    saved = {"global_batch": asked, "precision": precision, **newest.state["run"]} if newest is not None else {}
+    saved = ({"global_batch": asked, "precision": precision, "sharding": "none", **newest.state["run"]}
+             if newest is not None else {})
     accumulation = keep_global_batch(config, world, saved.get("global_batch", asked), output_dir)
-    identity = {**config.identity(), "global_batch": saved.get("global_batch", asked), "precision": precision}
+    # The sharding decides the optimizer state's format on disk, so a run keeps the one it began with.
+    identity = {**config.identity(), "global_batch": saved.get("global_batch", asked), "precision": precision,
+                "sharding": "fsdp2" if sharded else "none"}
     if newest is not None:
         if saved != identity:
             diff = ", ".join(f"{k}: run has {saved.get(k)!r}, asked {identity.get(k)!r}"
@@ -190,12 +200,21 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora:  # frozen embeddings: give the checkpointed blocks an input that requires grad
             model.enable_input_require_grads()
+    if sharded:
+        if world == 1:
+            raise ConfigError("FSDP shards the model over the processes of a launch; one process holds it whole: "
+                              "launch several, or train without --use_fsdp")
+        model = sharding.shard(model, accelerator.device, precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   fused=config.fused_optimizer and fused_adamw_supported(trainable))
-    if newest is not None:
-        optimizer.load_state_dict(torch.load(newest.path / "optimizer.pt", weights_only=True))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        if newest is not None:
+            sharding.load_optimizer(model, optimizer, newest.path)
+    else:
+        if newest is not None:
+            optimizer.load_state_dict(torch.load(newest.path / "optimizer.pt", weights_only=True))
+        model, optimizer = accelerator.prepare(model, optimizer)
     session = Session(config, output_dir, accelerator, model, tokenizer, optimizer, progress, identity,
                       accumulation, last_checkpoint=newest.path if newest else None,
                       saved_step=newest.step if newest else None, workdir=Path(workdir or output_dir))
@@ -204,6 +223,9 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     if newest is not None:
         _restore_rng(newest.path, accelerator.process_index)
         session.say(f"evertrain: resumed {newest.path} at global step {progress.global_step}")
+    if sharded and config.snapshot_budget:
+        session.say("evertrain: FSDP: no evolution snapshots (one process takes them, and a sharded model needs "
+                    "every process for a forward pass); held-out evaluations run as usual")
     if accumulation != config.gradient_accumulation:
         session.say(f"evertrain: {world} process(es) x batch_size {config.batch_size}: gradient accumulation "
                     f"{config.gradient_accumulation} -> {accumulation}, to keep the run's global batch of "
@@ -216,18 +238,15 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
 
 
 def refuse_unhonoured_sharding(distributed_type: str | None = None) -> None:
-    """A launch that asks for sharding is refused (before the accelerator: `distributed_type` None; after it: the
-    type accelerate chose). evertrain cannot checkpoint sharded state yet, and without CUDA accelerate would train
-    plain DDP instead: what was asked for must never be dropped in silence."""
-    asked = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-             if os.environ.get(var, "").lower() in ("1", "true")]
+    """Sharding evertrain does not do (DeepSpeed; FSDP by accelerate's plugin) is refused, before the accelerator
+    (`distributed_type` None) and after it: never dropped in silence. FSDP2 is asked for with `--use_fsdp
+    --fsdp_version 2` and done by `sharding`, which has taken the request out of accelerate's way by then."""
+    asked = "DeepSpeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") else None
     if distributed_type in ("FSDP", "DEEPSPEED"):
-        asked = [{"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}[distributed_type]]
+        asked = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}[distributed_type]
     if asked:
-        raise ConfigError(f"{asked[0]} was asked for. evertrain checkpoints one process or DDP (every process holds "
-                          "the whole model and optimizer); sharded model and optimizer state is not supported yet, "
-                          "and without CUDA accelerate would silently run DDP instead. Launch without --use_fsdp / "
-                          "--use_deepspeed: DDP trains the same global batch.")
+        raise ConfigError(f"{asked} was asked for. evertrain shards with FSDP2 (accelerate launch --use_fsdp "
+                          "--fsdp_version 2) or trains DDP; DeepSpeed's sharded state is not supported.")
 
 
 def keep_global_batch(config: TrainConfig, world: int, global_batch: int, output_dir: Path) -> int:
@@ -314,6 +333,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
     cursor, first_time = begin_file(session, data, total)
     if first_time:
         evals.store_held_out(session, data)
+        acc.wait_for_everyone()  # every process evaluates the slice the main one just stored
         metrics.log_evals(session, evals.evaluate(session, [data.sha256], before_file=data))
         snapshots.track_file(session, data)
         metrics.file_event(session, f"start {data.name} ({data.sha256[:12]}) at global step "
@@ -340,7 +360,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         for m, mine in micro_batches(rows, accum, world, rank):
             batch = collate(mine, session.tokenizer.pad_token_id, acc.device)
             sync = m == accum - 1
-            with nullcontext() if sync else acc.no_sync(model):
+            with gradient_sync(session, sync):
                 out = model(**batch, use_cache=False, num_items_in_batch=max(n_target, 1))
                 # DDP averages gradients over processes; each loss is already a share of the global sum.
                 acc.backward(out.loss * world)
@@ -350,7 +370,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
             if session.trace:  # the evidence, taken after the backward pass: what this process really fed
                 seen.append(evidence(rank, m, mine, replayed_ids))
 
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        grad_norm = clip_grad_norm(session) if cfg.max_grad_norm else None
         step_loss = acc.reduce(loss_sum, reduction="sum").item()  # the same number on every process
         if not math.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
@@ -373,7 +393,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         elapsed = time.perf_counter() - t0
         record = StepRecord(step=progress.global_step, file=data.sha256, file_name=data.name,
                             file_step=cursor.file_step, file_total_steps=total, loss=step_loss, lr=lr,
-                            grad_norm=None if grad_norm is None else float(grad_norm), tokens=step_tokens,
+                            grad_norm=grad_norm, tokens=step_tokens,
                             examples=n_trained, replayed=len(replayed),
                             tokens_per_second=tokens_trained / elapsed if elapsed else 0.0, time=time.time())
         log_step(session, record)
@@ -408,6 +428,21 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
                       seconds=time.perf_counter() - t0, stop_requested=stop,
                       checkpoint=session.last_checkpoint if status != "interrupted" or cursor.file_step >
                       file_step_before else None)
+
+
+def gradient_sync(session: Session, sync: bool):
+    """Gradients are reduced across processes only at a step's last micro-batch (`sync`)."""
+    if sync:
+        return nullcontext()
+    if session.sharded:
+        return sharding.gradient_sync(session.model, False)
+    return session.accelerator.no_sync(session.model)
+
+
+def clip_grad_norm(session: Session) -> float:
+    if session.sharded:
+        return sharding.clip_grad_norm(session.model, session.config.max_grad_norm)
+    return float(session.accelerator.clip_grad_norm_(session.model.parameters(), session.config.max_grad_norm))
 
 
 def drive(steps: Generator[StepRecord, str | None, FileResult], decide: Callable[[StepRecord], str | None]
@@ -543,11 +578,16 @@ def save_checkpoint(session: Session) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    state_dict = acc.get_state_dict(session.model)
+    if session.sharded:  # the full model for the main process to write; each process its optimizer shard
+        state_dict = sharding.full_state_dict(session.model)
+        sharding.save_optimizer(session.model, session.optimizer, tmp)
+    else:
+        state_dict = acc.get_state_dict(session.model)
     if acc.is_main_process:
         acc.unwrap_model(session.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         session.tokenizer.save_pretrained(tmp)
-        torch.save(session.optimizer.state_dict(), tmp / "optimizer.pt")
+        if not session.sharded:
+            torch.save(session.optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps({
             "name": cfg.lr_schedule, "peak_lr": cfg.learning_rate, "warmup_steps": cfg.warmup_steps,
             "decay_start": progress.decay_start, "decay_steps": progress.decay_steps,

@@ -90,7 +90,7 @@ def with_generations(file_step: int, total: int) -> bool:
 def due(session, file_step: int, total: int) -> bool:
     """Is a snapshot wanted after this step, and affordable within the budget?"""
     cfg, p = session.config, session.progress
-    if not cfg.snapshot_budget or not session.is_main:
+    if not cfg.snapshot_budget or not session.is_main or session.sharded:  # one process cannot run a sharded model
         return False
     wanted = file_step in (1, total) or is_log_spaced(p.global_step)
     # Predictive: the spend so far plus what this kind of snapshot cost last time must fit the budget
