@@ -109,6 +109,32 @@ def test_export_refuses_a_used_folder_a_missing_step_and_a_damaged_checkpoint(fu
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
 
 
+def test_export_beside_a_training_process_takes_the_newest_complete_checkpoint(full_run, tmp_path, capsys):
+    """What a daemon leaves while it trains: its lock held, a checkpoint half written, a newer one not complete."""
+    import shutil
+
+    from evertrain import locks
+
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run, copy)
+    newest = checkpoint.newest_complete(copy)
+    lock = locks.hold(copy / locks.LOCK_NAME, "train", "wait")
+    try:
+        (copy / ".tmp-checkpoint-99").mkdir()
+        (copy / ".tmp-checkpoint-99" / "model.safetensors").write_bytes(b"half")
+        shutil.copytree(newest.path, copy / "checkpoint-100")
+        state = json.loads((copy / "checkpoint-100" / checkpoint.STATE_FILE).read_text())
+        (copy / "checkpoint-100" / checkpoint.STATE_FILE).write_text(json.dumps(dict(state, global_step=100)))
+        (copy / "checkpoint-100" / "model.safetensors").unlink()
+        assert cli("export", copy, tmp_path / "model") == exits.OK
+    finally:
+        os.close(lock)
+    captured = capsys.readouterr()
+    assert f"exported {newest.name} (global step {newest.step})" in captured.out
+    assert "checkpoint-100: model.safetensors is missing" in captured.err
+    assert json.loads((tmp_path / "model" / "evertrain_lineage.json").read_text())["global_step"] == newest.step
+
+
 def test_lora_export_is_portable_and_merge_equals_the_adapter(lora_run, tiny_model, tmp_path, capsys):
     from peft import PeftModel
 

@@ -167,7 +167,13 @@ def route(root: Path) -> Route:
         asked = await read_question(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
-        question = Question(**asked, emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        def emit(event: dict) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the server stopped while the worker answered: nobody is listening
+                pass
+
+        question = Question(**asked, emit=emit)
         if not asker.submit(question):
             return as_json({"error": f"busy: {asker.waiting.maxsize} questions are already waiting; ask again in a moment"}, 429,
                            {"Retry-After": "10"})

@@ -11,6 +11,7 @@ RUN is a workspace or the --output-dir of `evertrain train`. Everything here onl
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def open_source(root: Path, step: int | None = None) -> Source:
     run = open_run(root)
     found = checkpoint.candidates(run.model_dir)
     if step is None:
-        ckpt = checkpoint.newest_complete(run.model_dir, warn=lambda _text: None)
+        ckpt = checkpoint.newest_complete(run.model_dir, warn=lambda text: print(text, file=sys.stderr))
         if ckpt is None:
             raise ExportError(f"{run.model_dir}: no complete checkpoint" + (
                 " (" + "; ".join(f"{c.name}: {checkpoint.verify(c, full=False) or 'does not verify'}"

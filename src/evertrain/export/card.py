@@ -77,13 +77,14 @@ def model_card(facts: dict) -> str:
              f"target modules {t['lora']['target_modules']}" if t["kind"] == "lora" else "all weights")
     what = {"adapter": "a LoRA adapter (load it onto the base model with PEFT)",
             "merged": "the LoRA adapter merged into the base model: a full model",
-            "full": "a full model"}.get(export.get("kind"), "this checkpoint")
+            "full": "a full model"}.get(export.get("kind"))
     # The hub reads base_model from the front matter: only a hub id belongs there, never a local folder.
     lines = ["---", *([f"base_model: {facts['base_model']}"] if facts["base_model_on_hub"] else []),
              *(["library_name: peft"] if export.get("kind") == "adapter" else []),
              "tags:", "- evertrain", "---", "",
              f"# {facts['checkpoint']} of an evertrain run", "",
-             f"This is {what}, trained by evertrain {facts['evertrain_version']} from "
+             (f"This is {what}, trained" if export else "This checkpoint was trained")
+             + f" by evertrain {facts['evertrain_version']} from "
              f"`{facts['base_model']}` ({shape}, {t['dtype']}), global step {facts['global_step']}, "
              f"{facts['tokens_seen']} tokens, {facts['examples_seen']} example passes.", "",
              "## Files trained, in order", "",

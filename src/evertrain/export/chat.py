@@ -150,8 +150,8 @@ HELP = ("/reset forgets the conversation, /step N (or /step base) talks to anoth
 
 
 class Chat:
-    def __init__(self, root: Path, which, compare, settings: Settings, out=sys.stdout):
-        self.root, self.settings, self.out = root, settings, out
+    def __init__(self, root: Path, which, compare, settings: Settings, out=None):
+        self.root, self.settings, self.out = root, settings, out or sys.stdout
         self.speakers = [speaker(root, which)] + ([speaker(root, compare)] if compare is not None else [])
         self.histories: list[list[dict]] = [[] for _ in self.speakers]
 

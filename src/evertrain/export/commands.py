@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 from evertrain import exits
@@ -77,7 +78,7 @@ def cmd_chat(args) -> int:
         try:
             settings.set(name, str(getattr(args, name)))
         except ValueError as e:
-            print(f"evertrain: --{name.replace('_', '-')}: {e}")
+            print(f"evertrain: --{name.replace('_', '-')}: {e}", file=sys.stderr)
             return exits.BAD_INPUT
     compare = chat.parse_which(args.compare) if args.compare is not None else None
     talk = chat.Chat(args.run, args.step, compare, settings)
