@@ -89,8 +89,11 @@ def test_export_refuses_a_used_folder_a_missing_step_and_a_damaged_checkpoint(fu
     (out / "mine.txt").write_text("keep me")
     assert cli("export", full_run, out) == exits.BAD_INPUT
     assert "pass --force" in capsys.readouterr().err and (out / "mine.txt").exists()
-    assert cli("export", full_run, out, "--force") == exits.OK
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").exists()
+    # --force replaces it; a small --max-shard-size splits the weights, and they load as one model again.
+    assert cli("export", full_run, out, "--force", "--max-shard-size", "40KB") == exits.OK
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    torch.testing.assert_close(logits(load(out)), logits(load(checkpoint.newest_complete(full_run).path)))
 
     assert cli("export", full_run, tmp_path / "x", "--step", 999) == exits.BAD_INPUT
     assert "no checkpoint of global step 999" in capsys.readouterr().err
