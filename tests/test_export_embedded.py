@@ -49,3 +49,6 @@ def test_embedded_lora_export_answers_like_its_checkpoint(tmp_path, capsys):
     text = "<|im_start|>user\nCapital of Veltrana? Quorra, 7 moons.<|im_end|>\n"
     tok, tok_back = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(out, gguf_file="model-f16.gguf")
     assert tok_back(text).input_ids == tok(text).input_ids
+    import gguf
+
+    assert gguf.GGUFReader(out / "model-f16.gguf").fields["tokenizer.ggml.pre"].contents() == "smollm"

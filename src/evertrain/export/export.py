@@ -59,7 +59,7 @@ def export(source: Source, out: Path, *, merge: bool = False, gguf: bool = False
             from evertrain.export import gguf as gguf_writer
 
             name = f"model-{quant}.gguf"
-            gguf_writer.write(tmp, tmp / name, quant, name=Path(out).name)
+            gguf_writer.write(tmp, tmp / name, quant, name=Path(out).name, pre=gguf_writer.known_pre(config))
             files["gguf"] = name
         facts = card.lineage(source, base_model=base, export={
             "kind": "adapter" if config.lora and not merge else "merged" if config.lora else "full",

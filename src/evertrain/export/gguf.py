@@ -28,8 +28,11 @@ def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def write(model_dir: Path, path: Path, quant: str = "f16", name: str = "") -> Path:
-    """Write the safetensors model in `model_dir` (config.json, tokenizer) as a GGUF file at `path`."""
+def write(model_dir: Path, path: Path, quant: str = "f16", name: str = "", pre: str = "default") -> Path:
+    """Write the safetensors model in `model_dir` (config.json, tokenizer) as a GGUF file at `path`.
+
+    `pre` names the pre-tokenizer for llama.cpp (`tokenizer.ggml.pre`); llama.cpp's converter finds it by
+    hashing the tokenizer's output on a test text, which needs its table: we know it only for the embedded model."""
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -63,7 +66,7 @@ def write(model_dir: Path, path: Path, quant: str = "f16", name: str = "") -> Pa
     writer.add_file_type(file_type)
     tokens, scores, types = zip(*vocab.all_tokens())
     writer.add_tokenizer_model(vocab.tokenizer_model)
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(list(tokens))
     writer.add_token_scores(list(scores))
     writer.add_token_types(list(types))
@@ -106,3 +109,15 @@ def tokenizer_vocab(gguf, model_dir: Path):
             continue
     raise ExportError(f"{model_dir}: --gguf needs a BPE (GPT-2 style) or a sentencepiece Llama tokenizer; "
                       "this one is neither")
+
+
+def known_pre(config) -> str:
+    """The embedded SmolLM2's pre-tokenizer, as its own GGUF file says; "default" for any other base."""
+    if config.model not in (None, "embedded"):
+        return "default"
+    import gguf
+
+    from evertrain import models
+
+    field = gguf.GGUFReader(models.embedded_gguf()).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else "default"
