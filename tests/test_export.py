@@ -282,3 +282,44 @@ def test_interactive_chat_from_piped_stdin(full_run):
     assert f"now talking to {first.name} (step {first.step})" in out
     assert "conversation forgotten" in out
     assert out.count("you> ") == 8  # every line was read, /quit last
+
+
+def test_chat_in_a_terminal(full_run, tmp_path):
+    """The interactive path in a real terminal (tmux): the prompt, a streamed answer, /settings, /quit."""
+    import shutil
+    import time
+
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("tmux is required under CI")
+        pytest.skip("no tmux to drive a terminal")
+    newest = checkpoint.newest_complete(full_run)
+    session = f"evertrain-chat-{os.getpid()}"
+    socket = ["-S", str(tmp_path / "tmux.sock")]
+    cmd = f"{sys.executable} -m evertrain chat {full_run} --max-new-tokens 6; echo EXITED $?; sleep 30"
+    subprocess.run(["tmux", *socket, "new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd], check=True)
+
+    def screen() -> str:
+        return subprocess.run(["tmux", *socket, "capture-pane", "-p", "-t", session], capture_output=True,
+                              text=True).stdout
+
+    def wait_for(text: str, times: int = 1) -> str:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if (shown := screen()).count(text) >= times:
+                return shown
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} never appeared {times} time(s):\n{screen()}")
+
+    try:
+        wait_for("you>")  # tmux drops the prompt's trailing space
+        assert f"talking to {newest.name} (step {newest.step})" in screen()
+        subprocess.run(["tmux", *socket, "send-keys", "-t", session, "Question 1?", "Enter"], check=True)
+        shown = wait_for("you>", 2)  # the answer came, and the next prompt after it
+        assert "you> Question 1?\n" in shown
+        for keys in ("/settings", "/quit"):
+            subprocess.run(["tmux", *socket, "send-keys", "-t", session, keys, "Enter"], check=True)
+        shown = wait_for("EXITED")
+        assert "max_new_tokens 6" in shown and "EXITED 0" in shown
+    finally:
+        subprocess.run(["tmux", *socket, "kill-server"], capture_output=True)
