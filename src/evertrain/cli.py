@@ -6,6 +6,7 @@
     evertrain check FILE                                # what a file will teach, before training it
     evertrain report DIR                                # forgetting matrix of a run
     evertrain dashboard DIR                             # live web page of a run, http://127.0.0.1:8777/
+    evertrain export DIR OUT; evertrain chat DIR        # take the model out; talk to a checkpoint
     evertrain --help
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from evertrain import checkpoint, exits
 from evertrain.config import ConfigError, TrainConfig, add_arguments, overrides_from_args
+from evertrain.export.commands import add_commands as add_export_commands
 
 # Exit codes a script can rely on: the one table is exits.py.
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_GUARD, EXIT_INTERRUPTED = (
@@ -61,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", help="the token clients must send, 16 characters or more "
                                    "(default off loopback: a random one, printed)")
     p.set_defaults(func=cmd_dashboard)
+    add_export_commands(sub)
 
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `export` writes its own command into the card
     try:
         return args.func(args)
     except ConfigError as e:

@@ -10,6 +10,7 @@ GET /api/state              status, files and queue, checkpoints, forgetting mat
 GET /api/metrics?since=N    metric columns of the steps after N, file spans
 GET /api/snapshots          snapshot steps and tracked examples with their per-step summary
 GET /api/snapshot/N         one snapshot (tokens right/wrong, prediction, generation)
+POST /api/ask               two checkpoints' answers to a prompt, streamed (ask.py: generation off the event loop)
 
 Starlette routes served by uvicorn (asyncio, h11). Who may ask is decided in auth.py, for every route. The
 reads of `sources` block on files, so the routes are plain functions: Starlette runs them in its thread pool,
@@ -122,6 +123,9 @@ def build_app(run: sources.Run, access: auth.Access) -> Starlette:
         ("/api/snapshots", lambda request: as_json(sources.snapshots_index(run))),
         ("/api/snapshot/{step}", snapshot),
     ]]
+    from evertrain.dashboard import ask  # here: ask.py builds on this module's answers
+
+    routes.append(ask.route(run.root))
     return Starlette(routes=routes, lifespan=bounded_threads,
                      middleware=[Middleware(Guard), Middleware(auth.AccessMiddleware, access=access)],
                      exception_handlers={BadQuery: bad_query, HTTPException: http_error, Exception: server_error})

@@ -1,0 +1,54 @@
+"""Export of a LoRA run on the embedded SmolLM2-135M-Instruct: the adapter names its hub id by itself, and the
+merged export (safetensors and GGUF) answers as the checkpoint does.
+
+    pytest -q tests/test_export_embedded.py      # about a minute on 2 CPU cores (the first conversion: more); marked slow
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import cli, write_jsonl
+
+from evertrain import checkpoint, exits
+from evertrain.export import EMBEDDED_HUB_ID, chat
+
+
+@pytest.mark.slow
+def test_embedded_lora_export_answers_like_its_checkpoint(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "facts.jsonl", [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("Capital of Veltrana?", "Quorra."), ("Moons of Veltrana?", "Seven.")]])
+    run = tmp_path / "run"
+    assert cli("train", "--dataset", data, "--output-dir", run, "--lora", "--lora-r", 8, "--no-packing",
+               "--batch-size", 2, "--max-length", 64, "--learning-rate", 1e-3, "--warmup-steps", 0) == exits.OK
+    step = checkpoint.newest_complete(run).step
+
+    assert cli("export", run, tmp_path / "adapter") == exits.OK  # no --base-id: the embedded model's id is known
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == EMBEDDED_HUB_ID
+    assert f"base_model: {EMBEDDED_HUB_ID}" in (tmp_path / "adapter" / "README.md").read_text()
+
+    out = tmp_path / "merged"
+    assert cli("export", run, out, "--merge", "--gguf") == exits.OK
+    capsys.readouterr()
+    assert cli("chat", run, "--prompt", "Capital of Veltrana?", "--max-new-tokens", 8) == exits.OK
+    said = capsys.readouterr().out
+    assert f"talking to checkpoint-{step} (step {step})" in said
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    who = chat.Speaker("export", None, model, AutoTokenizer.from_pretrained(out))
+    answer = "".join(chat.stream(who, [{"role": "user", "content": "Capital of Veltrana?"}],
+                                 chat.Settings(max_new_tokens=8)))
+    assert answer.strip() and said.endswith(answer + "\n")
+
+    # The GGUF file holds SmolLM2's real BPE tokenizer (merges, special tokens), which the tiny model lacks; its
+    # weights are read back in test_export.py (reading 135M parameters from GGUF takes half a minute here).
+    text = "<|im_start|>user\nCapital of Veltrana? Quorra, 7 moons.<|im_end|>\n"
+    tok, tok_back = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(out, gguf_file="model-f16.gguf")
+    assert tok_back(text).input_ids == tok(text).input_ids
+    import gguf
+
+    assert gguf.GGUFReader(out / "model-f16.gguf").fields["tokenizer.ggml.pre"].contents() == "smollm"
