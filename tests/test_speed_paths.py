@@ -93,3 +93,17 @@ def test_the_precision_is_part_of_the_run_and_a_change_is_refused(tmp_path, tiny
                             "--precision", "bf16"], capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "precision: run has 'no', asked 'bf16'" in other.stderr
     assert checkpoint.newest_complete(out).step == 1
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_its_three_contenders_on_tiny_shapes(tmp_path):
+    """bench/gpu.py is measured on a GPU machine; here it must at least run end to end, the same code."""
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+    proc = subprocess.run([sys.executable, str(bench), "--model", "tiny", "--steps", "4"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines() if "tok/s" in line}
+    assert set(lines) == {"trainer", "bare", "evertrain"}
+    assert "checkpoint stall" in lines["evertrain"] and "1.00x the Trainer" in lines["trainer"]
