@@ -107,3 +107,15 @@ def test_the_gpu_benchmark_runs_its_three_contenders_on_tiny_shapes(tmp_path):
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines() if "tok/s" in line}
     assert set(lines) == {"trainer", "bare", "evertrain"}
     assert "checkpoint stall" in lines["evertrain"] and "1.00x the Trainer" in lines["trainer"]
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_the_same_weights(tmp_path, tiny_model):
+    f = write_jsonl(tmp_path / "a.jsonl", text_rows(8))
+    opts = ("--model", tiny_model, "--batch-size", 4, "--learning-rate", 1e-2, "--warmup-steps", 0)
+    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "plain", *opts) == 0
+    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "compiled", *opts, "--compile") == 0
+    a = load_tensors(checkpoint.newest_complete(tmp_path / "plain").path / "model.safetensors")
+    b = load_tensors(checkpoint.newest_complete(tmp_path / "compiled").path / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -93,6 +93,8 @@ class TrainConfig:
                           choices=ATTENTIONS)
     fused_optimizer: bool = _opt(True, "use torch's fused AdamW kernel (one kernel for all parameters)",
                                  flag="fused-optimizer/no-fused-optimizer")
+    compile: bool = _opt(False, "torch.compile the model's forward pass (minutes of compiling at start; faster steps "
+                         "on GPUs where bench/gpu.py says so)", flag="compile/no-compile")
     deterministic: bool = _opt(False, "PyTorch's deterministic algorithms: a resume on CUDA is then bitwise equal to "
                                "an uninterrupted run (CPU runs are deterministic anyway), at some cost in speed",
                                flag="deterministic/no-deterministic")

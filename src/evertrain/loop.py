@@ -200,6 +200,9 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora:  # frozen embeddings: give the checkpointed blocks an input that requires grad
             model.enable_input_require_grads()
+    if config.compile:
+        # Packed rows vary in length: dynamic shapes, or a recompile for every new row width.
+        model.forward = torch.compile(model.forward, dynamic=True)
     if sharded:
         if world == 1:
             raise ConfigError("FSDP shards the model over the processes of a launch; one process holds it whole: "
