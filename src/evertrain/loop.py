@@ -13,6 +13,7 @@ accumulation changes to keep it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evertrain import checkpoint, collective, evals, faults, metrics, models, replay, snapshots
+from evertrain import checkpoint, collective, evals, faults, logs, metrics, models, replay, snapshots
 from evertrain.config import TrainConfig
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.data.packing import collate
@@ -89,9 +90,9 @@ class Session:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def say(self, text: str) -> None:
+    def say(self, text: str, progress: bool = False) -> None:
         if self.is_main:
-            print(text, flush=True)
+            logs.say(text, progress=progress)
 
 
 @dataclass
@@ -154,8 +155,12 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
 
     newest = resume
     if resume == "newest":
-        newest = checkpoint.newest_complete(output_dir, warn=print if accelerator.is_main_process else _quiet,
+        newest = checkpoint.newest_complete(output_dir, warn=logs.say if accelerator.is_main_process else _quiet,
                                             damaged=checkpoint.resume_policy(from_base, accelerator.is_main_process))
+    if newest is not None and "held_out_min_file" not in _saved_config(newest.path):
+        # A run begun before tiny files got a held-out slice keeps choosing as it did: a file interrupted part-way
+        # must find the same held-out examples (its cursor's settings), and later files the same rule.
+        config = dataclasses.replace(config, held_out_min_file=0)
     world = accelerator.num_processes
     asked = config.batch_size * world * config.gradient_accumulation
     # A run from before the global batch was recorded keeps the one it is resumed with.
@@ -230,6 +235,13 @@ def _precision(name: str) -> str:
     if name != "auto":
         return name
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _saved_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "evertrain_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _quiet(_text: str) -> None:
@@ -491,7 +503,7 @@ def log_step(session: Session, r: StepRecord) -> None:
     metrics.log_step(session, r.as_dict())
     if session.is_main and (r.file_step % session.config.log_steps == 0 or r.file_step == r.file_total_steps):
         session.say(f"  step {r.step:>7}  {r.file_name} {r.file_step}/{r.file_total_steps}  "
-                    f"loss {r.loss:.4f}  lr {r.lr:.3g}  {r.tokens_per_second:.0f} tok/s")
+                    f"loss {r.loss:.4f}  lr {r.lr:.3g}  {r.tokens_per_second:.0f} tok/s", progress=True)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints

@@ -15,8 +15,6 @@ process sees stops them all at the same step.
 from __future__ import annotations
 
 import json
-import logging
-import logging.handlers
 import os
 import shutil
 import signal
@@ -26,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evertrain import checkpoint, collective, exits, faults, locks, loop
+from evertrain import checkpoint, collective, exits, faults, locks, logs, loop
 from evertrain.config import TrainConfig
 from evertrain.daemon import controls, workspace
 from evertrain.daemon.inbox import Intake, adopt_orphans, write_error
@@ -37,17 +35,14 @@ from evertrain.daemon.workspace import DaemonConfig, Workspace
 from evertrain.data import Cancelled, DataError, FileData
 from evertrain.evals import read_evals
 
-LOG_BYTES, LOG_BACKUPS = 10 << 20, 5  # logs/evertrain.log is rotated at 10 MB, 5 old ones kept
-
 
 @dataclass
 class Service:
     ws: Workspace
     config: TrainConfig
     daemon: DaemonConfig
-    ledger: Ledger | None          # the main process alone holds these four
+    ledger: Ledger | None          # the main process alone holds these three
     board: Board | None
-    log: logging.Logger | None
     bar: Bar | None
     stop: threading.Event = field(default_factory=threading.Event)   # SIGINT/SIGTERM
     wake: threading.Event = field(default_factory=threading.Event)   # a signal, or intake took a file
@@ -59,9 +54,8 @@ class Service:
     from_base: bool = False   # --from-base: when no checkpoint loads, start again from the base model
 
     def say(self, text: str) -> None:
-        if self.log is not None:
-            self.log.info(text)
-            print(text, flush=True)
+        if self.ledger is not None:
+            logs.say(text)
 
 
 def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
@@ -76,15 +70,18 @@ def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
             os.close(lock_fd)  # the same process may run again (tests, notebooks): an open lock would refuse it
         raise
     svc = Service(ws, config, daemon, ledger, Board(ws, ledger, daemon.status_interval) if main else None,
-                  _logger(ws) if main else None, Bar(sys.stdout.isatty()) if main else None, from_base=from_base)
+                  Bar(sys.stdout.isatty()) if main else None, from_base=from_base)
     restore_signals = _catch_signals(svc)
     try:
-        return _serve(svc, once) if main else follow(svc)
-    except Exception as e:
-        if main:
-            svc.board.set(state="error", alert=f"{type(e).__name__}: {e}")
-            svc.log.exception("evertrain: the daemon stopped on an error")
-        raise
+        if not main:
+            return follow(svc)
+        with logs.to_file(ws.logs):
+            try:
+                return _serve(svc, once)
+            except Exception as e:
+                svc.board.set(state="error", alert=f"{type(e).__name__}: {e}")
+                logs.exception("evertrain: the daemon stopped on an error")
+                raise
     finally:
         restore_signals()
         if svc.intake is not None:
@@ -93,22 +90,20 @@ def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
             svc.prefetch.stop()
         if main:
             svc.bar.close()
-            for h in list(svc.log.handlers):
-                svc.log.removeHandler(h)
-                h.close()
             ledger.close()
             os.close(lock_fd)
 
 
 def _serve(svc: Service, once: bool) -> int:
     ws, ledger, board = svc.ws, svc.ledger, svc.board
+    started = time.time()
     svc.say(f"evertrain: daemon starting on {ws.root} (pid {os.getpid()})")
     try:
         new_session(svc)
     except checkpoint.NoUsableCheckpoint as e:
         board.set(state="error", alert=str(e))
         svc.say(f"evertrain: {e}")
-        return EXIT_CONFIG
+        return exits.BAD_INPUT
     except loop.RunMismatch as e:
         msg = (f"{e}\nTo train with the new settings, start a new run: `evertrain init NEWDIR` with them, or move "
                f"{ws.model_dir} away (the old run stays there); to continue this run, restore the settings in "
@@ -125,6 +120,8 @@ def _serve(svc: Service, once: bool) -> int:
     code = exits.OK
     while True:
         _, next_due = svc.intake.scan()
+        if board.data["intake"] != intake_note(svc):
+            board.set(intake=intake_note(svc))
         requests = controls.read(ws)
         if svc.stop.is_set() or requests.stop:
             break
@@ -172,7 +169,25 @@ def _serve(svc: Service, once: bool) -> int:
                 f"last checkpoint {_ckpt_name(svc)}")
         controls.clear(ws, "stop")
         board.set(state="stopped", current_file=None, current_file_id=None)
+    if once:
+        failed = summary(svc, started)
+        if failed and code == exits.OK:
+            code = exits.FILES_FAILED
     return code
+
+
+def summary(svc: Service, since: float) -> int:
+    """What happened to each file this call took or left waiting (`run --once`); the number that failed."""
+    rows = [r for r in svc.ledger.files()
+            if r["state"] in ("queued", "training") or (r["finished_at"] or 0) >= since]
+    svc.say(f"evertrain: summary: {len(rows)} file(s)" + (":" if rows else ""))
+    for r in rows:
+        steps = f"{r['steps_trained']}/{r['expected_steps'] or '?'} steps"
+        note = {"done": f"{steps}, global steps {r['first_step']}-{r['last_step']}",
+                "queued": f"still queued, {steps}"}.get(r["state"]) or " · ".join(
+            line.strip() for line in (r["error"] or "").splitlines() if line.strip())[:300]
+        svc.say(f"  {r['original_name']} (id {r['id']}): {r['state']}" + (f": {note}" if note else ""))
+    return sum(r["state"] == "failed" for r in rows)
 
 
 def follow(svc: Service) -> int:
@@ -271,7 +286,7 @@ def decide(svc: Service, row: dict, record: loop.StepRecord) -> str | None:
     """
     wrote = svc.board.last_write
     svc.board.step(record)
-    svc.bar.update(record.file_step, record.loss)
+    svc.bar.update(record)
     if svc.board.last_write != wrote:  # the status was flushed: the ledger's step count too
         svc.ledger.update(row["id"], steps_trained=record.file_step)
         svc.board.data["last_checkpoint"] = _ckpt_name(svc)
@@ -279,6 +294,7 @@ def decide(svc: Service, row: dict, record: loop.StepRecord) -> str | None:
         svc.wake.clear()
         svc.session.protected = svc.ledger.pins()
         svc.prefetch.start(_next_path(svc, row))
+        svc.board.data["intake"] = intake_note(svc)
         svc.next_poll = time.monotonic() + svc.daemon.poll_seconds
     requests = controls.read(svc.ws)
     if svc.stop.is_set() or requests.stop:
@@ -364,6 +380,12 @@ def prepare(svc: Service, row: dict, path: Path) -> FileData:
     return data
 
 
+def intake_note(svc: Service) -> str | None:
+    """The status's word on inbox files that look cut short: their writers are waited for."""
+    waiting = svc.intake.inbox.waiting
+    return f"waiting for {', '.join(waiting)} to finish" if waiting else None
+
+
 def _next_path(svc: Service, row: dict) -> Path | None:
     """The file most likely to train after `row`: the next in the queue."""
     nxt = next((r for r in svc.ledger.queue(set(svc.session.progress.cursors)) if r["id"] != row["id"]), None)
@@ -404,6 +426,7 @@ def new_session(svc: Service) -> None:
             svc.ledger.note("from-base", text)
             svc.say(f"evertrain: {text}")
     svc.session = session
+    svc.config = session.config  # as the run resolved it (an older run keeps its held-out rule): prefetch too
 
 
 def _disk_problem(svc: Service) -> str | None:
@@ -450,14 +473,3 @@ def _catch_signals(svc: Service):
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(sig, h) for sig, h in old.items()]
-
-
-def _logger(ws: Workspace) -> logging.Logger:
-    log = logging.getLogger(f"evertrain.daemon.{ws.root}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    handler = logging.handlers.RotatingFileHandler(ws.logs / "evertrain.log", maxBytes=LOG_BYTES,
-                                                   backupCount=LOG_BACKUPS)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    return log
