@@ -78,6 +78,7 @@ def test_train_shows_a_progress_bar_on_a_terminal(tmp_path, tiny_model):
     text = screen.decode("utf-8", "replace")
     assert "━" in text and "tok/s" in text and re.search(r"step \d+ .*a\.jsonl", text)
     assert "\n  step " not in text.replace("\r", "")  # the bar, not the plain lines, on a terminal
+    assert not re.search(r"\d:\d\d:\d\d", text)  # time left as "4m 5s", never rich's 0:04:05
     log = (out / "logs" / "evertrain.log").read_text()
     assert len([line for line in log.splitlines() if "  step " in line]) == 12  # the log has every line
 

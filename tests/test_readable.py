@@ -25,7 +25,7 @@ def chats(n: int) -> list[dict]:
 
 
 def files(out) -> dict:
-    return {f["name"]: f for f in checkpoint.newest_complete(out).state["files"]}
+    return {f["name"]: f for f in checkpoint.newest_complete(out).state["evertrain"]["files"]}
 
 
 def test_examples_are_labelled_by_their_user_turn_and_tiny_files_get_a_held_out_example(tmp_path, tiny_model):

@@ -25,9 +25,9 @@ def test_a_writer_pausing_mid_line_longer_than_stable_seconds_trains_whole(tmp_p
         with open(target, "w") as f:  # written in place, in pieces, each cut mid-line
             for i in range(0, 9, 3):
                 piece = "".join(lines[i:i + 3])
+                written = time.time()  # before the write: the daemon can only see it change after this
                 f.write(piece[:-7])
                 f.flush()
-                written = time.time()
                 # the pause outlasts stable_seconds: the daemon sees a stable, cut file and says it waits
                 wait_for(lambda: status(ws).get("intake") == "waiting for slow.jsonl to finish"
                          and status(ws)["updated_at"] >= written + 0.2, 30, "the status to say it waits")

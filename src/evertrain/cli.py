@@ -135,7 +135,7 @@ def cmd_train(args) -> int:
 
 
 def _train(args, config, resume) -> int:
-    from evertrain import loop
+    from evertrain import loop, metrics
 
     session = loop.setup(config, args.output_dir, resume=resume)
     data = loop.prepare(session, args.dataset)
@@ -145,7 +145,10 @@ def _train(args, config, resume) -> int:
               f"run as {earlier.name}, global steps {earlier.first_step}-{earlier.last_step}; "
               "use --allow-repeat to train it again", file=sys.stderr)
         return EXIT_DUPLICATE
-    return _train_file(session, args, config, data)
+    try:
+        return _train_file(session, args, config, data)
+    finally:
+        metrics.finish(session)
 
 
 def _train_file(session, args, config, data) -> int:

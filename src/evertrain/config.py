@@ -18,6 +18,7 @@ from typing import Any
 LR_SCHEDULES = ("constant", "inverse_sqrt", "wsd")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "none")
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,8 @@ class TrainConfig:
     snapshot_generate: int = _opt(2, "tracked examples that also get a greedy generation", low=0)
     snapshot_new_tokens: int = _opt(32, "tokens a snapshot generation may add", low=1)
     snapshot_seconds: float = _opt(2.0, "wall-clock limit of one snapshot generation", low=0.1)
+    report_to: str = _opt("tensorboard", "trackers the metrics also go to, comma-separated: tensorboard, wandb, "
+                          "mlflow, trackio, aim, or none (through accelerate; one tracker run per evertrain run)")
     trace: bool = _opt(False, "append one line per optimizer step to trace.jsonl (which lines it trained)",
                        flag="trace/no-trace")
 
@@ -157,6 +160,9 @@ def _kind(f: dataclasses.Field) -> type:
 
 def validate(config: TrainConfig) -> None:
     check_fields(config)
+    unknown = [n for n in (x.strip() for x in config.report_to.split(",")) if n and n not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"report_to {', '.join(unknown)}: not a tracker; choose from {', '.join(REPORT_TO)}")
     if config.decay_steps and config.lr_schedule != "wsd":
         raise ConfigError("decay_steps only applies to lr_schedule = wsd")
     if config.columns:

@@ -69,7 +69,6 @@ class Session:
     budget_bytes: int | None = None                     # disk budget for checkpoints, if any
     workdir: Path | None = None    # where logs/ and snapshots/ go: the workspace, or output_dir for `train`
     replay_pool: list | None = None
-    tensorboard: object = None     # SummaryWriter, False when tensorboard is not installed
     # Set by the daemon: writes its own files (a copy of the ledger) into a checkpoint's temporary folder, so
     # that they are sealed in the manifest and committed atomically with it.
     extra_files: Callable[[Path], None] | None = None
@@ -145,7 +144,10 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     output_dir = Path(output_dir)
     # Launched as several processes on a machine without CUDA: accelerate only picks gloo when told "cpu".
     cpu = cpu or ("LOCAL_RANK" in os.environ and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=_precision(config.precision), cpu=cpu)
+    logs_dir = Path(workdir or output_dir) / "logs"
+    trackers = metrics.log_with(config.report_to, default=config.report_to == TrainConfig.report_to)
+    accelerator = Accelerator(mixed_precision=_precision(config.precision), cpu=cpu, log_with=trackers or None,
+                              project_dir=str(metrics.tracker_dir(logs_dir)))
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         raise NotImplementedError("evertrain checkpoints single-process and DDP runs; FSDP and DeepSpeed "
                                   "optimizer sharding is not supported yet")
@@ -201,6 +203,7 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
                       saved_step=newest.step if newest else None, workdir=Path(workdir or output_dir))
     if session.is_main:
         session.logs_dir.mkdir(parents=True, exist_ok=True)
+    metrics.start(session, config.to_dict())
     if newest is not None:
         _restore_rng(newest.path, accelerator.process_index)
         session.say(f"evertrain: resumed {newest.path} at global step {progress.global_step}")

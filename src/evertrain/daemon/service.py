@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evertrain import checkpoint, collective, exits, faults, locks, logs, loop
+from evertrain import checkpoint, collective, exits, faults, locks, logs, loop, metrics
 from evertrain.config import TrainConfig
 from evertrain.daemon import controls, workspace
 from evertrain.daemon.inbox import Intake, adopt_orphans, write_error
 from evertrain.daemon.ledger import COPY_NAME, Ledger, place
+from evertrain.daemon.notify import Notifier
 from evertrain.daemon.prefetch import Prefetch
 from evertrain.daemon.status import Bar, Board
 from evertrain.daemon.workspace import DaemonConfig, Workspace
@@ -44,6 +45,7 @@ class Service:
     ledger: Ledger | None          # the main process alone holds these three
     board: Board | None
     bar: Bar | None
+    notify: Notifier | None
     stop: threading.Event = field(default_factory=threading.Event)   # SIGINT/SIGTERM
     wake: threading.Event = field(default_factory=threading.Event)   # a signal, or intake took a file
     session: loop.Session | None = None
@@ -70,7 +72,9 @@ def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
             os.close(lock_fd)  # the same process may run again (tests, notebooks): an open lock would refuse it
         raise
     svc = Service(ws, config, daemon, ledger, Board(ws, ledger, daemon.status_interval) if main else None,
-                  Bar(sys.stdout.isatty()) if main else None, from_base=from_base)
+                  Bar(sys.stdout.isatty()) if main else None,
+                  Notifier(daemon.notify_command, daemon.notify_timeout, logs.say) if main else None,
+                  from_base=from_base)
     restore_signals = _catch_signals(svc)
     try:
         if not main:
@@ -81,13 +85,19 @@ def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
             except Exception as e:
                 svc.board.set(state="error", alert=f"{type(e).__name__}: {e}")
                 logs.exception("evertrain: the daemon stopped on an error")
+                svc.notify.send("daemon_stopped", f"the daemon stopped on an error: {type(e).__name__}: {e}",
+                                workspace=str(ws.root))
                 raise
+            finally:
+                svc.notify.close()  # the last events' outcome still goes to the log
     finally:
         restore_signals()
         if svc.intake is not None:
             svc.intake.close()
         if svc.prefetch is not None:
             svc.prefetch.stop()
+        if svc.session is not None:
+            metrics.finish(svc.session)
         if main:
             svc.bar.close()
             ledger.close()
@@ -148,7 +158,7 @@ def _serve(svc: Service, once: bool) -> int:
         problem = _disk_problem(svc)
         if problem:
             if board.data["alert"] != problem:
-                svc.say(f"evertrain: {problem}")
+                tell(svc, "disk_low", problem)
                 board.set(state="idle", alert=problem)
             if once:
                 code = exits.FAILED
@@ -165,8 +175,8 @@ def _serve(svc: Service, once: bool) -> int:
     collective.from_main(svc.session.accelerator, {"do": "stop"})
     if code == exits.OK:
         why = "signal" if svc.stop.is_set() else "stop request" if controls.read(ws).stop else "nothing left to do"
-        svc.say(f"evertrain: {why}: stopped at global step {svc.session.progress.global_step}, "
-                f"last checkpoint {_ckpt_name(svc)}")
+        tell(svc, "daemon_stopped", f"{why}: stopped at global step {svc.session.progress.global_step}, last "
+                                    f"checkpoint {_ckpt_name(svc)}", global_step=svc.session.progress.global_step)
         controls.clear(ws, "stop")
         board.set(state="stopped", current_file=None, current_file_id=None)
     if once:
@@ -319,8 +329,8 @@ def ended(svc: Service, row: dict, result: loop.FileResult) -> bool:
                       else None, last_step=rec.last_step if rec.steps else None, finished_at=time.time(),
                       error=f"skipped by request after {rec.steps}/{rec.expected_steps} steps")
         place(ws, ledger.get(row["id"]))
-        svc.say(f"evertrain: skipped {name} after {rec.steps}/{rec.expected_steps} steps "
-                f"(global step {progress.global_step})")
+        tell(svc, "file_skipped", f"skipped {name} after {rec.steps}/{rec.expected_steps} steps (global step "
+                                  f"{progress.global_step})", file=name, file_id=row["id"])
         return True
     if result.status == "interrupted":
         if svc.reason is None:  # another process of the launch was told to stop (a signal reached it alone)
@@ -341,8 +351,9 @@ def ended(svc: Service, row: dict, result: loop.FileResult) -> bool:
     ledger.update(row["id"], state="done", steps_trained=rec.steps, first_step=rec.first_step,
                   last_step=rec.last_step, replayed=rec.replayed, finished_at=time.time(), error=None)
     place(ws, ledger.get(row["id"]))
-    svc.say(f"evertrain: done {name}: {rec.steps}/{expected} steps, global steps "
-            f"{rec.first_step}-{rec.last_step}, mean loss {result.loss:.4f}, checkpoint {_ckpt_name(svc)}")
+    tell(svc, "file_done", f"done {name}: {rec.steps}/{expected} steps, global steps {rec.first_step}-"
+                           f"{rec.last_step}, mean loss {result.loss:.4f}, checkpoint {_ckpt_name(svc)}",
+         file=name, file_id=row["id"], global_step=progress.global_step, loss=result.loss)
     svc.board.set(global_step=progress.global_step, loss=result.loss)
     return True
 
@@ -380,6 +391,12 @@ def prepare(svc: Service, row: dict, path: Path) -> FileData:
     return data
 
 
+def tell(svc: Service, event: str, text: str, **fields) -> None:
+    """Say it, and tell notify_command (in a thread of its own: training never waits for it)."""
+    svc.say(f"evertrain: {text}")
+    svc.notify.send(event, text, workspace=str(svc.ws.root), **fields)
+
+
 def intake_note(svc: Service) -> str | None:
     """The status's word on inbox files that look cut short: their writers are waited for."""
     waiting = svc.intake.inbox.waiting
@@ -394,7 +411,8 @@ def _next_path(svc: Service, row: dict) -> Path | None:
 
 def roll_back(svc: Service, row: dict, data: FileData, error: loop.NonFiniteLoss) -> None:
     """A NaN/inf loss: reload the newest complete checkpoint, fail the file, carry on with the next."""
-    svc.say(f"evertrain: {row['original_name']}: {error}; rolling back to the last good checkpoint")
+    tell(svc, "rollback", f"{row['original_name']}: {error}; rolling back to the last good checkpoint",
+         file=row["original_name"], file_id=row["id"], global_step=error.step)
     cursor = svc.session.progress.cursors.get(data.sha256)
     svc.session = loop.roll_back(svc.session, data)
     svc.ledger.sync_checkpoints(svc.ws.model_dir)
@@ -409,7 +427,7 @@ def fail(svc: Service, row: dict, reason: str) -> None:
     target = place(svc.ws, svc.ledger.get(row["id"])) or svc.ws.failed / row["name"]
     write_error(target, reason)
     svc.board.set(state="idle", current_file=None, current_file_id=None)
-    svc.say(f"evertrain: FAILED {reason}")
+    tell(svc, "file_failed", f"FAILED {reason}", file=row["original_name"], file_id=row["id"])
 
 
 def new_session(svc: Service) -> None:

@@ -155,11 +155,19 @@ class Bar:
     def __init__(self, enabled: bool):
         self.progress = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+            from rich.text import Text
+
+            class Left(ProgressColumn):
+                """Time left as everywhere else in evertrain ("1h 12m"), not rich's 1:12:00."""
+
+                def render(self, task):
+                    left = task.time_remaining
+                    return Text("" if left is None else f"{duration(left)} left")
 
             self.progress = Progress(TextColumn("step {task.fields[step]}"), TextColumn("{task.description}"),
                                      BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                                     TextColumn("{task.fields[speed]} tok/s"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[speed]} tok/s"), Left(),
                                      redirect_stdout=True, transient=True)
             self.progress.start()
             logs.CONSOLE.bar_showing = True

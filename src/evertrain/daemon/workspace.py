@@ -51,6 +51,10 @@ class DaemonConfig:
                                   low=0)
     checkpoint_budget_bytes: int = _opt(0, "delete old checkpoints beyond this many bytes in all (0: no budget)",
                                         low=0)
+    notify_command: str = _opt("", "a shell command run with one JSON event on stdin when a file is done, fails or "
+                               "is skipped, on a NaN rollback, when the disk runs low and when the daemon stops "
+                               "(its failure is logged, never a reason to stop training)")
+    notify_timeout: float = _opt(30.0, "seconds notify_command may take before it is ended", low=0.1, high=3600.0)
     status_interval: float = _opt(2.0, "rewrite status/training_status.json at least this often while training",
                                   low=0.1, high=60.0)
 

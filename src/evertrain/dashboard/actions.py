@@ -15,9 +15,12 @@ ledger update, an upload is a file renamed into inbox/ like one copied in, taken
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
+from contextlib import closing
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -35,16 +38,20 @@ def answer(message: str, code: int = 200) -> Response:
 
 
 def routes(run) -> list[Route]:
-    def workspace() -> Workspace | None:
-        return Workspace(run.root) if run.daemon else None
+    def in_workspace(handler):
+        """The route for handler(request, ws): refused outside a daemon workspace; a plain function (SQLite may
+        wait on the daemon's lock) runs in the server's thread pool, off the event loop."""
+        async def endpoint(request: Request) -> Response:
+            if not run.daemon:
+                return answer("this is the output folder of `evertrain train`: controls need a daemon workspace",
+                              409)
+            if inspect.iscoroutinefunction(handler):
+                return await handler(request, Workspace(run.root))
+            return await run_in_threadpool(handler, request, Workspace(run.root))
+        return endpoint
 
-    def refused() -> Response:
-        return answer("this is the output folder of `evertrain train`: controls need a daemon workspace", 409)
-
-    def control(request: Request) -> Response:
-        ws, action = workspace(), request.path_params["action"]
-        if ws is None:
-            return refused()
+    def control(request: Request, ws: Workspace) -> Response:
+        action = request.path_params["action"]
         if action not in CONTROLS:
             return answer(f"no control {action!r}; there are {', '.join(CONTROLS)}", 404)
         if action == "pause":
@@ -63,43 +70,23 @@ def routes(run) -> list[Route]:
         controls.skip(ws, current)
         return answer(f"file id {current} is skipped at the next optimizer step")
 
-    def pin(request: Request) -> Response:
-        ws = workspace()
-        if ws is None:
-            return refused()
-        try:
-            step = int(request.path_params["step"])
-        except ValueError:
-            return answer("the step must be a number", 400)
-        ledger = Ledger.open(ws)
-        try:
-            ok, message = controls.pin(ws, ledger, step, on=request.url.path.startswith("/api/pin/"))
-        finally:
-            ledger.close()
+    def pin(request: Request, ws: Workspace) -> Response:
+        with closing(Ledger.open(ws)) as ledger:
+            ok, message = controls.pin(ws, ledger, request.path_params["step"],
+                                       on=request.url.path.startswith("/api/pin/"))
         return answer(message, 200 if ok else 404)
 
-    def priority(request: Request) -> Response:
-        ws, wanted = workspace(), request.path_params["priority"]
-        if ws is None:
-            return refused()
+    def priority(request: Request, ws: Workspace) -> Response:
+        wanted = request.path_params["priority"]
         if wanted not in PRIORITIES:
             return answer(f"priority must be one of {', '.join(PRIORITIES)}", 400)
-        try:
-            file_id = int(request.path_params["file_id"])
-        except ValueError:
-            return answer("the file id must be a number", 400)
-        ledger = Ledger.open(ws)
-        try:
+        file_id = request.path_params["file_id"]
+        with closing(Ledger.open(ws)) as ledger:
             changed = ledger.set_priority(file_id, wanted)
-        finally:
-            ledger.close()
         return answer(f"file id {file_id} is now {wanted}") if changed else \
             answer(f"no queued file with id {file_id}", 404)
 
-    async def upload(request: Request) -> Response:
-        ws = workspace()
-        if ws is None:
-            return refused()
+    async def upload(request: Request, ws: Workspace) -> Response:
         name = safe_name(os.path.basename(request.query_params.get("name", "")))
         if name == "file":
             return answer("give the file's name: /api/upload?name=FILE.jsonl", 400)
@@ -119,11 +106,9 @@ def routes(run) -> list[Route]:
         return answer(f"{target.name} is in the inbox ({size} bytes); it is taken, checked and "
                       "queued like any file dropped there")
 
-    return [Route("/api/control/{action}", control, methods=["POST"]),
-            Route("/api/pin/{step}", pin, methods=["POST"]),
-            Route("/api/unpin/{step}", pin, methods=["POST"]),
-            Route("/api/priority/{file_id}/{priority}", priority, methods=["POST"]),
-            Route("/api/upload", upload, methods=["POST"])]
+    return [Route(path, in_workspace(handler), methods=["POST"]) for path, handler in (
+        ("/api/control/{action}", control), ("/api/pin/{step:int}", pin), ("/api/unpin/{step:int}", pin),
+        ("/api/priority/{file_id:int}/{priority}", priority), ("/api/upload", upload))]
 
 
 def free_name(ws: Workspace, name: str):

@@ -152,11 +152,12 @@ def forgetting(run: Run, listed: list[dict] | None = None) -> dict:
     """The forgetting matrix (see evals.forgetting_matrix), from the run's evaluations; `no_slice`: the trained
     files that hold out nothing (too small for a slice), which have no column of their own."""
     fm = forgetting_matrix(run.evals.read())
-    columns = {f["file"] for f in fm["files"]}
-    fm["no_slice"] = [{"file": f["sha256"], "file_name": f["original_name"], "examples": f.get("examples")}
-                      for f in (files(run) if listed is None else listed)
-                      if f.get("state") == "done" and f.get("sha256") not in columns and not _held_out(f)]
-    return fm
+    small = [{"file": f["sha256"], "file_name": f["original_name"], "examples": f.get("examples")}
+             for f in (files(run) if listed is None else listed) if f.get("state") == "done" and not _held_out(f)]
+    # Such a file is a row (after it trained) but has no losses of its own: its column says so instead.
+    keep = [j for j, f in enumerate(fm["files"]) if f["file"] not in {s["file"] for s in small}]
+    return {"files": [fm["files"][j] for j in keep], "before": [fm["before"][j] for j in keep],
+            "rows": [dict(r, cells=[r["cells"][j] for j in keep]) for r in fm["rows"]], "no_slice": small}
 
 
 def _held_out(f: dict) -> list:

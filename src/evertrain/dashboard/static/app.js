@@ -275,7 +275,12 @@ function heatColor(x, lo, hi) {
 function renderForgetting(fm) {
   const table = $("forgetting");
   $("forgetting-empty").hidden = fm.rows.length > 0 || fm.before.some((x) => x !== null);
-  if ($("forgetting-empty").hidden === false) { table.replaceChildren(); return; }
+  if ($("forgetting-empty").hidden === false) {
+    table.replaceChildren();
+    $("no-slice").textContent = (fm.no_slice || []).map((f) => `${f.file_name} (${fmt.int(f.examples)} examples) is `
+      + "too small for a held-out slice").join("; ");
+    return;
+  }
   const values = [...fm.before, ...fm.rows.flatMap((r) => r.cells)].filter((x) => x !== null && x > 0);
   const lo = Math.min(...values), hi = Math.max(...values);
   // Each file's loss right after it trained: the reference for what later files made it forget.
@@ -306,7 +311,17 @@ function renderForgetting(fm) {
       el("th", { class: "rowh", title: r.after_file || "" }, label, el("span", { class: "muted small", text: `  step ${r.step}` })),
       ...r.cells.map((x, j) => cell(x, j, r.after_file, "after"))));
   }
+  // A file too small for a held-out slice has no losses to show: its column says so instead.
+  const small = fm.no_slice || [];
+  head.append(...small.map((f) => el("th", { class: "col no-slice", title: f.file, text: f.file_name })));
+  for (const row of rows) {
+    row.append(...small.map((f) => el("td", { class: "no-slice", "data-col-file": f.file_name,
+      text: "no held-out slice", title: `${f.file_name}: ${fmt.int(f.examples)} examples, too small for a held-out ` +
+        "slice (held_out_fraction and held_out_min_file give none), so its forgetting is not measured" })));
+  }
   table.replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
+  const note = small.map((f) => `${f.file_name} (${fmt.int(f.examples)} examples) is too small for a held-out slice`);
+  $("no-slice").textContent = note.length ? note.join("; ") + ": its forgetting is not measured." : "";
 }
 
 // ---------------------------------------------------------------------------------------------- evolution
