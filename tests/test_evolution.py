@@ -10,8 +10,10 @@ import json
 import urllib.error
 import urllib.request
 
+from cdp import Page
 from conftest import cli, write_jsonl
 from dashboard_run import Served
+from test_dashboard_browser import browser  # noqa: F401  (the fixture: chromium, or a skip)
 
 from evertrain import checkpoint
 
@@ -49,7 +51,8 @@ def test_every_file_ends_with_a_snapshot_whatever_the_budget_and_snapshot_every_
     assert snapshot_steps(out) == [2, 4, 5]
 
 
-def test_the_page_counts_each_files_snapshots_and_follows_an_example_across_files(tmp_path, tiny_model):
+def test_the_page_counts_each_files_snapshots_and_follows_an_example_across_files(tmp_path, tiny_model,
+                                                                                 browser):  # noqa: F811
     out = tmp_path / "run"
     write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "Probe?", "completion": " Yes."}])
     out.mkdir()
@@ -82,6 +85,15 @@ def test_the_page_counts_each_files_snapshots_and_follows_an_example_across_file
         snap = json.loads((out / "snapshots" / "evolution" / "step-00000017.json").read_text())
         ex = next(e for e in snap["examples"] if e["id"] == first["id"])
         assert later["snapshots"][-1]["loss"] == ex["loss"] and later["snapshots"][-1]["prediction"] == ex["prediction"]
+        # The page: the files table counts them, the example's history is grouped by the file in training.
+        with Page(browser, tmp_path / "profile", f"http://127.0.0.1:{s.port}/#example={first['id']}") as page:
+            page.wait("document.querySelectorAll('#ev-history tr.group').length === 2", 60, "the grouped history")
+            groups = page.eval("[...document.querySelectorAll('#ev-history tr.group')].map(r => r.textContent)")
+            assert groups[0].startswith("while a later file trained: b.jsonl")  # newest first
+            assert groups[1].startswith(f"while its own file trained: a.jsonl · {len(own['snapshots'])} snapshot(s)")
+            cells = page.eval("Object.fromEntries([...document.querySelectorAll('#files tbody tr')].map(r => "
+                              "[r.querySelector('.name').textContent, r.querySelector('.snaps').textContent]))")
+        assert cells["a.jsonl"] == f"{taken['a.jsonl']} ({skipped[sha['a.jsonl']]} skipped by the budget)"
         probe = get(s.port, "/api/evolution/probe-0")
         assert probe["file_name"] == "probes.jsonl" and not any(g["own"] for g in probe["files"])
         try:
