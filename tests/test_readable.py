@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 
+from cdp import Page
 from conftest import cli, write_jsonl
+from dashboard_run import Served
+from test_dashboard_browser import browser  # noqa: F401  (the fixture: chromium, or a skip)
 
 from evertrain import checkpoint
 from evertrain.config import TrainConfig
@@ -28,7 +31,8 @@ def files(out) -> dict:
     return {f["name"]: f for f in checkpoint.newest_complete(out).state["evertrain"]["files"]}
 
 
-def test_examples_are_labelled_by_their_user_turn_and_tiny_files_get_a_held_out_example(tmp_path, tiny_model):
+def test_examples_are_labelled_by_their_user_turn_and_tiny_files_get_a_held_out_example(tmp_path, tiny_model,
+                                                                                        browser):  # noqa: F811
     out = tmp_path / "run"
     opts = ("--model", tiny_model, "--batch-size", 4, "--no-packing", "--snapshot-per-file", 3)
     assert cli("train", "--dataset", write_jsonl(tmp_path / "chat.jsonl", chats(12)), "--output-dir", out,
@@ -50,6 +54,15 @@ def test_examples_are_labelled_by_their_user_turn_and_tiny_files_get_a_held_out_
     fm = sources.state(run)["forgetting"]
     assert [f["file_name"] for f in fm["files"]] == ["chat.jsonl"]
     assert fm["no_slice"] == [{"file": files(out)["few.jsonl"]["sha256"], "file_name": "few.jsonl", "examples": 4}]
+
+    with Served(out) as s, Page(browser, tmp_path / "profile", f"http://127.0.0.1:{s.port}/") as page:
+        page.wait("document.querySelectorAll('#example option').length > 0", 60, "the example picker")
+        options = page.eval("[...document.querySelectorAll('#example option')].map(o => o.textContent)")
+        cells = page.eval("[...document.querySelectorAll('#forgetting td.no-slice')].map(c => c.dataset.colFile)")
+        note = page.eval("document.getElementById('no-slice').textContent")
+    assert sorted(x for x in options if x.startswith("chat.jsonl")) == sorted(chat_labels)
+    assert cells and set(cells) == {"few.jsonl"}  # its column, in every row, says it has no slice
+    assert note == "few.jsonl (4 examples) is too small for a held-out slice: its forgetting is not measured."
 
 
 def test_a_run_begun_before_the_tiny_file_rule_keeps_its_held_out_choice(tmp_path, tiny_model, monkeypatch):
