@@ -143,7 +143,7 @@ def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, tiny_model):
     (ws / "inbox" / "12-upload.tmp").write_text("{}\n")
     (ws / "inbox" / "13-notes.txt").write_text("not data\n")
 
-    assert cli("run", ws, "--once") == 0
+    assert cli("run", ws, "--once") == 5  # files failed
     rows_ = {r["original_name"]: r for r in ledger_rows(ws)}
     reasons = {
         "01-badjson.jsonl": "line 2: invalid JSON",
@@ -278,7 +278,7 @@ def test_nan_loss_rolls_back_and_the_next_file_trains(tmp_path, tiny_model, monk
     with open(ws / "evertrain.toml") as f:
         text = f.read()
     (ws / "evertrain.toml").write_text(text.replace("save_steps = 0", "save_steps = 2"))
-    assert cli("run", ws, "--once") == 0
+    assert cli("run", ws, "--once") == 5  # the poisoned file failed
 
     files = by_name(ws)
     poison, after = files["2-poison.jsonl"], files["3-after.jsonl"]

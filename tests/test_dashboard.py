@@ -278,7 +278,7 @@ def test_a_half_sent_request_is_dropped_and_does_not_hold_up_others(run_dir, mon
 
 
 # ------------------------------------------------------------------------------------------------ access rules
-# The rules for routes that change state, on a small app of their own (no route of the page changes state yet).
+# The rules for routes that change state, on a small app of their own (the page's own: test_dashboard_controls.py).
 
 def tiny_app(access: auth.Access) -> Starlette:
     done = []

@@ -25,7 +25,8 @@ def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tin
              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
              "-m", "evertrain", "train", "--dataset", str(f), "--output-dir", str(two), "--model", str(tiny_model),
              "--batch-size", "2", "--gradient-accumulation", "2", "--no-packing", "--trace",
-             "--learning-rate", "1e-3"], capture_output=True, text=True, env=env, timeout=300)
+             "--learning-rate", "1e-3", "--held-out-fraction", "0"], capture_output=True, text=True, env=env,
+            timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count(" done: ") == 1  # only the main process reports
     # global batch = 2 rows x 2 processes x 2 micro-batches = 8: 13 rows -> 2 steps, 5 rows -> 1 step
@@ -44,14 +45,14 @@ def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tin
     # proof that the two ranks together trained every row of every step, each weighted once.
     for f in files:
         assert cli("train", "--dataset", f, "--output-dir", one, "--model", tiny_model, "--batch-size", 4,
-                   "--gradient-accumulation", 2, "--no-packing", "--learning-rate", 1e-3) == 0
+                   "--gradient-accumulation", 2, "--no-packing", "--learning-rate", 1e-3, "--held-out-fraction", 0) == 0
     a = load_tensors(checkpoint.final_path(one, 3) / "model.safetensors")
     b = load_tensors(newest.path / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     # ... and the same as a plain PyTorch loop that runs every example alone, in one process.
     config = TrainConfig(model=str(tiny_model), batch_size=2, gradient_accumulation=2, packing=False,
-                         learning_rate=1e-3)
+                         learning_rate=1e-3, held_out_fraction=0.0)
     _before, reference = reference_weights(tiny_model, files, config, global_batch=8)
     for k in b:
         torch.testing.assert_close(b[k], reference[k], rtol=1e-4, atol=2e-6)

@@ -45,7 +45,7 @@ def history_after_the_last_checkpoint(tmp_path, ws):
     writer.close()
     drop(ws, "c.jsonl", '{"text": "ok"}\n{"text": broken\n')
     drop(ws, "d.jsonl", rows(10, "a"))
-    assert cli("run", ws, "--once") == 0
+    assert cli("run", ws, "--once") == 5  # c failed
     assert cli("add", write_jsonl(tmp_path / "e.jsonl", rows(6, "e")), ws) == 0
     return stale
 
@@ -129,9 +129,9 @@ def test_a_new_workspace_gets_its_ledger_silently_and_a_lost_one_is_told_from_it
 
     # only a rejected file and no checkpoint: still a history, and rebuilt from the disk alone
     other = tmp_path / "other"
-    assert cli("init", other, "--model", tiny_model, "--stable-seconds", 0) == 0
+    assert cli("init", other, "--model", tiny_model, "--stable-seconds", 0, "--incomplete-timeout", 0) == 0
     drop(other, "bad.jsonl", "not json\n")
-    assert cli("run", other, "--once") == 0
+    assert cli("run", other, "--once") == 5  # bad.jsonl failed
     (other / "ledger.sqlite").unlink()
     assert cli("status", other) == 2
     assert "is missing, but the workspace has a history (2 file(s) in failed/)" in capsys.readouterr().err

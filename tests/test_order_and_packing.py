@@ -46,6 +46,16 @@ def test_the_choices_never_change_between_versions():
     assert row_order(SHA_B, 42, 0, 10).tolist() == [1, 9, 3, 7, 4, 5, 2, 0, 6, 8]
 
 
+def test_tiny_files_get_one_held_out_example_and_larger_ones_keep_their_slice():
+    assert sorted(held_out_lines(SHA_A, 42, 20, 0.02, 64, min_file=10)) == [17]  # golden, like the others
+    assert sorted(held_out_lines(SHA_B, 42, 12, 0.02, 64, min_file=10)) == [11]
+    assert held_out_lines(SHA_A, 42, 9, 0.02, 64, min_file=10) == set()      # below min_file: none, as before
+    assert held_out_lines(SHA_A, 42, 20, 0.0, 64, min_file=10) == set()      # a fraction of 0 is a choice
+    assert held_out_lines(SHA_A, 42, 20, 0.02, 0, min_file=10) == set()      # and so is a cap of 0
+    for n in (50, 51, 99, 100, 333, 1000, 5000):  # wherever the fraction gives a slice, nothing changes
+        assert held_out_lines(SHA_A, 42, n, 0.02, 64, min_file=10) == held_out_lines(SHA_A, 42, n, 0.02, 64)
+
+
 def test_row_order_is_a_permutation_fixed_by_content_seed_and_epoch():
     order = row_order(SHA_A, 42, 0, 50)
     assert sorted(order.tolist()) == list(range(50))

@@ -11,8 +11,7 @@ from conftest import cli, text_rows, write_jsonl
 from daemon_helpers import by_name, drop, make_ws, rows, status, wait_for
 from test_daemon import assert_exactly_once
 
-from evertrain import checkpoint
-from evertrain.daemon import service
+from evertrain import checkpoint, logs
 
 
 def test_priority_folders_order_the_queue(tmp_path, tiny_model):
@@ -99,15 +98,15 @@ def test_periodic_evaluations(tmp_path, tiny_model):
 
 
 def test_log_rotation(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setattr(service, "LOG_BYTES", 600)
-    monkeypatch.setattr(service, "LOG_BACKUPS", 2)
+    monkeypatch.setattr(logs, "LOG_BYTES", 600)
+    monkeypatch.setattr(logs, "LOG_BACKUPS", 2)
     ws = make_ws(tmp_path, tiny_model)
     for i in range(4):
         drop(ws, f"f{i}.jsonl", rows(4, f"f{i}"))
     assert cli("run", ws, "--once") == 0
-    logs = sorted(p.name for p in (ws / "logs").glob("evertrain.log*"))
-    assert logs == ["evertrain.log", "evertrain.log.1", "evertrain.log.2"]
-    assert all((ws / "logs" / name).stat().st_size <= 600 + 400 for name in logs)
+    names = sorted(p.name for p in (ws / "logs").glob("evertrain.log*"))
+    assert names == ["evertrain.log", "evertrain.log.1", "evertrain.log.2"]
+    assert all((ws / "logs" / name).stat().st_size <= 600 + 400 for name in names)
 
 
 def test_exit_4_when_the_last_checkpoint_is_not_on_disk(tmp_path, tiny_model, monkeypatch, capsys):

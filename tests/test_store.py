@@ -82,7 +82,7 @@ def test_a_damaged_store_is_rebuilt_never_trained_from(tmp_path, tok, tiny_model
 
 def test_a_partial_store_is_never_taken_for_a_complete_one(tmp_path, tok, tiny_model, builds, monkeypatch):
     f = write_jsonl(tmp_path / "a.jsonl", text_rows(30))
-    cfg = TrainConfig(model=str(tiny_model))
+    cfg = TrainConfig(model=str(tiny_model), held_out_fraction=0.0)  # all 30 are examples to train
 
     def crash(self, meta):
         raise KeyboardInterrupt("killed while committing")

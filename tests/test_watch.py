@@ -131,5 +131,5 @@ def test_metrics_and_tensorboard_events(tmp_path, tiny_model):
     rows = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all({"loss", "lr", "grad_norm", "tokens_per_second", "examples", "file", "time"} <= set(r) for r in rows)
-    events = list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((out / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
     assert events and b"finished a.jsonl" in b"".join(e.read_bytes() for e in events)

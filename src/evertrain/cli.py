@@ -7,7 +7,7 @@
     evertrain report DIR                                # forgetting matrix of a run
     evertrain dashboard DIR                             # live web page of a run, http://127.0.0.1:8777/
     evertrain export DIR OUT; evertrain chat DIR        # take the model out; talk to a checkpoint
-    evertrain --help
+    evertrain --help; evertrain --version
 """
 
 from __future__ import annotations
@@ -18,26 +18,37 @@ import os
 import signal
 import stat
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from evertrain import checkpoint, exits
+from evertrain import __version__, checkpoint, exits, logs
 from evertrain.config import ConfigError, TrainConfig, add_arguments, overrides_from_args
 from evertrain.export.commands import add_commands as add_export_commands
+from evertrain.models import ModelError
 
 # Exit codes a script can rely on: the one table is exits.py.
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DUPLICATE, EXIT_GUARD, EXIT_INTERRUPTED = (
     exits.OK, exits.FAILED, exits.BAD_INPUT, exits.DUPLICATE, exits.GUARD, exits.INTERRUPTED)
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options, on every command: `--lr 1e-4` would otherwise be taken as `--lr-schedule`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="evertrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="evertrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"evertrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)  # the sub-commands' parsers are Parser too
 
     p = sub.add_parser("train", help="train one data file into the run in --output-dir (continuing it)")
     p.add_argument("--dataset", type=Path, required=True, help="the data file to train (" + _accepted() + ")")
     p.add_argument("--output-dir", type=Path, required=True, help="the run's folder (checkpoints, trace)")
     p.add_argument("--allow-repeat", action="store_true", help="train a file even if its content was trained")
+    p.add_argument("--config", type=Path, help="a TOML file of settings: a [train] table and a [data.columns] "
+                                              "table, as in a workspace's evertrain.toml (options given here win)")
     add_from_base(p)
     add_arguments(p)
     p.set_defaults(func=cmd_train)
@@ -69,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # `export` writes its own command into the card
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ModelError) as e:
         print(f"evertrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # `evertrain check FILE | head`: the reader left; nothing is wrong
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        logs.quiet_stdout()
         return EXIT_OK
 
 
@@ -91,6 +102,13 @@ def cmd_train(args) -> int:
 
     if not readable_file(args.dataset):
         return EXIT_BAD_INPUT
+    overrides = overrides_from_args(args)
+    if args.config is not None:
+        from evertrain.daemon.workspace import read_settings
+
+        values = read_settings(args.config, ("train", "data"))[0]
+        TrainConfig.from_dict(values, source=f"{args.config} [train]")  # its own mistakes, named by its own name
+        overrides = {**values, **overrides}
     lock = None
     if locks.is_main_launch_process():
         args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -108,28 +126,40 @@ def cmd_train(args) -> int:
         if resume is None and starting_over and main_rank:
             print(f"evertrain: no checkpoint loads in {args.output_dir}: starting again from the base model "
                   "(--from-base)")
-        config = resolve_config(args.output_dir, overrides_from_args(args), resume)
+        config = resolve_config(args.output_dir, overrides, resume)
         try:
-            session = loop.setup(config, args.output_dir, resume=resume)
-            data = loop.prepare(session, args.dataset)
+            with logs.to_file(args.output_dir / "logs") if main_rank else nullcontext():
+                return _train(args, config, resume)
         except (loop.RunMismatch, DataError) as e:
             print(f"evertrain: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        earlier = session.progress.finished(data.sha256)
-        if earlier and not args.allow_repeat:
-            print(f"evertrain: {args.dataset}: this content (sha256 {data.sha256[:12]}) was already trained in this "
-                  f"run as {earlier.name}, global steps {earlier.first_step}-{earlier.last_step}; "
-                  "use --allow-repeat to train it again", file=sys.stderr)
-            return EXIT_DUPLICATE
-        return _train_file(session, args, config, data)
     finally:
         if lock is not None:
             os.close(lock)
 
 
+def _train(args, config, resume) -> int:
+    from evertrain import loop, metrics
+
+    session = loop.setup(config, args.output_dir, resume=resume)
+    data = loop.prepare(session, args.dataset)
+    earlier = session.progress.finished(data.sha256)
+    if earlier and not args.allow_repeat:
+        print(f"evertrain: {args.dataset}: this content (sha256 {data.sha256[:12]}) was already trained in this "
+              f"run as {earlier.name}, global steps {earlier.first_step}-{earlier.last_step}; "
+              "use --allow-repeat to train it again", file=sys.stderr)
+        return EXIT_DUPLICATE
+    try:
+        return _train_file(session, args, config, data)
+    finally:
+        metrics.finish(session)
+
+
 def _train_file(session, args, config, data) -> int:
     """Train the file, stopping at the step boundary after SIGINT/SIGTERM; a non-finite loss is rolled back."""
     from evertrain import loop
+    from evertrain.daemon.status import Bar
+    from evertrain.logs import duration
 
     for warning in data.warnings:
         session.say(f"evertrain: {args.dataset.name}: warning: {warning}")
@@ -143,9 +173,16 @@ def _train_file(session, args, config, data) -> int:
     def on_signal(signum, _frame):
         asked.append(signal.Signals(signum).name)  # only a flag: the loop acts at its next step boundary
 
+    def decide(record):
+        bar.update(record)
+        return loop.STOP if asked else None
+
+    bar = Bar(session.is_main and sys.stdout.isatty())
+    cursor = session.progress.cursors.get(data.sha256)
+    bar.start(args.dataset.name, data.total_steps(G, config.epochs), cursor.file_step if cursor else 0)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = loop.drive(loop.fit(session, data), lambda _record: loop.STOP if asked else None)
+        result = loop.drive(loop.fit(session, data), decide)
     except loop.RunMismatch as e:
         print(f"evertrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -156,6 +193,7 @@ def _train_file(session, args, config, data) -> int:
               f"{session.progress.global_step}); the file is recorded as failed and NOT done", file=sys.stderr)
         return EXIT_GUARD
     finally:  # `train` may run inside another program (the tests, a notebook): give its handlers back
+        bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if asked:
@@ -163,7 +201,7 @@ def _train_file(session, args, config, data) -> int:
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     session.say(f"evertrain: {args.dataset.name} {result.status}: {result.steps} steps this call "
                 f"(file {result.file_step}/{result.expected_steps}), global step {result.step_before} -> "
-                f"{result.step_after}, mean loss {loss}, {result.tokens} tokens, {result.seconds:.1f} s, "
+                f"{result.step_after}, mean loss {loss}, {result.tokens} tokens, {duration(result.seconds)}, "
                 f"checkpoint {result.checkpoint}")
     if result.status == "interrupted":
         return EXIT_INTERRUPTED
@@ -406,19 +444,11 @@ def cmd_pin(args) -> int:
 
 
 def _pin(args, ws, ledger) -> int:
-    if args.remove:
-        print(f"evertrain: unpinned checkpoint-{args.step}" if ledger.unpin(args.step)
-              else f"evertrain: checkpoint-{args.step} was not pinned")
-        return EXIT_OK
-    state = checkpoint.read_state(checkpoint.final_path(ws.model_dir, args.step))
-    if state is None:
-        have = ", ".join(str(c.step) for c in reversed(checkpoint.candidates(ws.model_dir))) or "none"
-        print(f"evertrain: no complete checkpoint-{args.step} in {ws.model_dir} (steps there: {have})",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
-    ledger.pin(args.step)
-    print(f"evertrain: pinned checkpoint-{args.step}; retention will never delete it")
-    return EXIT_OK
+    from evertrain.daemon import controls
+
+    ok, message = controls.pin(ws, ledger, args.step, on=not args.remove)
+    print(f"evertrain: {message}", file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_LINE_BYTES, MAX_JSON_DEPTH = 16 << 20, 100  # the defaults of the two limits below (the containers use them too)
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "none")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,9 @@ class TrainConfig:
     held_out_fraction: float = _opt(
         0.02, "fraction of each file's examples held out from training, to measure forgetting", low=0.0, high=0.5)
     held_out_max: int = _opt(64, "at most this many held-out examples per file", low=0)
+    held_out_min_file: int = _opt(10, "a file of at least this many examples for which held_out_fraction gives no "
+                                  "held-out example still holds out one, to measure its forgetting (0: only what "
+                                  "the fraction gives; files the fraction gives a slice are not changed)", low=0)
     replay_fraction: float = _opt(0.0, "extra rows per step replayed from earlier files, as a fraction of the "
                                   "global batch (0.05 suits shifting data)", low=0.0, high=1.0)
     replay_buffer: int = _opt(1024, "at most this many earlier examples kept for replay", low=1)
@@ -107,14 +111,19 @@ class TrainConfig:
     log_steps: int = _opt(10, "print a progress line every this many optimizer steps", low=1)
     eval_steps: int = _opt(0, "also evaluate all held-out slices every this many steps (0: at the end of "
                            "each file only)", low=0)
-    snapshot_budget: float = _opt(0.03, "snapshots may cost at most this fraction of training time "
-                                  "(0: no snapshots; above 1 is allowed)", low=0.0)
+    snapshot_budget: float = _opt(0.03, "snapshots between a file's first and last step may cost at most this "
+                                  "fraction of training time (0: none; above 1 is allowed); every file's last step "
+                                  "gets one whatever the budget", low=0.0)
+    snapshot_every: int = _opt(0, "also snapshot every this many steps of a file, whatever the budget (0: only as "
+                               "the budget allows)", low=0)
     snapshot_per_file: int = _opt(4, "examples of each file tracked in evolution snapshots", low=0)
     snapshot_max_examples: int = _opt(32, "at most this many tracked examples from files (probes come on top)",
                                       low=1)
     snapshot_generate: int = _opt(2, "tracked examples that also get a greedy generation", low=0)
     snapshot_new_tokens: int = _opt(32, "tokens a snapshot generation may add", low=1)
     snapshot_seconds: float = _opt(2.0, "wall-clock limit of one snapshot generation", low=0.1)
+    report_to: str = _opt("tensorboard", "trackers the metrics also go to, comma-separated: tensorboard, wandb, "
+                          "mlflow, trackio, aim, or none (through accelerate; one tracker run per evertrain run)")
     trace: bool = _opt(False, "append one line per optimizer step to trace.jsonl (which lines it trained)",
                        flag="trace/no-trace")
 
@@ -173,6 +182,9 @@ def _kind(f: dataclasses.Field) -> type:
 
 def validate(config: TrainConfig) -> None:
     check_fields(config)
+    unknown = [n for n in (x.strip() for x in config.report_to.split(",")) if n and n not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"report_to {', '.join(unknown)}: not a tracker; choose from {', '.join(REPORT_TO)}")
     if config.decay_steps and config.lr_schedule != "wsd":
         raise ConfigError("decay_steps only applies to lr_schedule = wsd")
     if config.load_in_4bit and not config.lora:

@@ -9,4 +9,5 @@ BAD_INPUT = 2     # bad data or settings, a run mismatch, the folder in use by a
                   # or lost ledger (`evertrain repair`), checkpoints of which none loads (`--from-base`)
 DUPLICATE = 3     # `train`: this content was already trained in this run (--allow-repeat to train it again)
 GUARD = 4         # `train`: trained but NOT done (a guard failed, or a non-finite loss was rolled back)
+FILES_FAILED = 5   # `run --once`: at least one file failed (its summary line and failed/NAME.error.txt say why)
 INTERRUPTED = 130  # `train`: stopped by SIGINT/SIGTERM at a step boundary, checkpointed; run it again to resume

@@ -13,6 +13,7 @@ accumulation changes to keep it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evertrain import checkpoint, collective, evals, faults, metrics, models, replay, sharding, snapshots
+from evertrain import checkpoint, collective, evals, faults, logs, metrics, models, replay, sharding, snapshots
 from evertrain.config import ConfigError, TrainConfig
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.data.packing import collate
@@ -68,7 +69,6 @@ class Session:
     budget_bytes: int | None = None                     # disk budget for checkpoints, if any
     workdir: Path | None = None    # where logs/ and snapshots/ go: the workspace, or output_dir for `train`
     replay_pool: list | None = None
-    tensorboard: object = None     # SummaryWriter, False when tensorboard is not installed
     # Set by the daemon: writes its own files (a copy of the ledger) into a checkpoint's temporary folder, so
     # that they are sealed in the manifest and committed atomically with it.
     extra_files: Callable[[Path], None] | None = None
@@ -93,9 +93,9 @@ class Session:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def say(self, text: str) -> None:
+    def say(self, text: str, progress: bool = False) -> None:
         if self.is_main:
-            print(text, flush=True)
+            logs.say(text, progress=progress)
 
 
 @dataclass
@@ -156,7 +156,10 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
         # cuBLAS needs a fixed workspace for deterministic matrix products; set before the first CUDA call.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    accelerator = Accelerator(mixed_precision=resolved_precision(config.precision), cpu=cpu)
+    logs_dir = Path(workdir or output_dir) / "logs"
+    trackers = metrics.log_with(config.report_to, default=config.report_to == TrainConfig.report_to)
+    accelerator = Accelerator(mixed_precision=resolved_precision(config.precision), cpu=cpu, log_with=trackers or None,
+                              project_dir=str(metrics.tracker_dir(logs_dir)))
     refuse_unhonoured_sharding(accelerator.distributed_type.value)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -164,8 +167,12 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
 
     newest = resume
     if resume == "newest":
-        newest = checkpoint.newest_complete(output_dir, warn=print if accelerator.is_main_process else _quiet,
+        newest = checkpoint.newest_complete(output_dir, warn=logs.say if accelerator.is_main_process else _quiet,
                                             damaged=checkpoint.resume_policy(from_base, accelerator.is_main_process))
+    if newest is not None and "held_out_min_file" not in _saved_config(newest.path):
+        # A run begun before tiny files got a held-out slice keeps choosing as it did: a file interrupted part-way
+        # must find the same held-out examples (its cursor's settings), and later files the same rule.
+        config = dataclasses.replace(config, held_out_min_file=0)
     world = accelerator.num_processes
     asked = config.batch_size * world * config.gradient_accumulation
     precision = accelerator.mixed_precision
@@ -223,6 +230,7 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
                       saved_step=newest.step if newest else None, workdir=Path(workdir or output_dir))
     if session.is_main:
         session.logs_dir.mkdir(parents=True, exist_ok=True)
+    metrics.start(session, config.to_dict())
     if newest is not None:
         _restore_rng(newest.path, accelerator.process_index)
         session.say(f"evertrain: resumed {newest.path} at global step {progress.global_step}")
@@ -288,6 +296,13 @@ def resolved_precision(name: str) -> str:
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _saved_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "evertrain_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _quiet(_text: str) -> None:
@@ -565,7 +580,7 @@ def log_step(session: Session, r: StepRecord) -> None:
     metrics.log_step(session, r.as_dict())
     if session.is_main and (r.file_step % session.config.log_steps == 0 or r.file_step == r.file_total_steps):
         session.say(f"  step {r.step:>7}  {r.file_name} {r.file_step}/{r.file_total_steps}  "
-                    f"loss {r.loss:.4f}  lr {r.lr:.3g}  {r.tokens_per_second:.0f} tok/s")
+                    f"loss {r.loss:.4f}  lr {r.lr:.3g}  {r.tokens_per_second:.0f} tok/s", progress=True)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,7 +86,8 @@ def load_tokenizer(name: str | None, chat_template: str = ""):
 
     from evertrain.data.render import apply_chat_template_option
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    with _loading(name, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(resolve_model(name))
     apply_chat_template_option(tok, chat_template)
     if tok.eos_token_id is None:
         raise ModelError(f"the tokenizer of {name} has no EOS token; examples could not be terminated")
@@ -116,8 +118,20 @@ def load_model(source: str, dtype: str, attention: str = "auto", load_in_4bit: b
     kwargs = {}
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_4bit(dtype)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype),
-                                                attn_implementation=attention_implementation(attention), **kwargs)
+    with _loading(source, "model"):
+        return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype),
+                                                    attn_implementation=attention_implementation(attention), **kwargs)
+
+
+@contextmanager
+def _loading(name, what: str):
+    """A missing folder, a folder that holds no model, an unknown hub id: one line that says which."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ModelError(f"cannot load the {what} of {name or EMBEDDED_NAME}: {first[:300]} (--model takes a local "
+                         "model folder or a hub id)") from None
 
 
 def quantization_4bit(dtype: str):

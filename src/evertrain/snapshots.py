@@ -2,12 +2,13 @@
 
 Tracked examples are the user's probes (WORKDIR/probes.jsonl, any data format) plus `snapshot_per_file`
 examples picked deterministically from each file as it arrives (kept in WORKDIR/snapshots/tracked.json).
-At snapshot steps (log-spaced global steps, plus the first and last step of every file) ONE batched forward
-pass gives, under teacher forcing, each target token's loss and the model's top-1 guess. At the last step of a
+At snapshot steps ONE batched forward pass gives, under teacher forcing, each target token's loss and the model's top-1 guess. At the last step of a
 file, a few examples with a prompt (probes first) also get a greedy generation, bounded by
 `snapshot_new_tokens` tokens and `snapshot_seconds` of wall clock (never a hang): generating costs many forward
 passes, so the log-spaced snapshots in between stay one pass each and more of them fit in the budget.
-Snapshots cost at most `snapshot_budget` of training time: when over, the schedule backs off.
+Every file's last step gets a snapshot whatever the budget, and so does every `snapshot_every`-th step of a
+file (a rhythm forced on request). The others (the first step of every file and log-spaced global steps) cost at
+most `snapshot_budget` of training time: when over, the schedule skips them and counts the skips per file.
 Written to WORKDIR/snapshots/evolution/step-NNNNNNNN.json.
 
     evertrain train --dataset FILE --output-dir DIR    # then look at DIR/snapshots/evolution/
@@ -26,6 +27,10 @@ import torch
 
 from evertrain.checkpoint import write_json_atomic
 from evertrain.data import IGNORE, DataError, Example, FileData, load_file
+from evertrain.data.containers import ContainerError, open_records
+from evertrain.data.formats import RecordError, label, parse_columns, parse_record
+
+LABEL_CHARS = 200
 
 
 def is_log_spaced(step: int) -> bool:
@@ -50,9 +55,10 @@ def load_tracked(session) -> list[dict]:
         try:
             cfg = dataclasses.replace(session.config, held_out_fraction=0.0, packing=False)
             data = load_file(probes, session.tokenizer, cfg, store_dir=session.output_dir / "tokens")
+            names = labels(probes, {e.line for e in data.examples}, cfg.columns)
             for e in data.examples:
                 tracked.append({"id": f"probe-{e.line}", "source": "probe", "file": None, "line": e.line,
-                                "input_ids": e.input_ids, "labels": e.labels})
+                                "label": names.get(e.line, ""), "input_ids": e.input_ids, "labels": e.labels})
         except DataError as err:
             session.say(f"evertrain: probes ignored: {err}")
     path = tracked_path(session.workdir)
@@ -72,14 +78,37 @@ def track_file(session, data: FileData) -> None:
         return
     rng = np.random.default_rng([int(data.sha256[32:48], 16), cfg.seed, 11])
     picks = sorted(rng.permutation(len(data.examples))[:cfg.snapshot_per_file].tolist())
+    names = labels(data.path, {data.examples[i].line for i in picks}, cfg.columns)
     for i in picks:
         e = data.examples[i]
         tracked.append({"id": f"{data.sha256[:12]}-{e.line}", "source": "file", "file": data.sha256,
-                        "file_name": data.name, "line": e.line, "input_ids": e.input_ids, "labels": e.labels})
+                        "file_name": data.name, "line": e.line, "label": names.get(e.line, ""),
+                        "input_ids": e.input_ids, "labels": e.labels})
     # Bounded: the newest files' picks win; probes are never dropped (they are not in this list).
     tracked = tracked[-cfg.snapshot_max_examples:]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, tracked, indent=None)
+
+
+def labels(path: Path, lines: set[int], columns: str) -> dict[int, str]:
+    """Each chosen record's label (formats.label), read again from the file: the tokens alone cannot say which
+    turn was the user's. Reading stops at the last chosen record."""
+    out: dict[int, str] = {}
+    if not lines:
+        return out
+    try:
+        mapping = parse_columns(columns) if columns else None
+        for number, obj in open_records(path):
+            if number in lines:
+                try:
+                    out[number] = " ".join(label(parse_record(obj, mapping)).split())[:LABEL_CHARS]
+                except RecordError:
+                    pass
+            if number >= max(lines):
+                break
+    except (OSError, ContainerError, ValueError):
+        pass  # a label is a convenience: the example is tracked with or without one
+    return out
 
 
 def with_generations(file_step: int, total: int) -> bool:
@@ -88,17 +117,22 @@ def with_generations(file_step: int, total: int) -> bool:
 
 
 def due(session, file_step: int, total: int) -> bool:
-    """Is a snapshot wanted after this step, and affordable within the budget?"""
+    """Is a snapshot wanted after this step, and (unless it is a file's last step or a forced one) affordable?"""
     cfg, p = session.config, session.progress
-    if not cfg.snapshot_budget or not session.is_main or session.sharded:  # one process cannot run a sharded model
+    if not session.is_main or session.sharded:  # one process cannot run a sharded model
         return False
-    wanted = file_step in (1, total) or is_log_spaced(p.global_step)
+    if file_step == total or (cfg.snapshot_every and file_step % cfg.snapshot_every == 0):
+        return True  # what a file taught, always; and the rhythm a person asked for
+    if not cfg.snapshot_budget:
+        return False
+    wanted = file_step == 1 or is_log_spaced(p.global_step)
     # Predictive: the spend so far plus what this kind of snapshot cost last time must fit the budget
     # (the first of each kind is a measurement).
     expected = p.snapshot_pass_cost + (p.snapshot_generate_cost if with_generations(file_step, total) else 0.0)
     within_budget = p.snapshot_seconds + expected <= cfg.snapshot_budget * p.train_seconds
     if wanted and not within_budget:
         p.snapshots_skipped += 1
+        p.snapshots_skipped_by_file[p.current] = p.snapshots_skipped_by_file.get(p.current, 0) + 1
     return wanted and within_budget
 
 
@@ -128,7 +162,7 @@ def take(session, data: FileData, *, generations: bool) -> Path | None:
         exp_ids, pred_ids, tok_loss = labels[row][mask].tolist(), guesses[row][mask].tolist(), losses[row][mask]
         prompt_ids = [i for i, lab in zip(t["input_ids"], t["labels"]) if lab == IGNORE]
         records.append({
-            "id": t["id"], "source": t["source"], "file": t["file"], "line": t["line"],
+            "id": t["id"], "source": t["source"], "file": t["file"], "line": t["line"], "label": t.get("label"),
             "input": tok.decode(prompt_ids), "expected": tok.decode(exp_ids),
             "tokens": [{"expected": tok.decode([a]), "predicted": tok.decode([b]), "correct": a == b, "loss": float(x)}
                        for a, b, x in zip(exp_ids, pred_ids, tok_loss.tolist())],

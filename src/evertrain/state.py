@@ -55,6 +55,7 @@ class TrainingProgress:
     snapshot_seconds: float = 0.0  # wall time spent taking snapshots
     snapshots_taken: int = 0
     snapshots_skipped: int = 0     # wanted but skipped to stay within the snapshot budget
+    snapshots_skipped_by_file: dict[str, int] = field(default_factory=dict)  # the same, by file sha256
     snapshot_pass_cost: float = 0.0      # seconds of the last snapshot's forward pass: the next one's estimate
     snapshot_generate_cost: float = 0.0  # seconds of the last snapshot's generations
     decay_start: int | None = None   # wsd: global step where the decay began (None: not decaying)

@@ -5,6 +5,9 @@
     status/skip.request    {"file_id": N}: end file N now, marked skipped with the steps it got
 
     evertrain pause DIR; evertrain resume DIR; evertrain stop DIR; evertrain skip DIR
+
+Pins are kept in the ledger (`pin`, shared by `evertrain pin` and the dashboard); they work with the daemon
+stopped too.
 """
 
 from __future__ import annotations
@@ -62,3 +65,16 @@ def clear(ws: Workspace, name: str) -> None:
         os.unlink(ws.status_dir / f"{name}.request")
     except FileNotFoundError:
         pass
+
+
+def pin(ws: Workspace, ledger, step: int, on: bool = True) -> tuple[bool, str]:
+    """Pin (or unpin) checkpoint-STEP; (done, what to say). Only a complete checkpoint can be pinned."""
+    if not on:
+        if ledger.unpin(step):
+            return True, f"unpinned checkpoint-{step}"
+        return True, f"checkpoint-{step} was not pinned"
+    if checkpoint.read_state(checkpoint.final_path(ws.model_dir, step)) is None:
+        have = ", ".join(str(c.step) for c in reversed(checkpoint.candidates(ws.model_dir))) or "none"
+        return False, f"no complete checkpoint-{step} in {ws.model_dir} (steps there: {have})"
+    ledger.pin(step)
+    return True, f"pinned checkpoint-{step}; retention will never delete it"

@@ -1,7 +1,9 @@
 """Intake: take complete files from inbox/ (or `evertrain add`) into queue/, each under a unique name.
 
-A file is taken once its size and mtime have not changed for `stable_seconds`; hidden names, `*.tmp` and
-`*.part` are never taken (the safe way to drop a file: write it elsewhere, then `mv` it into inbox/).
+A file is taken once its size and mtime have not changed for `stable_seconds`, and, if it looks cut short (a
+line-based file whose last byte is not a newline or whose last record does not parse, a Parquet file without its
+footer), once it ends cleanly or has not changed for `incomplete_timeout` (a slow writer pausing mid-line is
+waited for; a file that stays cut is then validated as it is). Hidden names, `*.tmp` and `*.part` are never taken (the safe way to drop a file: write it elsewhere, then `mv` it into inbox/).
 Sub-folders are walked; a top folder named low, normal, high or urgent gives its files that priority.
 Symbolic links, fifos and other non-regular entries are moved (not followed) to failed/ with the reason.
 Watchdog events only wake the intake thread up; the scan decides. The daemon's `Intake` scans in its own thread
@@ -12,6 +14,7 @@ with its own ledger connection, so hashing a big file never delays an optimizer 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -39,9 +42,12 @@ class Seen:
 
 
 class Inbox:
-    def __init__(self, ws: Workspace, ledger: Ledger, stable_seconds: float, *, watch: bool = True, say=print):
+    def __init__(self, ws: Workspace, ledger: Ledger, stable_seconds: float, *, watch: bool = True, say=print,
+                 incomplete_timeout: float = 0.0):
         self.ws, self.ledger, self.stable, self.say = ws, ledger, stable_seconds, say
+        self.incomplete_timeout = incomplete_timeout
         self.seen: dict[str, Seen] = {}
+        self.waiting: list[str] = []  # stable files that look cut short, being waited for (shown in the status)
         self.wake = threading.Event()  # set by file events (and by signals) to cut a wait short
         self.observer = None
         if watch:
@@ -55,7 +61,7 @@ class Inbox:
     def scan(self) -> tuple[list[int], float | None]:
         """Take every stable file; return the new ledger ids and when the next waiting file may be stable."""
         self.wake.clear()
-        taken, ready, now, present, next_due = [], [], time.monotonic(), set(), None
+        taken, ready, now, present, next_due, waiting = [], [], time.monotonic(), set(), None, []
         for path, priority, kind in walk(self.ws.inbox):
             rel = path.relative_to(self.ws.inbox).as_posix()
             if kind != "file":
@@ -74,11 +80,14 @@ class Inbox:
             seen = self.seen.get(rel)
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 self.seen[rel] = seen = Seen(st.st_size, st.st_mtime_ns, now)
-            if now - seen.since >= self.stable:
+            due = seen.since + self.stable
+            if now >= due and now - seen.since < self.incomplete_timeout and not looks_complete(path):
+                waiting.append(printable(rel))
+                due = seen.since + self.incomplete_timeout  # or sooner: the writer's next change wakes the scan
+            if now >= due:
                 self.seen.pop(rel)
                 ready.append((st.st_mtime_ns, rel, path, priority))
             else:
-                due = seen.since + self.stable
                 next_due = due if next_due is None else min(next_due, due)
         # Files that became stable in the same scan are queued in the order they arrived (last written).
         for _mtime, rel, path, priority in sorted(ready):
@@ -87,6 +96,7 @@ class Inbox:
                 taken.append(file_id)
         for rel in set(self.seen) - present:
             del self.seen[rel]
+        self.waiting = waiting
         return taken, next_due
 
     def take(self, path: Path, rel: str, priority: str) -> int | None:
@@ -119,7 +129,8 @@ class Intake:
 
     def __init__(self, ws: Workspace, daemon, arrived: threading.Event, say=print):
         self.ledger = Ledger(ws.ledger_path)  # its own connection: its transactions never mix with the daemon's
-        self.inbox = Inbox(ws, self.ledger, daemon.stable_seconds, watch=daemon.watch, say=say)
+        self.inbox = Inbox(ws, self.ledger, daemon.stable_seconds, watch=daemon.watch, say=say,
+                           incomplete_timeout=daemon.incomplete_timeout)
         self.poll, self.arrived, self.say = daemon.poll_seconds, arrived, say
         self.lock, self.closed = threading.Lock(), threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True, name="evertrain-intake")
@@ -150,6 +161,53 @@ class Intake:
         self.thread.join(timeout=30)
         self.inbox.close()
         self.ledger.close()
+
+
+def looks_complete(path: Path) -> bool:
+    """Whether a file's end says its writer finished: cheap, from its last bytes only. Compressed files have no
+    cheap check (their stream is checked in full at validation); stability alone decides for them."""
+    kind = kind_of(path.name)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return True  # nothing written at all: validation says "empty file"
+            if kind == "parquet":
+                f.seek(max(0, size - 4))
+                return f.read(4) == b"PAR1"
+            if kind not in ("jsonl", "json", "csv", "tsv"):
+                return True
+            last = _last_line(f, size)
+    except OSError:
+        return True  # let validation say what is wrong with it
+    if last is None:
+        return False  # no final newline
+    if kind == "jsonl":
+        try:
+            json.loads(last.decode("utf-8").lstrip("\ufeff"))
+        except ValueError:
+            return False
+    elif kind == "json":
+        return last.rstrip().endswith(b"]")
+    return True
+
+
+def _last_line(f, size: int, limit: int = 16 << 20) -> bytes | None:
+    """The last non-blank line of a file that ends with a newline (None when it does not), read backwards."""
+    f.seek(size - 1)
+    if f.read(1) != b"\n":
+        return None
+    tail, pos = b"", size
+    while pos > 0 and len(tail) < limit:
+        step = min(65536, pos)
+        pos -= step
+        f.seek(pos)
+        tail = f.read(step) + tail
+        body = tail.rstrip(b"\r\n\t ")
+        cut = body.rfind(b"\n")
+        if cut >= 0 or pos == 0:
+            return body[cut + 1:]
+    return tail.rstrip()
 
 
 def walk(root: Path, depth: int = 0, priority: str = "normal"):

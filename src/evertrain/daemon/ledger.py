@@ -224,6 +224,12 @@ class Ledger:
         return sorted(rows, key=lambda r: (r["priority"] != "urgent", r["sha256"] not in resuming,
                                            -rank[r["priority"]], r["id"]))
 
+    def set_priority(self, file_id: int, priority: str) -> bool:
+        """A queued file's new priority (the queue's order follows at once); False: no such file waits."""
+        assert priority in PRIORITIES
+        return self.db.execute("UPDATE files SET priority = ? WHERE id = ? AND state = 'queued'",
+                               (priority, file_id)).rowcount > 0
+
     def has_urgent(self) -> bool:
         return self.db.execute("SELECT 1 FROM files WHERE state = 'queued' AND priority = 'urgent' LIMIT 1") \
             .fetchone() is not None

@@ -15,8 +15,6 @@ process sees stops them all at the same step.
 from __future__ import annotations
 
 import json
-import logging
-import logging.handlers
 import os
 import shutil
 import signal
@@ -26,18 +24,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evertrain import checkpoint, collective, exits, faults, locks, loop
+from evertrain import checkpoint, collective, exits, faults, locks, logs, loop, metrics
 from evertrain.config import TrainConfig
 from evertrain.daemon import controls, workspace
 from evertrain.daemon.inbox import Intake, adopt_orphans, write_error
 from evertrain.daemon.ledger import COPY_NAME, Ledger, place
+from evertrain.daemon.notify import Notifier
 from evertrain.daemon.prefetch import Prefetch
 from evertrain.daemon.status import Bar, Board
 from evertrain.daemon.workspace import DaemonConfig, Workspace
 from evertrain.data import Cancelled, DataError, FileData
 from evertrain.evals import read_evals
-
-LOG_BYTES, LOG_BACKUPS = 10 << 20, 5  # logs/evertrain.log is rotated at 10 MB, 5 old ones kept
 
 
 @dataclass
@@ -45,10 +42,10 @@ class Service:
     ws: Workspace
     config: TrainConfig
     daemon: DaemonConfig
-    ledger: Ledger | None          # the main process alone holds these four
+    ledger: Ledger | None          # the main process alone holds these three
     board: Board | None
-    log: logging.Logger | None
     bar: Bar | None
+    notify: Notifier | None
     stop: threading.Event = field(default_factory=threading.Event)   # SIGINT/SIGTERM
     wake: threading.Event = field(default_factory=threading.Event)   # a signal, or intake took a file
     session: loop.Session | None = None
@@ -59,9 +56,8 @@ class Service:
     from_base: bool = False   # --from-base: when no checkpoint loads, start again from the base model
 
     def say(self, text: str) -> None:
-        if self.log is not None:
-            self.log.info(text)
-            print(text, flush=True)
+        if self.ledger is not None:
+            logs.say(text)
 
 
 def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
@@ -76,32 +72,41 @@ def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
             os.close(lock_fd)  # the same process may run again (tests, notebooks): an open lock would refuse it
         raise
     svc = Service(ws, config, daemon, ledger, Board(ws, ledger, daemon.status_interval) if main else None,
-                  _logger(ws) if main else None, Bar(sys.stdout.isatty()) if main else None, from_base=from_base)
+                  Bar(sys.stdout.isatty()) if main else None,
+                  Notifier(daemon.notify_command, daemon.notify_timeout, logs.say) if main else None,
+                  from_base=from_base)
     restore_signals = _catch_signals(svc)
     try:
-        return _serve(svc, once) if main else follow(svc)
-    except Exception as e:
-        if main:
-            svc.board.set(state="error", alert=f"{type(e).__name__}: {e}")
-            svc.log.exception("evertrain: the daemon stopped on an error")
-        raise
+        if not main:
+            return follow(svc)
+        with logs.to_file(ws.logs):
+            try:
+                return _serve(svc, once)
+            except Exception as e:
+                svc.board.set(state="error", alert=f"{type(e).__name__}: {e}")
+                logs.exception("evertrain: the daemon stopped on an error")
+                svc.notify.send("daemon_stopped", f"the daemon stopped on an error: {type(e).__name__}: {e}",
+                                workspace=str(ws.root))
+                raise
+            finally:
+                svc.notify.close()  # the last events' outcome still goes to the log
     finally:
         restore_signals()
         if svc.intake is not None:
             svc.intake.close()
         if svc.prefetch is not None:
             svc.prefetch.stop()
+        if svc.session is not None:
+            metrics.finish(svc.session)
         if main:
             svc.bar.close()
-            for h in list(svc.log.handlers):
-                svc.log.removeHandler(h)
-                h.close()
             ledger.close()
             os.close(lock_fd)
 
 
 def _serve(svc: Service, once: bool) -> int:
     ws, ledger, board = svc.ws, svc.ledger, svc.board
+    started = time.time()
     svc.say(f"evertrain: daemon starting on {ws.root} (pid {os.getpid()})")
     try:
         new_session(svc)
@@ -126,6 +131,8 @@ def _serve(svc: Service, once: bool) -> int:
     code = exits.OK
     while True:
         _, next_due = svc.intake.scan()
+        if board.data["intake"] != intake_note(svc):
+            board.set(intake=intake_note(svc))
         requests = controls.read(ws)
         if svc.stop.is_set() or requests.stop:
             break
@@ -152,7 +159,7 @@ def _serve(svc: Service, once: bool) -> int:
         problem = _disk_problem(svc)
         if problem:
             if board.data["alert"] != problem:
-                svc.say(f"evertrain: {problem}")
+                tell(svc, "disk_low", problem)
                 board.set(state="idle", alert=problem)
             if once:
                 code = exits.FAILED
@@ -169,11 +176,29 @@ def _serve(svc: Service, once: bool) -> int:
     collective.from_main(svc.session.accelerator, {"do": "stop"})
     if code == exits.OK:
         why = "signal" if svc.stop.is_set() else "stop request" if controls.read(ws).stop else "nothing left to do"
-        svc.say(f"evertrain: {why}: stopped at global step {svc.session.progress.global_step}, "
-                f"last checkpoint {_ckpt_name(svc)}")
+        tell(svc, "daemon_stopped", f"{why}: stopped at global step {svc.session.progress.global_step}, last "
+                                    f"checkpoint {_ckpt_name(svc)}", global_step=svc.session.progress.global_step)
         controls.clear(ws, "stop")
         board.set(state="stopped", current_file=None, current_file_id=None)
+    if once:
+        failed = summary(svc, started)
+        if failed and code == exits.OK:
+            code = exits.FILES_FAILED
     return code
+
+
+def summary(svc: Service, since: float) -> int:
+    """What happened to each file this call took or left waiting (`run --once`); the number that failed."""
+    rows = [r for r in svc.ledger.files()
+            if r["state"] in ("queued", "training") or (r["finished_at"] or 0) >= since]
+    svc.say(f"evertrain: summary: {len(rows)} file(s)" + (":" if rows else ""))
+    for r in rows:
+        steps = f"{r['steps_trained']}/{r['expected_steps'] or '?'} steps"
+        note = {"done": f"{steps}, global steps {r['first_step']}-{r['last_step']}",
+                "queued": f"still queued, {steps}"}.get(r["state"]) or " · ".join(
+            line.strip() for line in (r["error"] or "").splitlines() if line.strip())[:300]
+        svc.say(f"  {r['original_name']} (id {r['id']}): {r['state']}" + (f": {note}" if note else ""))
+    return sum(r["state"] == "failed" for r in rows)
 
 
 def follow(svc: Service) -> int:
@@ -272,7 +297,7 @@ def decide(svc: Service, row: dict, record: loop.StepRecord) -> str | None:
     """
     wrote = svc.board.last_write
     svc.board.step(record)
-    svc.bar.update(record.file_step, record.loss)
+    svc.bar.update(record)
     if svc.board.last_write != wrote:  # the status was flushed: the ledger's step count too
         svc.ledger.update(row["id"], steps_trained=record.file_step)
         svc.board.data["last_checkpoint"] = _ckpt_name(svc)
@@ -280,6 +305,7 @@ def decide(svc: Service, row: dict, record: loop.StepRecord) -> str | None:
         svc.wake.clear()
         svc.session.protected = svc.ledger.pins()
         svc.prefetch.start(_next_path(svc, row))
+        svc.board.data["intake"] = intake_note(svc)
         svc.next_poll = time.monotonic() + svc.daemon.poll_seconds
     requests = controls.read(svc.ws)
     if svc.stop.is_set() or requests.stop:
@@ -304,8 +330,8 @@ def ended(svc: Service, row: dict, result: loop.FileResult) -> bool:
                       else None, last_step=rec.last_step if rec.steps else None, finished_at=time.time(),
                       error=f"skipped by request after {rec.steps}/{rec.expected_steps} steps")
         place(ws, ledger.get(row["id"]))
-        svc.say(f"evertrain: skipped {name} after {rec.steps}/{rec.expected_steps} steps "
-                f"(global step {progress.global_step})")
+        tell(svc, "file_skipped", f"skipped {name} after {rec.steps}/{rec.expected_steps} steps (global step "
+                                  f"{progress.global_step})", file=name, file_id=row["id"])
         return True
     if result.status == "interrupted":
         if svc.reason is None:  # another process of the launch was told to stop (a signal reached it alone)
@@ -326,8 +352,9 @@ def ended(svc: Service, row: dict, result: loop.FileResult) -> bool:
     ledger.update(row["id"], state="done", steps_trained=rec.steps, first_step=rec.first_step,
                   last_step=rec.last_step, replayed=rec.replayed, finished_at=time.time(), error=None)
     place(ws, ledger.get(row["id"]))
-    svc.say(f"evertrain: done {name}: {rec.steps}/{expected} steps, global steps "
-            f"{rec.first_step}-{rec.last_step}, mean loss {result.loss:.4f}, checkpoint {_ckpt_name(svc)}")
+    tell(svc, "file_done", f"done {name}: {rec.steps}/{expected} steps, global steps {rec.first_step}-"
+                           f"{rec.last_step}, mean loss {result.loss:.4f}, checkpoint {_ckpt_name(svc)}",
+         file=name, file_id=row["id"], global_step=progress.global_step, loss=result.loss)
     svc.board.set(global_step=progress.global_step, loss=result.loss)
     return True
 
@@ -367,6 +394,18 @@ def prepare(svc: Service, row: dict, path: Path) -> FileData:
     return data
 
 
+def tell(svc: Service, event: str, text: str, **fields) -> None:
+    """Say it, and tell notify_command (in a thread of its own: training never waits for it)."""
+    svc.say(f"evertrain: {text}")
+    svc.notify.send(event, text, workspace=str(svc.ws.root), **fields)
+
+
+def intake_note(svc: Service) -> str | None:
+    """The status's word on inbox files that look cut short: their writers are waited for."""
+    waiting = svc.intake.inbox.waiting
+    return f"waiting for {', '.join(waiting)} to finish" if waiting else None
+
+
 def _next_path(svc: Service, row: dict) -> Path | None:
     """The file most likely to train after `row`: the next in the queue."""
     nxt = next((r for r in svc.ledger.queue(set(svc.session.progress.cursors)) if r["id"] != row["id"]), None)
@@ -375,7 +414,8 @@ def _next_path(svc: Service, row: dict) -> Path | None:
 
 def roll_back(svc: Service, row: dict, data: FileData, error: loop.NonFiniteLoss) -> None:
     """A NaN/inf loss: reload the newest complete checkpoint, fail the file, carry on with the next."""
-    svc.say(f"evertrain: {row['original_name']}: {error}; rolling back to the last good checkpoint")
+    tell(svc, "rollback", f"{row['original_name']}: {error}; rolling back to the last good checkpoint",
+         file=row["original_name"], file_id=row["id"], global_step=error.step)
     cursor = svc.session.progress.cursors.get(data.sha256)
     svc.session = loop.roll_back(svc.session, data)
     svc.ledger.sync_checkpoints(svc.ws.model_dir)
@@ -390,7 +430,7 @@ def fail(svc: Service, row: dict, reason: str) -> None:
     target = place(svc.ws, svc.ledger.get(row["id"])) or svc.ws.failed / row["name"]
     write_error(target, reason)
     svc.board.set(state="idle", current_file=None, current_file_id=None)
-    svc.say(f"evertrain: FAILED {reason}")
+    tell(svc, "file_failed", f"FAILED {reason}", file=row["original_name"], file_id=row["id"])
 
 
 def new_session(svc: Service) -> None:
@@ -407,6 +447,7 @@ def new_session(svc: Service) -> None:
             svc.ledger.note("from-base", text)
             svc.say(f"evertrain: {text}")
     svc.session = session
+    svc.config = session.config  # as the run resolved it (an older run keeps its held-out rule): prefetch too
 
 
 def _disk_problem(svc: Service) -> str | None:
@@ -453,14 +494,3 @@ def _catch_signals(svc: Service):
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(sig, h) for sig, h in old.items()]
-
-
-def _logger(ws: Workspace) -> logging.Logger:
-    log = logging.getLogger(f"evertrain.daemon.{ws.root}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    handler = logging.handlers.RotatingFileHandler(ws.logs / "evertrain.log", maxBytes=LOG_BYTES,
-                                                   backupCount=LOG_BACKUPS)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    return log

@@ -10,7 +10,8 @@ import json
 import os
 import time
 
-from evertrain import checkpoint
+from evertrain import checkpoint, logs
+from evertrain.logs import duration
 from evertrain.daemon.ledger import Ledger
 from evertrain.daemon.workspace import Workspace, daemon_pid
 
@@ -34,6 +35,7 @@ class Board:
                      "queue_length": 0, "files_done": 0, "files_failed": 0, "files_duplicate": 0,
                      "files_skipped": 0, "total_evals": 0, "last_checkpoint": None, "alert": None,
                      "precision": None, "global_batch": None,
+                     "intake": None,
                      "pid": os.getpid(), "updated_at": None}
 
     def set(self, **values) -> None:
@@ -136,15 +138,9 @@ def show(ws: Workspace, ledger: Ledger, as_json: bool = False) -> str:
     return console.file.getvalue()
 
 
-def duration(seconds: float) -> str:
-    """1h02m, 4m05s, 12s: what a person reads at a glance."""
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 def _fmt(key: str, value) -> str:
+    if key.endswith("_seconds") and isinstance(value, (int, float)):
+        return duration(value)
     if key == "updated_at":
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
     if isinstance(value, float):
@@ -153,30 +149,44 @@ def _fmt(key: str, value) -> str:
 
 
 class Bar:
-    """A progress bar for the file in training when stdout is a terminal; nothing otherwise (the loop's
-    plain progress lines, every log_steps, are what a log file or journal gets)."""
+    """A progress bar for the file in training when stdout is a terminal: global step, file step, loss, tokens/s
+    and ETA. Without one, the loop's plain progress lines (every log_steps) are what the console gets; the log
+    file gets those lines either way."""
 
     def __init__(self, enabled: bool):
         self.progress = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+            from rich.text import Text
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+            class Left(ProgressColumn):
+                """Time left as everywhere else in evertrain ("1h 12m"), not rich's 1:12:00."""
+
+                def render(self, task):
+                    left = task.time_remaining
+                    return Text("" if left is None else f"{duration(left)} left")
+
+            self.progress = Progress(TextColumn("step {task.fields[step]}"), TextColumn("{task.description}"),
+                                     BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                                     TextColumn("{task.fields[speed]} tok/s"), Left(),
                                      redirect_stdout=True, transient=True)
             self.progress.start()
+            logs.CONSOLE.bar_showing = True
         self.task = None
 
     def start(self, name: str, total: int, done: int) -> None:
         if self.progress is not None:
             if self.task is not None:
                 self.progress.remove_task(self.task)
-            self.task = self.progress.add_task(name, total=total, completed=done, loss="-")
+            self.task = self.progress.add_task(name, total=total, completed=done, loss="-", speed="-", step="-")
 
-    def update(self, file_step: int, loss: float) -> None:
+    def update(self, record) -> None:
+        """After an optimizer step (a loop.StepRecord)."""
         if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, completed=file_step, loss=f"{loss:.4f}")
+            self.progress.update(self.task, completed=record.file_step, loss=f"{record.loss:.4f}",
+                                 speed=f"{record.tokens_per_second:.0f}", step=record.step)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            logs.CONSOLE.bar_showing = False

@@ -40,6 +40,10 @@ class DaemonConfig:
 
     stable_seconds: float = _opt(2.0, "take an inbox file only after its size and mtime were unchanged this long",
                                  low=0.0, high=3600.0)
+    incomplete_timeout: float = _opt(
+        600.0, "an inbox .jsonl/.json/.csv/.tsv that looks cut short (no final newline, a last record that does not "
+        "parse; a .parquet without its footer) is still being written: wait this many seconds after its last "
+        "change, then validate it as it is", low=0.0, high=86400.0)
     poll_seconds: float = _opt(1.0, "rescan the inbox at least this often (file events wake it sooner)",
                                low=0.05, high=60.0)
     watch: bool = _opt(True, "use file-system events (watchdog) to notice files at once; --no-watch only polls")
@@ -47,6 +51,10 @@ class DaemonConfig:
                                   low=0)
     checkpoint_budget_bytes: int = _opt(0, "delete old checkpoints beyond this many bytes in all (0: no budget)",
                                         low=0)
+    notify_command: str = _opt("", "a shell command run with one JSON event on stdin when a file is done, fails or "
+                               "is skipped, on a NaN rollback, when the disk runs low and when the daemon stops "
+                               "(its failure is logged, never a reason to stop training)")
+    notify_timeout: float = _opt(30.0, "seconds notify_command may take before it is ended", low=0.1, high=3600.0)
     status_interval: float = _opt(2.0, "rewrite status/training_status.json at least this often while training",
                                   low=0.1, high=60.0)
 
@@ -97,30 +105,38 @@ def load(root: Path) -> tuple[Workspace, TrainConfig, DaemonConfig]:
     if not ws.config_file.is_file():
         raise NotAWorkspace(f"{ws.root} is not an evertrain workspace (no {CONFIG_FILE}); "
                             f"create one with: evertrain init {root}")
-    try:
-        with open(ws.config_file, "rb") as f:
-            doc = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{ws.config_file}: not valid TOML: {e}") from None
-    unknown = sorted(set(doc) - {"train", "daemon", "data"})
-    if unknown:
-        raise ConfigError(f"{ws.config_file}: unknown section(s) {', '.join(unknown)}; "
-                          "known: [train], [daemon], [data.columns]")
-    for section in ("train", "daemon", "data"):
-        if not isinstance(doc.get(section, {}), dict):
-            raise ConfigError(f"{ws.config_file}: {section} must be a [{section}] table")
-    train_values = dict(doc.get("train", {}))
-    columns = _columns_table(doc.get("data", {}), ws.config_file)
-    if columns:
-        if train_values.get("columns"):
-            raise ConfigError(f"{ws.config_file}: columns are given twice ([train] columns and [data.columns]); "
-                              "keep one")
-        train_values["columns"] = columns
+    train_values, daemon_values = read_settings(ws.config_file)
     train = TrainConfig.from_dict(train_values, source=f"{ws.config_file} [train]")
-    daemon = settings_from_dict(DaemonConfig, doc.get("daemon", {}), f"{ws.config_file} [daemon]")
+    daemon = settings_from_dict(DaemonConfig, daemon_values, f"{ws.config_file} [daemon]")
     for name in FOLDERS:
         (ws.root / name).mkdir(exist_ok=True)  # a person may have removed an empty one
     return ws, train, daemon
+
+
+def read_settings(path: Path, sections: tuple[str, ...] = ("train", "daemon", "data")) -> tuple[dict, dict]:
+    """The [train] values (with [data.columns] folded into `columns`) and the [daemon] values of a TOML file;
+    unknown sections and a columns table given twice are refused by name. `train --config` reads the same."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
+    unknown = sorted(set(doc) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: "
+                          + ", ".join("[data.columns]" if s == "data" else f"[{s}]" for s in sections))
+    for section in sections:
+        if not isinstance(doc.get(section, {}), dict):
+            raise ConfigError(f"{path}: {section} must be a [{section}] table")
+    train_values = dict(doc.get("train", {}))
+    columns = _columns_table(doc.get("data", {}), path)
+    if columns:
+        if train_values.get("columns"):
+            raise ConfigError(f"{path}: columns are given twice ([train] columns and [data.columns]); keep one")
+        train_values["columns"] = columns
+    return train_values, dict(doc.get("daemon", {}))
 
 
 def _columns_table(data: dict, source: Path) -> str:

@@ -1,5 +1,5 @@
-"""Who may use the dashboard: one set of rules for every route of the page, those that only read (today's)
-and those that will change something (controls, uploads, a box that asks the model).
+"""Who may use the dashboard: one set of rules for every route of the page, those that only read and those
+that change something (the controls and the upload of actions.py, a box that asks the model).
 
     pytest tests/test_dashboard.py -k "token or credential or host or origin or rules"
 

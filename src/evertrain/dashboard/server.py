@@ -42,7 +42,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from evertrain.dashboard import auth, sources
+from evertrain.dashboard import actions, auth, sources
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -114,6 +114,11 @@ def build_app(run: sources.Run, access: auth.Access) -> Starlette:
         snap = sources.snapshot(run, step)
         return as_json(snap) if snap is not None else as_json({"error": f"no snapshot for step {step}"}, 404)
 
+    def evolution(request: Request) -> Response:
+        ex_id = request.path_params["example"]
+        found = sources.example_evolution(run, ex_id)
+        return as_json(found) if found is not None else as_json({"error": f"no tracked example {ex_id}"}, 404)
+
     routes = [Route(path, endpoint, methods=["GET"]) for path, endpoint in [
         ("/", lambda request: static_file("index.html")),
         ("/index.html", lambda request: static_file("index.html")),
@@ -122,7 +127,8 @@ def build_app(run: sources.Run, access: auth.Access) -> Starlette:
         ("/api/metrics", metrics),
         ("/api/snapshots", lambda request: as_json(sources.snapshots_index(run))),
         ("/api/snapshot/{step}", snapshot),
-    ]]
+        ("/api/evolution/{example}", evolution),
+    ]] + actions.routes(run)
     from evertrain.dashboard import ask  # here: ask.py builds on this module's answers
 
     routes.append(ask.route(run.root))

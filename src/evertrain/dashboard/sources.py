@@ -148,9 +148,26 @@ def metrics(run: Run, since: int = 0, max_points: int = MAX_POINTS) -> dict:
 
 # ------------------------------------------------------------------------------------------------- evals
 
-def forgetting(run: Run) -> dict:
-    """The forgetting matrix (see evals.forgetting_matrix), from the run's evaluations."""
-    return forgetting_matrix(run.evals.read())
+def forgetting(run: Run, listed: list[dict] | None = None) -> dict:
+    """The forgetting matrix (see evals.forgetting_matrix), from the run's evaluations; `no_slice`: the trained
+    files that hold out nothing (too small for a slice), which have no column of their own."""
+    fm = forgetting_matrix(run.evals.read())
+    small = [{"file": f["sha256"], "file_name": f["original_name"], "examples": f.get("examples")}
+             for f in (files(run) if listed is None else listed) if f.get("state") == "done" and not _held_out(f)]
+    # Such a file is a row (after it trained) but has no losses of its own: its column says so instead.
+    keep = [j for j, f in enumerate(fm["files"]) if f["file"] not in {s["file"] for s in small}]
+    return {"files": [fm["files"][j] for j in keep], "before": [fm["before"][j] for j in keep],
+            "rows": [dict(r, cells=[r["cells"][j] for j in keep]) for r in fm["rows"]], "no_slice": small}
+
+
+def _held_out(f: dict) -> list:
+    held = f.get("held_out")
+    if isinstance(held, str):  # the ledger keeps it as JSON text
+        try:
+            held = json.loads(held)
+        except ValueError:
+            return []
+    return held or []
 
 
 # ------------------------------------------------------------------------------------------------- snapshots
@@ -191,11 +208,13 @@ class SnapshotCache:
         snap = read_json(path)
         if snap is None:
             return None
-        summary = {"step": snap.get("step"), "file_name": snap.get("file_name"), "time": snap.get("time"),
+        summary = {"step": snap.get("step"), "file": snap.get("file"), "file_name": snap.get("file_name"),
+                   "time": snap.get("time"),
                    "examples": {e["id"]: {"loss": e.get("loss"), "token_accuracy": e.get("token_accuracy"),
                                           "prediction": _clip(e.get("prediction")),
                                           "generation": _clip(e.get("generation")),
                                           "source": e.get("source"), "file": e.get("file"), "line": e.get("line"),
+                                          "label": e.get("label"),
                                           "text": _clip(e.get("input") or e.get("expected"))}
                                 for e in snap.get("examples", []) if isinstance(e, dict) and "id" in e}}
         with self.lock:
@@ -220,17 +239,53 @@ def snapshots_index(run: Run) -> dict:
     return {"steps": steps, "examples": list(examples.values())}
 
 
+def example_evolution(run: Run, ex_id: str) -> dict | None:
+    """One tracked example across every snapshot, grouped by the file in training at each: its own file's
+    snapshots (what that file taught it, step by step), then each later file's (what they kept or undid)."""
+    example, groups = None, []
+    names = {r["file"]: r["file_name"] for r in run.metrics.read()}
+    for step, path in run.snapshots.paths().items():
+        s = run.snapshots.summary(path)
+        e = s and s["examples"].get(ex_id)
+        if e is None:
+            continue
+        if example is None:
+            example = {"id": ex_id, "label": example_label(ex_id, e, names), "file": e["file"],
+                       "file_name": names.get(e["file"]) if e["file"] else "probes.jsonl"}
+        if not groups or groups[-1]["file"] != s["file"]:
+            groups.append({"file": s["file"], "file_name": s["file_name"], "own": s["file"] == e["file"],
+                           "snapshots": []})
+        groups[-1]["snapshots"].append({"step": step, "loss": e["loss"], "token_accuracy": e["token_accuracy"],
+                                        "prediction": e["prediction"], "generation": e["generation"]})
+    return None if example is None else {**example, "files": groups}
+
+
+def snapshot_counts(run: Run) -> dict[str, dict]:
+    """Per file (sha256): snapshots taken while it trained, and the ones the budget skipped."""
+    counts: dict[str, dict] = {}
+    for path in run.snapshots.paths().values():
+        s = run.snapshots.summary(path)
+        if s is not None and s["file"]:
+            counts.setdefault(s["file"], {"taken": 0, "skipped": 0})["taken"] += 1
+    ckpt = newest(run)
+    skipped = ckpt.state.get("evertrain", {}).get("snapshots_skipped_by_file", {}) if ckpt else {}
+    for sha, n in skipped.items():
+        counts.setdefault(sha, {"taken": 0, "skipped": 0})["skipped"] = n
+    return counts
+
+
 def snapshot(run: Run, step: int) -> dict | None:
     path = run.snapshots.paths().get(step)
     return read_json(path) if path is not None else None
 
 
 def example_label(ex_id: str, e: dict, names: dict[str, str]) -> str:
-    """What the example picker shows: where the example comes from, and how its text begins."""
+    """What the example picker shows: where the example comes from, and what tells it apart (its last user turn,
+    its prompt, or how its text begins; snapshots from before labels show how the rendered text begins)."""
     where = "probes.jsonl" if e["source"] == "probe" else names.get(e["file"]) or (e["file"] or "?")[:12]
     if e["line"] is not None:
         where += f" line {e['line'] + 1}"
-    text = (e["text"] or "").strip().replace("\n", " ")
+    text = (e.get("label") or e["text"] or "").strip().replace("\n", " ")
     return f"{where}: {text[:70]}"
 
 
@@ -255,7 +310,8 @@ def files(run: Run) -> list[dict]:
     progress = ckpt.state.get("evertrain", {})
     out = [{"original_name": f["name"], "sha256": f["sha256"], "state": f.get("status", "done"),
             "examples": f.get("examples"), "tokens": f.get("tokens"), "expected_steps": f.get("expected_steps"),
-            "steps_trained": f.get("steps"), "first_step": f.get("first_step"), "last_step": f.get("last_step")}
+            "steps_trained": f.get("steps"), "first_step": f.get("first_step"), "last_step": f.get("last_step"),
+            "held_out": f.get("held_out", [])}
            for f in progress.get("files", [])]
     for c in progress.get("cursors", {}).values():
         out.append({"original_name": c["name"], "sha256": c["sha256"], "state": "interrupted",
@@ -347,9 +403,11 @@ def status(run: Run) -> dict:
 
 def state(run: Run) -> dict:
     """Everything /api/state answers: one poll gives the whole top of the page."""
+    counts = snapshot_counts(run)
+    listed = [dict(f, snapshots=counts.get(f.get("sha256") or "")) for f in files(run)]
     return {"root": str(run.root), "kind": "workspace" if run.daemon else "train output dir",
-            "status": status(run), "files": files(run), "checkpoints": checkpoints(run),
-            "forgetting": forgetting(run), "snapshots": snapshot_marker(run)}
+            "status": status(run), "files": listed, "checkpoints": checkpoints(run),
+            "forgetting": forgetting(run, listed), "snapshots": snapshot_marker(run)}
 
 
 def snapshot_marker(run: Run) -> dict:

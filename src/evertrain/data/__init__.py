@@ -189,7 +189,8 @@ def _load_file(path: Path, tokenizer, config, store_dir, progress, should_stop) 
 def file_data(path: Path, sha: str, store, config) -> FileData:
     """Held-out choice and packing on the store's arrays (cheap: both are pure functions of content and seed)."""
     n = len(store)
-    held = held_out_lines(sha, config.seed, n, config.held_out_fraction, config.held_out_max)
+    held = held_out_lines(sha, config.seed, n, config.held_out_fraction, config.held_out_max,
+                          config.held_out_min_file)
     is_held = np.zeros(n, dtype=bool)
     is_held[list(held)] = True
     train_idx = np.flatnonzero(~is_held)

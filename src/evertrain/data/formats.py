@@ -57,6 +57,16 @@ class Record:
         return len(self.text or "") + len(self.prompt or "") + len(self.completion or "")
 
 
+def label(record: Record) -> str:
+    """What tells a record apart from its neighbours: its last user turn (never a system prompt that every
+    record shares), else its prompt, else its text."""
+    if record.messages:
+        said = [m["content"] for m in record.messages if m["role"] == "user" and (m.get("content") or "").strip()]
+        return said[-1] if said else next((m["content"] for m in record.messages
+                                           if m["role"] != "system" and (m.get("content") or "").strip()), "")
+    return record.prompt if (record.prompt or "").strip() else record.text or record.completion or ""
+
+
 def parse_columns(text: str) -> dict[str, str]:
     """"question=prompt,answer=completion" -> {"question": "prompt", "answer": "completion"}."""
     columns: dict[str, str] = {}

@@ -19,9 +19,14 @@ def row_order(sha256: str, seed: int, epoch: int, n: int) -> np.ndarray:
     return order
 
 
-def held_out_lines(sha256: str, seed: int, n: int, fraction: float, cap: int) -> set[int]:
-    """Which example indices of a file are held out: a fixed slice chosen by content and seed."""
+def held_out_lines(sha256: str, seed: int, n: int, fraction: float, cap: int, min_file: int = 0) -> set[int]:
+    """Which example indices of a file are held out: a fixed slice chosen by content and seed.
+
+    A file too small for `fraction` to give one example, but of at least `min_file` examples, holds out one:
+    its forgetting can be measured while most of it trains. Files the fraction gives a slice are unchanged."""
     count = min(cap, int(n * fraction))
+    if count <= 0 < fraction and cap > 0 and min_file and n >= min_file:
+        count = 1
     if count <= 0 or n < 2:
         return set()
     count = min(count, n - 1)  # always leave something to train

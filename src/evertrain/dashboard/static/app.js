@@ -48,10 +48,45 @@ async function get(path) {
   return body;
 }
 
+// ---------------------------------------------------------------------------------------------- controls
+// Each change is a POST to the page's own origin (the browser adds the Origin header and the token's cookie);
+// its answer is shown, and the page polls at once so the result is seen.
+
+let isWorkspace = false;
+
+async function post(path, body) {
+  let text, ok = false;
+  try {
+    const r = await fetch(path, { method: "POST", body, cache: "no-store" });
+    const answer = await r.json().catch(() => ({}));
+    ok = r.ok;
+    text = answer.message || answer.error || `${r.status} ${r.statusText}`;
+  } catch (e) {
+    text = `cannot reach the dashboard: ${e.message}`;
+  }
+  $("ctl-message").textContent = text;
+  $("ctl-message").dataset.ok = ok ? "1" : "0";
+  lastState = "";  // redraw the tables: a pin or a priority changed them
+  await poll();
+}
+
+for (const button of document.querySelectorAll("#controls button[data-action]")) {
+  button.addEventListener("click", () => post(`/api/control/${button.dataset.action}`));
+}
+$("upload-send").addEventListener("click", () => {
+  const file = $("upload-file").files[0];
+  if (!file) { $("ctl-message").textContent = "choose a file first"; return; }
+  post(`/api/upload?name=${encodeURIComponent(file.name)}`, file);
+});
+
 // ---------------------------------------------------------------------------------------------- status
 
 function renderStatus(st, root, kind) {
   $("root").textContent = `${root} (${kind})`;
+  isWorkspace = kind === "workspace";
+  $("controls").hidden = !isWorkspace;
+  $("intake").hidden = !st.intake;
+  $("intake").textContent = st.intake || "";
   const state = st.state || "unknown";
   $("state").textContent = state;
   $("state").dataset.state = state;
@@ -102,7 +137,7 @@ function renderFiles(files) {
   $("queue").tBodies[0].replaceChildren(...(queue.length ? queue.map((f, i) => el("tr",
     { "data-sha256": f.sha256 || "", "data-state": f.state },
     el("td", { text: f.id ?? i + 1 }), el("td", { class: "name", text: f.original_name, title: f.sha256 || "" }),
-    el("td", {}, stateChip(f.state)), el("td", { text: f.priority || "—" }), el("td", { text: steps(f) }),
+    el("td", {}, stateChip(f.state)), el("td", {}, priorityCell(f)), el("td", { text: steps(f) }),
     el("td", { text: fmt.int(f.examples) }))) : [emptyRow(6, "The queue is empty.")]));
   $("files").tBodies[0].replaceChildren(...(past.length ? past.map((f, i) => el("tr",
     { "data-sha256": f.sha256 || "", "data-state": f.state },
@@ -111,9 +146,23 @@ function renderFiles(files) {
     el("td", {}, stateChip(f.state)), el("td", { text: steps(f) }),
     el("td", { text: f.first_step ? `${f.first_step}–${f.last_step ?? "…"}` : "—" }),
     el("td", { text: fmt.int(f.examples) }), el("td", { text: fmt.int(f.tokens) }),
+    el("td", { class: "snaps", text: snapshotsText(f.snapshots) }),
     el("td", { class: "note", text: f.duplicate_of ? `same content as #${f.duplicate_of}: not trained again`
       : oneLine(f.error), title: f.error || "" }))) :
-    [emptyRow(8, "No file has finished yet.")]));
+    [emptyRow(9, "No file has finished yet.")]));
+}
+
+function priorityCell(f) {
+  if (!isWorkspace || f.state !== "queued" || f.id === undefined) return f.priority || "—";
+  const sel = el("select", { class: "priority", "data-file-id": f.id },
+    ...Object.keys(PRIORITY_RANK).reverse().map((p) => el("option", { value: p, text: p, selected: p === f.priority })));
+  sel.addEventListener("change", () => post(`/api/priority/${f.id}/${sel.value}`));
+  return sel;
+}
+
+function snapshotsText(c) {
+  if (!c) return "—";
+  return c.skipped ? `${c.taken} (${c.skipped} skipped by the budget)` : `${c.taken}`;
 }
 
 function oneLine(text) {
@@ -226,7 +275,12 @@ function heatColor(x, lo, hi) {
 function renderForgetting(fm) {
   const table = $("forgetting");
   $("forgetting-empty").hidden = fm.rows.length > 0 || fm.before.some((x) => x !== null);
-  if ($("forgetting-empty").hidden === false) { table.replaceChildren(); return; }
+  if ($("forgetting-empty").hidden === false) {
+    table.replaceChildren();
+    $("no-slice").textContent = (fm.no_slice || []).map((f) => `${f.file_name} (${fmt.int(f.examples)} examples) is `
+      + "too small for a held-out slice").join("; ");
+    return;
+  }
   const values = [...fm.before, ...fm.rows.flatMap((r) => r.cells)].filter((x) => x !== null && x > 0);
   const lo = Math.min(...values), hi = Math.max(...values);
   // Each file's loss right after it trained: the reference for what later files made it forget.
@@ -257,7 +311,17 @@ function renderForgetting(fm) {
       el("th", { class: "rowh", title: r.after_file || "" }, label, el("span", { class: "muted small", text: `  step ${r.step}` })),
       ...r.cells.map((x, j) => cell(x, j, r.after_file, "after"))));
   }
+  // A file too small for a held-out slice has no losses to show: its column says so instead.
+  const small = fm.no_slice || [];
+  head.append(...small.map((f) => el("th", { class: "col no-slice", title: f.file, text: f.file_name })));
+  for (const row of rows) {
+    row.append(...small.map((f) => el("td", { class: "no-slice", "data-col-file": f.file_name,
+      text: "no held-out slice", title: `${f.file_name}: ${fmt.int(f.examples)} examples, too small for a held-out ` +
+        "slice (held_out_fraction and held_out_min_file give none), so its forgetting is not measured" })));
+  }
   table.replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
+  const note = small.map((f) => `${f.file_name} (${fmt.int(f.examples)} examples) is too small for a held-out slice`);
+  $("no-slice").textContent = note.length ? note.join("; ") + ": its forgetting is not measured." : "";
 }
 
 // ---------------------------------------------------------------------------------------------- evolution
@@ -354,14 +418,35 @@ async function snapshotAt(step) {
   return snapshotCache.get(step);
 }
 
-function renderExampleHistory(example, step) {
-  const fileAt = new Map(index.steps.map((s) => [s.step, s.file_name]));
-  $("ev-history").tBodies[0].replaceChildren(...example.steps.slice().reverse().map((s) => el("tr", {
-    class: s.step === step ? "selected" : "", "data-step": s.step,
-    onclick: () => select(example.id, s.step),
-  }, el("td", { text: s.step }), el("td", { text: fileAt.get(s.step) || "" }), el("td", { text: fmt.loss(s.loss) }),
-  el("td", { text: fmt.pct(s.token_accuracy) }), el("td", { class: "text-cell", text: s.prediction ?? "" }),
-  el("td", { class: "text-cell", text: s.generation ?? "—" }))));
+const evolutionCache = new Map();  // example id -> [snapshot marker, /api/evolution answer]
+
+async function exampleEvolution(id) {
+  const hit = evolutionCache.get(id);
+  if (hit && hit[0] === lastSnapshots) return hit[1];
+  const found = await get(`/api/evolution/${encodeURIComponent(id)}`).catch(() => null);
+  evolutionCache.set(id, [lastSnapshots, found]);
+  return found;
+}
+
+async function renderExampleHistory(example, step) {
+  // Grouped by the file in training at each snapshot: the example's own file first (what it taught, step by
+  // step), then every later file (what they kept or undid).
+  const evo = await exampleEvolution(example.id);
+  const rows = [];
+  for (const g of (evo ? evo.files : []).slice().reverse()) {
+    const first = g.snapshots[0], last = g.snapshots[g.snapshots.length - 1];
+    rows.push(el("tr", { class: "group" + (g.own ? " own" : ""), "data-own": g.own ? "1" : "0" },
+      el("td", { colSpan: 6, text: `${g.own ? "while its own file trained" : "while a later file trained"}: `
+        + `${g.file_name || "?"} · ${g.snapshots.length} snapshot(s) · loss ${fmt.loss(first.loss)} → ${fmt.loss(last.loss)}` })));
+    for (const s of g.snapshots.slice().reverse()) {
+      rows.push(el("tr", { class: s.step === step ? "selected" : "", "data-step": s.step,
+        onclick: () => select(example.id, s.step) },
+      el("td", { text: s.step }), el("td", { text: g.file_name || "" }), el("td", { text: fmt.loss(s.loss) }),
+      el("td", { text: fmt.pct(s.token_accuracy) }), el("td", { class: "text-cell", text: s.prediction ?? "" }),
+      el("td", { class: "text-cell", text: s.generation ?? "—" })));
+    }
+  }
+  $("ev-history").tBodies[0].replaceChildren(...rows);
   const node = $("example-chart");
   const data = [example.steps.map((s) => s.step), example.steps.map((s) => s.loss),
     example.steps.map((s) => s.token_accuracy)];
@@ -389,8 +474,10 @@ function renderCheckpoints(list) {
     el("td", { class: "name" }, c.name, c.pinned ? el("span", { class: "chip pin", text: "pinned" }) : ""),
     el("td", { text: fmt.int(c.step) }),
     el("td", { text: fmt.time(c.created_at) }), el("td", { text: fmt.bytes(c.bytes) }),
-    el("td", { text: c.files })))
-    : [emptyRow(5, "No checkpoint yet.")]));
+    el("td", { text: c.files }), el("td", {}, isWorkspace ? el("button", {
+      class: "pin-button", "data-step": c.step, text: c.pinned ? "unpin" : "pin",
+      onclick: () => post(`/api/${c.pinned ? "unpin" : "pin"}/${c.step}`) }) : "")))
+    : [emptyRow(6, "No checkpoint yet.")]));
 }
 
 // ---------------------------------------------------------------------------------------------- polling

@@ -1,0 +1,79 @@
+"""The project's one logger, "evertrain": what a person reads on the console also goes to the run's log file.
+
+`train` writes OUTPUT_DIR/logs/evertrain.log, the daemon WORKSPACE/logs/evertrain.log (rotated at 10 MB, 5 old
+ones kept). A progress line (every `log_steps`) goes to the console only when no progress bar shows the same.
+
+    evertrain train --dataset F --output-dir D && tail D/logs/evertrain.log
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+LOG_BYTES, LOG_BACKUPS = 10 << 20, 5
+LOG = logging.getLogger("evertrain")
+LOG.setLevel(logging.INFO)
+LOG.propagate = False
+
+
+class _Console(logging.Handler):
+    """stdout, looked up at every line (a test or a rich bar may have replaced it); a closed pipe ends the
+    console output quietly, never the training."""
+
+    bar_showing = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "progress", False) and self.bar_showing:
+            return
+        try:
+            print(record.getMessage(), flush=True)
+        except BrokenPipeError:  # `evertrain train ... | head`: the reader left; the log file still gets it
+            quiet_stdout()
+
+
+CONSOLE = _Console()
+LOG.addHandler(CONSOLE)
+
+
+def quiet_stdout() -> None:
+    """Send what is still written to stdout nowhere (also what Python flushes at exit)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def say(text: str, *, progress: bool = False) -> None:
+    LOG.info(text, extra={"progress": progress})
+
+
+@contextmanager
+def to_file(logs_dir: Path):
+    """Also write every line to logs_dir/evertrain.log while the block runs."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(logs_dir / "evertrain.log", maxBytes=LOG_BYTES,
+                                                   backupCount=LOG_BACKUPS)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    LOG.addHandler(handler)
+    try:
+        yield
+    finally:
+        LOG.removeHandler(handler)
+        handler.close()
+
+
+def exception(text: str) -> None:
+    LOG.exception(text)
+
+
+def duration(seconds: float) -> str:
+    """1h 12m, 4m 5s, 12s: what a person reads at a glance (the page's fmt.secs says the same)."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"

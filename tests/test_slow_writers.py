@@ -1,0 +1,70 @@
+"""Intake waits for slow writers: a file cut short (no final newline, a last line that does not parse, no Parquet
+footer) is waited for until it ends cleanly, or until `incomplete_timeout` after its last change.
+
+    pytest -q tests/test_slow_writers.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import cli
+from daemon_helpers import ThreadDaemon, by_name, drop, make_ws, rows, status, wait_for
+
+from evertrain.daemon.inbox import looks_complete
+
+
+def test_a_writer_pausing_mid_line_longer_than_stable_seconds_trains_whole(tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--stable-seconds", "0.2", "--incomplete-timeout", "60")
+    daemon = ThreadDaemon(ws)
+    lines = [json.dumps(r) + "\n" for r in rows(9, "slow")]
+    target = ws / "inbox" / "slow.jsonl"
+    try:
+        with open(target, "w") as f:  # written in place, in pieces, each cut mid-line
+            for i in range(0, 9, 3):
+                piece = "".join(lines[i:i + 3])
+                written = time.time()  # before the write: the daemon can only see it change after this
+                f.write(piece[:-7])
+                f.flush()
+                # the pause outlasts stable_seconds: the daemon sees a stable, cut file and says it waits
+                wait_for(lambda: status(ws).get("intake") == "waiting for slow.jsonl to finish"
+                         and status(ws)["updated_at"] >= written + 0.2, 30, "the status to say it waits")
+                assert "slow.jsonl" not in by_name(ws)
+                f.write(piece[-7:])
+                f.flush()
+        row = wait_for(lambda: by_name(ws).get("slow.jsonl", {}).get("state") == "done"
+                       and by_name(ws)["slow.jsonl"], 60, "the file to train")
+        assert row["examples"] == 9
+        wait_for(lambda: status(ws).get("intake") is None, 10, "the status to stop waiting")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_file_that_stays_cut_is_validated_as_it_is_after_the_timeout(tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--incomplete-timeout", "0.5")
+    drop(ws, "cut.jsonl", '{"text": "fine"}\n{"text": "cut sho')
+    drop(ws, "ok.jsonl", rows(3, "ok"))
+    assert cli("run", ws, "--once") == 5
+    files = by_name(ws)
+    assert files["ok.jsonl"]["state"] == "done"
+    assert files["cut.jsonl"]["state"] == "failed" and "line 2: invalid JSON" in files["cut.jsonl"]["error"]
+
+
+@pytest.mark.parametrize("name,content,complete", [
+    ("a.jsonl", b'{"a": 1}\n{"a": 2}\n', True),
+    ("a.jsonl", b'{"a": 1}\n{"a": 2}\n\n', True),
+    ("a.jsonl", b'{"a": 1}\n{"a": 2}', False),
+    ("a.jsonl", b'{"a": 1}\n{"a": \n', False),
+    ("a.json", b'[{"a": 1},\n', False),
+    ("a.json", b'[{"a": 1}]\n', True),
+    ("a.csv", b"q,a\nx,y", False),
+    ("a.csv", b"q,a\nx,y\n", True),
+    ("a.parquet", b"PAR1....", False),
+    ("a.parquet", b"PAR1....PAR1", True),
+    ("a.jsonl.gz", b"\x1f\x8b", True),  # no cheap check: stability alone decides
+])
+def test_looks_complete(tmp_path, name, content, complete):
+    (tmp_path / name).write_bytes(content)
+    assert looks_complete(tmp_path / name) is complete
