@@ -325,3 +325,23 @@ def test_deepspeed_or_fsdp1_asked_for_is_refused_not_run_as_something_else(tmp_p
     assert "add --fsdp_version 2" in proc.stderr
     assert "src/evertrain/" not in proc.stderr  # a line, not a traceback through our code
     assert checkpoint.newest_complete(tmp_path / "run") is None
+
+
+def test_a_signal_that_reaches_one_rank_only_stops_every_rank_at_the_same_step(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(300))
+    out = tmp_path / "run"
+    proc = launch("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN)
+    try:
+        wait_for(lambda: steps_in_trace(out) >= 3 or proc.poll() is not None, 180, "steps")
+        ranks = workers(proc.pid)
+        assert len(ranks) == 2
+        os.kill(ranks[-1], signal.SIGTERM)  # a supervisor's kill, not the launcher's: the other rank never hears it
+        stdout, stderr = proc.communicate(timeout=120)
+    except BaseException:
+        stop_launch(proc)
+        raise
+    assert "interrupted" in stdout and " done: " not in stdout, stderr[-2000:]
+    stopped = checkpoint.newest_complete(out)
+    assert stopped.step == steps_in_trace(out) < 150  # both ranks stopped after the same step, and saved it
+    assert {p.name for p in stopped.path.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
+    assert_no_debris(out)
