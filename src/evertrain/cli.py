@@ -19,7 +19,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from evertrain import checkpoint, exits
+from evertrain import checkpoint, disk, exits
 from evertrain.config import ConfigError, TrainConfig, add_arguments, overrides_from_args
 
 # Exit codes a script can rely on: the one table is exits.py.
@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `evertrain check FILE | head`: the reader left; nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as e:  # noqa: BLE001 - out of space anywhere (`pause` on a full disk): one line, no traceback
+        if not disk.is_full(e):
+            raise
+        print(f"evertrain: {disk.DiskFull.of(e, Path.cwd())}: free space and run it again",
+              file=sys.stderr)
+        return exits.DISK_FULL
 
 
 def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpoint | None) -> TrainConfig:
@@ -81,11 +87,11 @@ def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpo
 
 
 def cmd_train(args) -> int:
-    from evertrain import locks, loop
-    from evertrain.data import DataError
+    from evertrain import locks
 
-    if not args.dataset.is_file():
-        print(f"evertrain: {args.dataset}: no such file", file=sys.stderr)
+    problem = _not_a_file(args.dataset)
+    if problem:
+        print(f"evertrain: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     lock = None
     if locks.is_main_launch_process():
@@ -96,31 +102,50 @@ def cmd_train(args) -> int:
         except locks.AlreadyRunning as e:
             print(f"evertrain: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        checkpoint.remove_debris(args.output_dir)  # the lock is ours: a dead process left whatever temps are there
     try:
-        main_rank = locks.is_main_launch_process()
-        starting_over = args.from_base and checkpoint.present(args.output_dir)
-        resume = checkpoint.newest_complete(args.output_dir,
-                                            damaged=checkpoint.resume_policy(args.from_base, main_rank))
-        if resume is None and starting_over and main_rank:
-            print(f"evertrain: no checkpoint loads in {args.output_dir}: starting again from the base model "
-                  "(--from-base)")
-        config = resolve_config(args.output_dir, overrides_from_args(args), resume)
-        try:
-            session = loop.setup(config, args.output_dir, resume=resume)
-            data = loop.prepare(session, args.dataset)
-        except (loop.RunMismatch, DataError) as e:
-            print(f"evertrain: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        earlier = session.progress.finished(data.sha256)
-        if earlier and not args.allow_repeat:
-            print(f"evertrain: {args.dataset}: this content (sha256 {data.sha256[:12]}) was already trained in this "
-                  f"run as {earlier.name}, global steps {earlier.first_step}-{earlier.last_step}; "
-                  "use --allow-repeat to train it again", file=sys.stderr)
-            return EXIT_DUPLICATE
-        return _train_file(session, args, config, data)
+        return _train(args)
+    except Exception as e:
+        if not disk.is_full(e):
+            raise
+        newest = checkpoint.newest_complete(args.output_dir, warn=lambda _text: None)
+        print(f"evertrain: {disk.DiskFull.of(e, args.output_dir)}: stopped; the newest complete checkpoint is "
+              f"{newest.path if newest else 'none yet'}, the partial one was removed; free space and run the same "
+              f"command again to resume from it", file=sys.stderr)
+        return exits.DISK_FULL
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _train(args) -> int:
+    """`train` with the output folder locked (cmd_train)."""
+    from evertrain import locks, loop
+    from evertrain.data import DataError
+
+    main_rank = locks.is_main_launch_process()
+    starting_over = args.from_base and checkpoint.present(args.output_dir)
+    resume = checkpoint.newest_complete(args.output_dir,
+                                        damaged=checkpoint.resume_policy(args.from_base, main_rank))
+    if resume is None and starting_over and main_rank:
+        print(f"evertrain: no checkpoint loads in {args.output_dir}: starting again from the base model "
+              "(--from-base)")
+    config = resolve_config(args.output_dir, overrides_from_args(args), resume)
+    try:
+        session = loop.setup(config, args.output_dir, resume=resume)
+        data = loop.prepare(session, args.dataset)
+    except (loop.RunMismatch, DataError) as e:
+        if disk.is_full(e):  # the token store found no room: not the file's fault
+            raise
+        print(f"evertrain: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    earlier = session.progress.finished(data.sha256)
+    if earlier and not args.allow_repeat:
+        print(f"evertrain: {args.dataset}: this content (sha256 {data.sha256[:12]}) was already trained in this "
+              f"run as {earlier.name}, global steps {earlier.first_step}-{earlier.last_step}; "
+              "use --allow-repeat to train it again", file=sys.stderr)
+        return EXIT_DUPLICATE
+    return _train_file(session, args, config, data)
 
 
 def _train_file(session, args, config, data) -> int:
@@ -169,6 +194,23 @@ def _train_file(session, args, config, data) -> int:
     return EXIT_GUARD if problems else EXIT_OK
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` cannot be read as one data file (None: it can), in one line, for every command taking one."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except OSError as e:
+        return f"{path}: cannot be read: {e.strerror or e}"
+    if stat.S_ISDIR(mode):
+        return f"{path}: a folder, not a file; give one data file (a folder can be dropped into a workspace's inbox/)"
+    if not stat.S_ISREG(mode):
+        return f"{path}: not a regular file (a fifo, socket or device); give a data file"
+    return None
+
+
 def _accepted() -> str:
     from evertrain.data.containers import accepted_text
 
@@ -180,8 +222,9 @@ def cmd_check(args) -> int:
     from evertrain.data import DataError, load_file
     from evertrain.data.summary import CLOSE, OPEN, describe, marked
 
-    if not args.file.is_file():
-        print(f"evertrain: {args.file}: no such file", file=sys.stderr)
+    problem = _not_a_file(args.file)
+    if problem:
+        print(f"evertrain: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     config = TrainConfig(model=args.model, chat_template=args.chat_template, columns=args.columns,
                          max_length=args.max_length, held_out_fraction=0.0)
@@ -333,8 +376,9 @@ def cmd_add(args) -> int:
 
     from evertrain.data.containers import accepted_text, kind_of
 
-    if not args.file.is_file():
-        print(f"evertrain: {args.file}: no such file", file=sys.stderr)
+    problem = _not_a_file(args.file)
+    if problem:
+        print(f"evertrain: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if kind_of(args.file.name) is None:
         print(f"evertrain: {args.file}: not a dataset file; evertrain takes {accepted_text()}", file=sys.stderr)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from evertrain import faults
+
 
 def _writer(session):
     if session.tensorboard is None:
@@ -26,6 +28,7 @@ def log_step(session, record: dict) -> None:
     """Record one optimizer step (main process only)."""
     if not session.is_main:
         return
+    faults.hit("metrics-write")
     with open(session.logs_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     tb = _writer(session)
@@ -41,12 +44,15 @@ def file_event(session, text: str) -> None:
     session.say(f"evertrain: {text}")
     tb = _writer(session) if session.is_main else None
     if tb:
-        tb.add_text("files", text, session.progress.global_step)
-        tb.flush()
+        def mark():
+            tb.add_text("files", text, session.progress.global_step)
+            tb.flush()
+
+        session.degraded.attempt("logs/tensorboard", mark)
 
 
 def log_evals(session, results: list[dict]) -> None:
     tb = _writer(session) if session.is_main else None
     if tb:
-        for r in results:
-            tb.add_scalar(f"held_out/{r['file_name']}", r["loss"], r["step"])
+        session.degraded.attempt("logs/tensorboard", lambda: [
+            tb.add_scalar(f"held_out/{r['file_name']}", r["loss"], r["step"]) for r in results])
