@@ -14,6 +14,7 @@ with its reason, the daemon up, no temp debris. Seeded: the same --seed makes th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -41,6 +42,21 @@ SETTINGS = ("--batch-size", "4", "--no-packing", "--trace", "--held-out-fraction
 ACTIONS = {"good": 40, "poison": 14, "slow-rename": 8, "slow-append": 8, "kill-9": 9, "sigterm": 7,
            "disk-full": 7, "corrupt-newest": 7}
 POISON = ("invalid-json", "nested", "empty", "binary")
+
+
+def fill(disk: Path, leave: int, name: str = "filler") -> Path:
+    """Take the room of `disk` but `leave` bytes (all of it, if the daemon writes meanwhile) with a new file."""
+    filler = disk / name
+    want = max(0, shutil.disk_usage(disk).free - leave)
+    with open(filler, "wb") as f:
+        try:
+            while want > 0:
+                want -= f.write(b"\0" * min(want, 1 << 20))
+            f.flush()
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+    return filler
 
 
 def lines_of(tag: str, n: int) -> str:
@@ -176,9 +192,7 @@ class Soak:
         end = time.monotonic() + 30
         while self.status().get("state") not in ("preparing", "training") and time.monotonic() < end:
             time.sleep(0.02)
-        filler = self.disk / "filler"
-        with open(filler, "wb") as f:
-            f.write(b"\0" * max(0, shutil.disk_usage(self.disk).free - self.rng.randint(0, 96 << 10)))
+        filler = fill(self.disk, self.rng.randint(0, 96 << 10))
         time.sleep(self.rng.uniform(2, 8))  # the disk stays full for a while: whatever the daemon was doing
         filler.unlink()
 

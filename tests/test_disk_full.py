@@ -10,13 +10,15 @@ site fail with ENOSPC, through the real CLI and the real daemon.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import text_rows, write_jsonl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import soak  # noqa: E402
 from daemon_helpers import FAST, assert_trained_once, by_name, debris, drop, rows, status, wait_for
 
 from evertrain import checkpoint, exits, trace
@@ -44,16 +46,6 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
-def fill(disk: Path, leave: int) -> Path:
-    """Take all the space of `disk` but `leave` bytes."""
-    filler = disk / "filler"
-    free = shutil.disk_usage(disk).free + (filler.stat().st_size if filler.exists() else 0)
-    with open(filler, "wb") as f:
-        f.truncate(0)
-        f.write(b"\0" * max(0, free - leave))
-    return filler
-
-
 def no_traceback(out: str) -> None:
     assert "Traceback" not in out and "Logging error" not in out, out
 
@@ -66,7 +58,7 @@ def test_train_on_a_full_disk_exits_5_keeps_the_checkpoint_and_resumes(small_dis
                                                                                         text_rows(16, "b"))
     assert evertrain("train", "--dataset", first, "--output-dir", out, "--model", tiny_model, *TRAIN).returncode == 0
     size = checkpoint.folder_size(out / "checkpoint-3")
-    filler = fill(small_disk, size // 3)   # room for the steps' logs, not for the checkpoint
+    filler = soak.fill(small_disk, size // 3)   # room for the steps' logs, not for the checkpoint
 
     done = evertrain("train", "--dataset", second, "--output-dir", out, "--model", tiny_model, *TRAIN)
     assert done.returncode == exits.DISK_FULL, done.stdout + done.stderr
@@ -91,7 +83,7 @@ def test_debris_of_a_dead_process_is_removed_before_the_disk_check(small_disk, t
     assert evertrain("run", ws, "--once").returncode == 0
     tmp = ws / "current_model" / ".tmp-checkpoint-7"
     tmp.mkdir()
-    fill(tmp, 1 << 16)  # the dead save's partial weights
+    soak.fill(small_disk, 1 << 16, name=str(tmp.relative_to(small_disk) / "model.safetensors"))  # its partial weights
     (ws / "status" / ".training_status.json.999999.tmp").write_text("{")
     drop(ws, "b.jsonl", rows(6, "b"))
 
@@ -153,7 +145,7 @@ def test_the_daemon_waits_on_a_full_disk_and_resumes_by_itself(small_disk, tmp_p
     # 1. mid-file: the room goes while the file trains; none is left for its checkpoint
     drop(ws, "b.jsonl", rows(300, "b"))
     daemon.wait(lambda: status(ws).get("state") == "training", what="b.jsonl in training")
-    filler = fill(small_disk, size // 3)
+    filler = soak.fill(small_disk, size // 3)
     daemon.wait(lambda: status(ws).get("state") == "waiting", what="the waiting state")
     alert = status(ws)["alert"]
     assert alert.startswith(f"waiting: disk full in {ws / 'current_model'} (") and "bytes needed" in alert, alert
@@ -162,13 +154,14 @@ def test_the_daemon_waits_on_a_full_disk_and_resumes_by_itself(small_disk, tmp_p
     # 2. to the last byte: the idle daemon cannot take a file (the ledger is full) nor write its status; it stays up
     staged = ws / ".staging-c"
     write_jsonl(staged, rows(9, "c"))
-    fill(small_disk, 0)
+    more = soak.fill(small_disk, 0, name="filler-2")
     os.rename(staged, ws / "inbox" / "c.jsonl")  # a rename takes no room
     daemon.wait(lambda: "disk full: intake" in daemon.log.read_text(), what="the intake to say the disk is full")
     assert daemon.alive() and "c.jsonl" not in by_name(ws)
 
     # 3. room again: everything trains, exactly once
     filler.unlink()
+    more.unlink()
     daemon.wait(lambda: all(r["state"] == "done" for r in by_name(ws).values()) and len(by_name(ws)) == 3,
                 what="every file done after the space came back")
     log = daemon.stop(ws)
