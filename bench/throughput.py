@@ -8,7 +8,12 @@ step (allocation warm-up); the two alternate for several rounds, and the median 
 compared, which a busy machine disturbs less than totals do. The per-step losses of the two must agree: the
 proof that the batches and the math were the same.
 
-    python bench/throughput.py [--rounds 5] [--examples 600]
+With `--processes N` it also trains the same file under `accelerate launch` with N processes (DDP; gloo on a
+machine without CUDA), batch size divided by N so the global batch and the losses stay the same, and reports
+its whole-run rate against the 1-process evertrain run of the same round. FSDP is refused by evertrain (see
+README, "Several GPUs or processes"), so it has no row.
+
+    python bench/throughput.py [--rounds 5] [--examples 600] [--processes 2]
 """
 
 from __future__ import annotations
@@ -59,15 +64,29 @@ def whole_rate(tokens: list[int], stamps: list[float]) -> float:
     return sum(tokens[1:]) / (stamps[-1] - stamps[0])
 
 
-def run_evertrain(dataset: Path, model_dir: Path, work: Path) -> tuple[float, list[float]]:
+def run_evertrain(dataset: Path, model_dir: Path, work: Path, processes: int = 1) -> tuple[float, list[float]]:
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     argv = ["train", "--dataset", str(dataset), "--output-dir", str(out), "--model", str(model_dir),
             "--packing", "--save-steps", "0", "--log-steps", "1000"]
-    for key, value in OPTIONS.items():
+    for key, value in {**OPTIONS, "batch_size": OPTIONS["batch_size"] // processes}.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    code = cli.main(argv)
+    if processes == 1:
+        code = cli.main(argv)
+    else:
+        import os
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD", "LOCAL_"))}
+        code = subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
+                               "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                               "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "evertrain", *argv],
+                              env=env, capture_output=True).returncode
     if code != cli.EXIT_OK:
-        raise SystemExit(f"evertrain train failed with exit code {code}")
+        raise SystemExit(f"evertrain train ({processes} process(es)) failed with exit code {code}")
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     tokens, stamps = [r["tokens"] for r in records], [r["time"] for r in records]
     return step_rates(tokens, stamps), [r["loss"] for r in records], whole_rate(tokens, stamps)
@@ -117,6 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="alternating evertrain/bare pairs")
     p.add_argument("--examples", type=int, default=600, help="lines in the generated file of mixed lengths")
+    p.add_argument("--processes", type=int, default=1, help="also train under accelerate launch with this many")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="evertrain-bench-") as tmp:
@@ -130,7 +150,7 @@ def main() -> None:
               f"{OPTIONS['batch_size']} packed rows <= {OPTIONS['max_length']} tokens, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
-        ours, bare, whole = [], [], []  # per-step tokens/s of every round; whole-run ratio of every round
+        ours, bare, whole, multi = [], [], [], []  # per-step tokens/s; whole-run ratios of every round
         for k in range(args.rounds):
             ev_rates, ev_losses, ev_whole = run_evertrain(dataset, model_dir, work)
             bare_rates, bare_losses, bare_whole = run_bare(batches, model_dir)
@@ -140,6 +160,12 @@ def main() -> None:
                 raise SystemExit(f"the two loops did not train the same batches (loss differs by {diff})")
             ours += ev_rates
             bare += bare_rates
+            if args.processes > 1:
+                _rates, mp_losses, mp_whole = run_evertrain(dataset, model_dir, work, args.processes)
+                multi.append(mp_whole / ev_whole)
+                diff_mp = max(abs(a - b) for a, b in zip(ev_losses, mp_losses))
+                print(f"round {k + 1}: {args.processes} processes (DDP) whole run {mp_whole:,.0f} tok/s, ratio to one "
+                      f"process {multi[-1]:.3f}; losses agree within {diff_mp:.1e}", flush=True)
             ev, br = statistics.median(ev_rates), statistics.median(bare_rates)
             print(f"round {k + 1}: median step evertrain {ev:,.0f} tok/s, bare loop {br:,.0f} tok/s, "
                   f"ratio {ev / br:.3f}; whole run {ev_whole:,.0f} vs {bare_whole:,.0f} tok/s, ratio "
@@ -152,6 +178,10 @@ def main() -> None:
               f"bare PyTorch loop {br:,.0f} tok/s, ratio {ev / br:.3f} (target >= 0.95)")
         print(f"whole runs (snapshots, evaluations and all between-step work included): median ratio "
               f"{statistics.median(whole):.3f} over {len(whole)} rounds")
+        if multi:
+            print(f"{args.processes} processes (DDP) against one process, whole runs: median ratio "
+                  f"{statistics.median(multi):.3f} over {len(multi)} rounds ({torch.get_num_threads()} threads "
+                  f"for one process; the launched processes share the same cores)")
         print(f"padding, batch {OPTIONS['batch_size']}: packing on {on:.1%} ({rows_on} rows), "
               f"packing off {off:.1%} ({rows_off} rows)")
 

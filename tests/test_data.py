@@ -58,7 +58,8 @@ BAD = {
     "no_assistant": (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: no assistant turn"),
     "bad_role": (b'{"messages": [{"role": "bot", "content": "hi"}]}\n', "line 1: messages[0] has unknown role"),
     "not_object": (b'["text"]\n', "line 1: expected a JSON object, got list"),
-    "nested_too_deeply": (b'{"text": "ok"}\n' + b"[" * 100000 + b"]" * 100000 + b"\n", "line 2: invalid JSON (nested too deeply)"),
+    "nested_too_deeply": (b'{"text": "ok"}\n' + b"[" * 100000 + b"]" * 100000 + b"\n",
+                          "line 2: nested too deeply (over 100"),
     "empty_file": (b"", "holds no examples"),
     "blank_only": (b"\n  \n", "holds no examples"),
 }

@@ -55,8 +55,12 @@ def steps_in_trace(out: Path) -> int:
 
 def interrupt_after(proc: subprocess.Popen, out: Path, steps: int, sig=signal.SIGTERM) -> tuple[int, str, str]:
     """Signal `proc` once `out` shows `steps` trained; its exit code and output."""
-    wait_for(lambda: steps_in_trace(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
-    assert proc.poll() is None, proc.communicate()
+    try:
+        wait_for(lambda: steps_in_trace(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
+        assert proc.poll() is None, proc.communicate()
+    except BaseException:
+        stop_launch(proc)  # never leave ranks behind a failed test
+        raise
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
@@ -67,6 +71,23 @@ def workers(launcher_pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-e"], capture_output=True, text=True).stdout
     kids = [line.split(None, 2) for line in out.splitlines()]
     return [int(pid) for pid, ppid, args in kids if int(ppid) == launcher_pid and "evertrain" in args]
+
+
+def stop_launch(proc: subprocess.Popen) -> None:
+    """After a failed check: SIGTERM to the launcher (it forwards it), then SIGKILL to any rank still there."""
+    if proc.poll() is None:
+        ranks = workers(proc.pid)
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def assert_no_debris(out: Path) -> None:
@@ -96,7 +117,12 @@ def test_sigterm_to_the_launcher_then_2_1_2_processes_mid_file_keep_the_global_b
     assert "gradient accumulation 1 -> 2, to keep the run's global batch of 2" in stdout
     assert "resumes at its step" in stdout
 
-    # 2 processes again, to the end.
+    # 2 processes again: SIGTERM at another random moment, then to the end.
+    resumed = checkpoint.newest_complete(out).step
+    code, stdout, _ = interrupt_after(launch(*args), out, resumed + rng.randint(1, 4))
+    assert code == 1 and "checkpointed at the step boundary" in stdout
+    assert checkpoint.newest_complete(out).step == steps_in_trace(out) < 20
+    assert_no_debris(out)
     proc = launch(*args)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
@@ -176,6 +202,7 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
         tmp_path, tiny_model):
     ws = make_ws(tmp_path, tiny_model, "--batch-size", "1")
     drop(ws, "a.jsonl", [{"text": f"a line {i}"} for i in range(6)])
+    drop(ws, "bad.jsonl", '{"text": "fine"}\n{"text": broken\n')  # fails on every rank alike; the daemon goes on
     drop(ws, "long.jsonl", [{"text": f"long line {i}: " + "ab " * (i % 5)} for i in range(3000)])
     daemon = launch("run", ws)
     model = ws / "current_model"
@@ -196,11 +223,10 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
         stdout, stderr = daemon.communicate(timeout=180)
         assert daemon.returncode == 0, stderr[-3000:]
     finally:
-        if daemon.poll() is None:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        stop_launch(daemon)
     files = by_name(ws)
     assert files["a.jsonl"]["state"] == "done" and files["urgent/now.jsonl"]["state"] == "done"
+    assert files["bad.jsonl"]["state"] == "failed" and "line 2" in files["bad.jsonl"]["error"]
     assert files["long.jsonl"]["state"] == "queued" and files["long.jsonl"]["steps_trained"] > 0  # pre-empted
     cov = {sha: dict(c) for sha, c in trace.coverage(model / "trace.jsonl").items()}
     assert cov[files["a.jsonl"]["sha256"]] == {i: 1 for i in range(6)}
@@ -210,3 +236,34 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
     assert all(sorted(mb["rank"] for mb in r["micro_batches"]) == [0, 1] for r in records)  # both ranks trained
     assert stdout.count("evertrain: daemon starting") == 1  # the main process alone speaks
     assert "long.jsonl pre-empted by an urgent file" in stdout
+
+
+def test_two_machines_on_loopback_train_one_file_exactly_once(tmp_path, tiny_model):
+    """`torchrun --nnodes 2` as two launches of one process each: what two machines sharing a folder run."""
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(24))  # global batch 4: 6 steps
+    out, port = tmp_path / "run", free_port()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    nodes = [subprocess.Popen(
+        [str(torchrun), "--nnodes", "2", "--node_rank", str(n), "--nproc_per_node", "1", "--master_addr",
+         "127.0.0.1", "--master_port", str(port), "-m", "evertrain", "train", "--dataset", str(data),
+         "--output-dir", str(out), "--model", str(tiny_model), *TRAIN, "--batch-size", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()) for n in (0, 1)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert " done: " in results[0][0] and " done: " not in results[1][0]  # the global main process reports
+    assert checkpoint.newest_complete(out).step == 6
+    records = [r for r in trace.read(out / "trace.jsonl") if "step" in r]
+    assert all(sorted(mb["rank"] for mb in r["micro_batches"]) == [0, 1] for r in records)
+    assert dict(next(iter(trace.coverage(out / "trace.jsonl").values()))) == {i: 1 for i in range(24)}
+
+
+def test_fsdp_asked_for_on_a_machine_without_cuda_is_refused_not_run_as_ddp(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "data.jsonl", text_rows(8))
+    cmd = [str(ACCELERATE), "launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "evertrain", "train", "--dataset", str(data), "--output-dir", str(tmp_path / "run"),
+           "--model", str(tiny_model)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("evertrain: FSDP was asked for.") == 2  # each rank says it, neither trains
+    assert checkpoint.newest_complete(tmp_path / "run") is None

@@ -1,5 +1,5 @@
-"""The smaller failures, each through the real CLI: a folder too deep in the inbox, `add`/`train`/`check` of a
-folder or a fifo, watchdog's noise at exit, `status | head`.
+"""The smaller failures, each through the real CLI: a folder too deep in the inbox, watchdog's noise at exit,
+`status | head`. (`add`/`train`/`check` of a folder or a fifo: tests/test_poison.py.)
 
     pytest tests/test_small_failures.py
 """
@@ -36,24 +36,6 @@ def test_a_folder_too_deep_in_the_inbox_is_failed_naming_its_files(tmp_path, tin
     assert (ws / "failed" / f"{refused['name']}" / "lost.jsonl").is_file()
     assert "lost.jsonl" in (ws / "failed" / f"{refused['name']}.error.txt").read_text()
     assert cli("status", ws) == 0 and "more than 8 folders" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("kind", ["folder", "fifo", "missing"])
-def test_add_train_check_of_something_not_a_file_is_one_line(tmp_path, tiny_model, capsys, kind):
-    ws = make_ws(tmp_path, tiny_model)
-    target = tmp_path / f"thing.{kind}.jsonl"
-    if kind == "folder":
-        target.mkdir()
-    elif kind == "fifo":
-        os.mkfifo(target)
-    want = {"folder": "a folder, not a file", "fifo": "not a regular file (a fifo",
-            "missing": "no such file"}[kind]
-    for args in (("add", target, ws), ("train", "--dataset", target, "--output-dir", tmp_path / "out"),
-                 ("check", target)):
-        assert cli(*args) == 2, args
-        err = capsys.readouterr().err
-        assert err == f"evertrain: {target}: {err.split(': ', 2)[2]}" and want in err and err.count("\n") == 1, err
-    assert not list((ws / "queue").iterdir())
 
 
 def test_watchdog_stopping_mid_event_says_nothing(tmp_path, tiny_model, caplog):

@@ -225,3 +225,54 @@ def test_train_in_process_gives_the_signal_handlers_back(tmp_path, tiny_model):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     assert train(tmp_path / "run", write_jsonl(tmp_path / "a.jsonl", text_rows(3)), "--model", tiny_model) == 0
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_a_non_finite_loss_in_train_rolls_back_marks_the_file_failed_and_exits_4(tmp_path, tiny_model, monkeypatch,
+                                                                                 capsys):
+    out = tmp_path / "run"
+    common = ("--model", tiny_model, "--batch-size", 2, "--no-packing", "--save-steps", 2, "--trace",
+              "--held-out-fraction", 0)
+    assert train(out, write_jsonl(tmp_path / "good.jsonl", text_rows(4, "good")), *common) == 0  # steps 1-2
+    poison = write_jsonl(tmp_path / "poison.jsonl", text_rows(20, "poison"))
+    real_collate, sessions = loop.collate, []
+    real_setup = loop.setup
+
+    def setup(*a, **k):
+        sessions.append(real_setup(*a, **k))
+        return sessions[-1]
+
+    def collate(batch_rows, pad_id, device):
+        progress = sessions[-1].progress
+        cursor = progress.cursors.get(progress.current or "")
+        if cursor is not None and cursor.file_step == 3:  # the weights break in the file's 4th step
+            with torch.no_grad():
+                for p in sessions[-1].model.parameters():
+                    p.fill_(float("nan"))
+        return real_collate(batch_rows, pad_id, device)
+
+    monkeypatch.setattr(loop, "setup", setup)
+    monkeypatch.setattr(loop, "collate", collate)
+    assert train(out, poison, *common) == 4
+    err = capsys.readouterr().err
+    assert "loss is nan at global step 6" in err and "rolled back to checkpoint-4 (global step 4)" in err
+    assert "Traceback" not in err and len(sessions) == 2  # the rollback reloaded the newest good checkpoint
+    state = checkpoint.newest_complete(out).state["evertrain"]
+    assert [(f["name"], f["status"], f["steps"]) for f in state["files"]] == [
+        ("good.jsonl", "done", 2), ("poison.jsonl", "failed", 2)]
+    assert not state["cursors"] and state["global_step"] == 4
+    assert [r["step"] for r in trace.read(out / "trace.jsonl") if "step" in r] == [1, 2, 3, 4]
+    monkeypatch.setattr(loop, "collate", real_collate)
+    # the broken weights were thrown away: the next file trains with finite losses from the good checkpoint
+    assert train(out, write_jsonl(tmp_path / "after.jsonl", text_rows(4, "after")), *common) == 0
+    assert all(math.isfinite(m["loss"]) for m in metrics(out) if m["file_name"] == "after.jsonl")
+
+
+def test_fsdp_or_deepspeed_asked_for_is_refused_never_dropped(tmp_path, tiny_model, monkeypatch, capsys):
+    f = write_jsonl(tmp_path / "a.jsonl", text_rows(4))
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(var, "true")
+        assert train(tmp_path / var, f, "--model", tiny_model) == 2
+        err = capsys.readouterr().err
+        assert "was asked for" in err and "DDP trains the same global batch" in err and "Traceback" not in err
+        assert checkpoint.newest_complete(tmp_path / var) is None
+        monkeypatch.delenv(var)

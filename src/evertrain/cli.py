@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import stat
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,9 +90,7 @@ def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpo
 def cmd_train(args) -> int:
     from evertrain import locks
 
-    problem = _not_a_file(args.dataset)
-    if problem:
-        print(f"evertrain: {problem}", file=sys.stderr)
+    if not readable_file(args.dataset):
         return EXIT_BAD_INPUT
     lock = None
     if locks.is_main_launch_process():
@@ -194,21 +193,19 @@ def _train_file(session, args, config, data) -> int:
     return EXIT_GUARD if problems else EXIT_OK
 
 
-def _not_a_file(path: Path) -> str | None:
-    """Why `path` cannot be read as one data file (None: it can), in one line, for every command taking one."""
-    import stat
-
+def readable_file(path: Path) -> bool:
+    """Whether `path` is a regular file; if not, say what it is instead ("no such file" only when it is so)."""
     try:
         mode = path.stat().st_mode
+        why = (None if stat.S_ISREG(mode) else "a folder, not a regular file" if stat.S_ISDIR(mode)
+               else "not a regular file (a FIFO)" if stat.S_ISFIFO(mode) else "not a regular file")
     except FileNotFoundError:
-        return f"{path}: no such file"
+        why = "no such file"
     except OSError as e:
-        return f"{path}: cannot be read: {e.strerror or e}"
-    if stat.S_ISDIR(mode):
-        return f"{path}: a folder, not a file; give one data file (a folder can be dropped into a workspace's inbox/)"
-    if not stat.S_ISREG(mode):
-        return f"{path}: not a regular file (a fifo, socket or device); give a data file"
-    return None
+        why = f"cannot read it: {e.strerror or e}"
+    if why:
+        print(f"evertrain: {path}: {why}", file=sys.stderr)
+    return why is None
 
 
 def _accepted() -> str:
@@ -222,9 +219,7 @@ def cmd_check(args) -> int:
     from evertrain.data import DataError, load_file
     from evertrain.data.summary import CLOSE, OPEN, describe, marked
 
-    problem = _not_a_file(args.file)
-    if problem:
-        print(f"evertrain: {problem}", file=sys.stderr)
+    if not readable_file(args.file):
         return EXIT_BAD_INPUT
     config = TrainConfig(model=args.model, chat_template=args.chat_template, columns=args.columns,
                          max_length=args.max_length, held_out_fraction=0.0)
@@ -376,9 +371,7 @@ def cmd_add(args) -> int:
 
     from evertrain.data.containers import accepted_text, kind_of
 
-    problem = _not_a_file(args.file)
-    if problem:
-        print(f"evertrain: {problem}", file=sys.stderr)
+    if not readable_file(args.file):
         return EXIT_BAD_INPUT
     if kind_of(args.file.name) is None:
         print(f"evertrain: {args.file}: not a dataset file; evertrain takes {accepted_text()}", file=sys.stderr)

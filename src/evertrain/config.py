@@ -18,6 +18,7 @@ from typing import Any
 LR_SCHEDULES = ("constant", "inverse_sqrt", "wsd")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_LINE_BYTES, MAX_JSON_DEPTH = 16 << 20, 100  # the defaults of the two limits below (the containers use them too)
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,11 @@ class TrainConfig:
     # --- data ---
     columns: str = _opt("", "map a dataset's own field names onto a format's, e.g. question=prompt,answer=completion "
                         "(in evertrain.toml: a [data.columns] table)")
+    max_line_bytes: int = _opt(MAX_LINE_BYTES, "a JSONL line longer than this many bytes is a bad record, skipped "
+                               "without being read into memory (a longer CSV line or .json item fails its file)",
+                               low=1024)
+    max_json_depth: int = _opt(MAX_JSON_DEPTH, "a record nested deeper than this many arrays/objects is a bad record "
+                               "(checked before it is parsed)", low=2, high=10000)
 
     # --- batches and steps ---
     batch_size: int = _opt(8, "rows per micro-batch on each process", low=1)

@@ -14,6 +14,7 @@ process lives on). Nothing happens when the variable is unset: `hit` is then a d
     metrics-write       a step's line of logs/metrics.jsonl, about to be appended
     trace-write         a step's line of trace.jsonl, about to be appended
     ledger-write        a ledger row about to be updated
+    prepare             a file's token store being built (its records opened, none read yet)
 
     EVERTRAIN_FAULT=mid-step:7 evertrain train --dataset F --output-dir D     # dies inside the 7th step
     EVERTRAIN_FAULT=enospc:checkpoint-write evertrain train ...                # the first save finds no space
@@ -25,7 +26,7 @@ import errno
 import os
 import signal
 
-POINTS = ("mid-step", "checkpoint-write", "after-rename", "old-swap", "before-ledger-done", "enqueue",
+POINTS = ("mid-step", "checkpoint-write", "after-rename", "old-swap", "before-ledger-done", "enqueue", "prepare",
           "status-write", "metrics-write", "trace-write", "ledger-write")
 ENOSPC = "enospc:"
 _hits: dict[str, int] = {}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from evertrain import checkpoint, collective, disk, evals, faults, metrics, models, replay, snapshots
-from evertrain.config import TrainConfig
+from evertrain.config import ConfigError, TrainConfig
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.data.packing import collate
 from evertrain.data import store as token_store
@@ -149,10 +149,9 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     output_dir = Path(output_dir)
     # Launched as several processes on a machine without CUDA: accelerate only picks gloo when told "cpu".
     cpu = cpu or ("LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+    refuse_unhonoured_sharding()
     accelerator = Accelerator(mixed_precision=_precision(config.precision), cpu=cpu)
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise NotImplementedError("evertrain checkpoints single-process and DDP runs; FSDP and DeepSpeed "
-                                  "optimizer sharding is not supported yet")
+    refuse_unhonoured_sharding(accelerator.distributed_type.value)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -214,6 +213,21 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
         if session.is_main:
             session.trace.truncate(progress.global_step, set(progress.cursors) | {f.sha256 for f in progress.files})
     return session
+
+
+def refuse_unhonoured_sharding(distributed_type: str | None = None) -> None:
+    """A launch that asks for sharding is refused (before the accelerator: `distributed_type` None; after it: the
+    type accelerate chose). evertrain cannot checkpoint sharded state yet, and without CUDA accelerate would train
+    plain DDP instead: what was asked for must never be dropped in silence."""
+    asked = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(var, "").lower() in ("1", "true")]
+    if distributed_type in ("FSDP", "DEEPSPEED"):
+        asked = [{"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}[distributed_type]]
+    if asked:
+        raise ConfigError(f"{asked[0]} was asked for. evertrain checkpoints one process or DDP (every process holds "
+                          "the whole model and optimizer); sharded model and optimizer state is not supported yet, "
+                          "and without CUDA accelerate would silently run DDP instead. Launch without --use_fsdp / "
+                          "--use_deepspeed: DDP trains the same global batch.")
 
 
 def keep_global_batch(config: TrainConfig, world: int, global_batch: int, output_dir: Path) -> int:

@@ -10,7 +10,8 @@ File states:
     done        every step trained and checkpointed; the file is in done/
     duplicate   its content (sha256) was already trained in this run; not trained again; in done/
     skipped     `evertrain skip` ended it early; steps_trained says what it got; in done/
-    failed      rejected (bad content, NaN loss, failed guard, unreadable); in failed/ with NAME.error.txt
+    failed      rejected (bad content, NaN loss, failed guard, unreadable, or quarantined: the process died
+                twice while preparing it); in failed/ with NAME.error.txt
 
 Durability: WAL with synchronous=FULL, a quick integrity check at every open, and a copy of the ledger inside
 every checkpoint (`backup`). A damaged ledger, or a missing one in a workspace that has a history, is refused
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS files (
     progress_index INTEGER,                 -- len(progress.files) when it started: finds its record again
     duplicate_of INTEGER,
     arrived_at REAL, started_at REAL, finished_at REAL,
-    error TEXT
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0     -- preparations begun and not lived through (a crash leaves it counted)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     step INTEGER PRIMARY KEY, name TEXT NOT NULL, created_at REAL, deleted_at REAL
@@ -165,7 +167,8 @@ class Ledger:
         self.db.executescript(SCHEMA)
         # Columns added after a workspace's ledger was created: add them, empty, instead of failing on old ledgers.
         have = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
-        for column, kind in (("held_out", "TEXT"), ("replayed", "INTEGER NOT NULL DEFAULT 0")):
+        for column, kind in (("held_out", "TEXT"), ("replayed", "INTEGER NOT NULL DEFAULT 0"),
+                             ("attempts", "INTEGER NOT NULL DEFAULT 0")):
             if column not in have:
                 self.db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
 
@@ -241,6 +244,26 @@ class Ledger:
 
     def known_names(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT name FROM files WHERE name IS NOT NULL")}
+
+    @contextmanager
+    def preparing(self, path: Path, *, background: bool = False):
+        """Around preparing the queued file `path`: the attempt is committed before it starts and forgotten
+        when the process lives through it, so what is left counts the deaths (a native crash, an OOM kill) while
+        preparing it. Two of them with no step trained: the file is quarantined (a DataError), not tried a third
+        time. In the background (prefetch) one is enough: the daemon then prepares it itself, in plain sight."""
+        row = self.db.execute("SELECT id, attempts, steps_trained FROM files WHERE name = ?", (path.name,)).fetchone()
+        if row is not None and row["steps_trained"] == 0 and row["attempts"] >= (1 if background else 2):
+            from evertrain.data import DataError
+
+            raise DataError(path, [f"quarantined: the process died twice while preparing it (attempts "
+                                   f"{row['attempts']}); to try it again, `evertrain add` it"])
+        if row is not None:
+            self.db.execute("UPDATE files SET attempts = attempts + 1 WHERE id = ?", (row["id"],))
+        try:
+            yield
+        finally:
+            if row is not None:
+                self.db.execute("UPDATE files SET attempts = 0 WHERE id = ?", (row["id"],))
 
     # -------------------------------------------------------------------------------------- checkpoints, evals, pins
 

@@ -20,9 +20,12 @@ from evertrain.data import Cancelled, DataError, load_file
 
 
 class Prefetch:
-    def __init__(self, tokenizer, config, store_dir: Path, say):
+    def __init__(self, tokenizer, config, store_dir: Path, say, attempts=None):
         self.tokenizer = copy.deepcopy(tokenizer)  # the training thread keeps using its own
         self.config, self.store_dir, self.say = config, store_dir, say
+        # the ledger's count of preparations the process died in (Ledger.preparing): a file that once killed
+        # it is not built here again, where a second death could not be told from the current file's
+        self.attempts = attempts or (lambda path, background: None)
         self.path: Path | None = None
         self.thread: threading.Thread | None = None
         self.cancel = threading.Event()
@@ -42,7 +45,8 @@ class Prefetch:
         started = time.monotonic()
         try:
             data = load_file(path, self.tokenizer, self.config, store_dir=self.store_dir,
-                             progress=lambda f: setattr(self, "fraction", f), should_stop=cancel.is_set)
+                             progress=lambda f: setattr(self, "fraction", f), should_stop=cancel.is_set,
+                             attempt=self.attempts(path, background=True))
             self.say(f"evertrain: prepared the next file {path.name} in the background "
                      f"({time.monotonic() - started:.1f} s, {len(data.examples)} examples)")
         except (Cancelled, DataError, OSError):

@@ -123,7 +123,7 @@ def _serve(svc: Service, once: bool) -> int:
     except checkpoint.NoUsableCheckpoint as e:
         board.set(state="error", alert=str(e))
         svc.say(f"evertrain: {e}")
-        return EXIT_CONFIG
+        return exits.BAD_INPUT
     except loop.RunMismatch as e:
         msg = (f"{e}\nTo train with the new settings, start a new run: `evertrain init NEWDIR` with them, or move "
                f"{ws.model_dir} away (the old run stays there); to continue this run, restore the settings in "
@@ -132,7 +132,7 @@ def _serve(svc: Service, once: bool) -> int:
         svc.say(f"evertrain: {msg}")
         return exits.BAD_INPUT
     svc.intake = Intake(ws, svc.daemon, svc.wake, svc.say)
-    svc.prefetch = Prefetch(svc.session.tokenizer, svc.config, svc.session.store_dir, svc.say)
+    svc.prefetch = Prefetch(svc.session.tokenizer, svc.config, svc.session.store_dir, svc.say, svc.ledger.preparing)
 
     code = exits.OK
     while True:
@@ -395,7 +395,9 @@ def prepare(svc: Service, row: dict, path: Path) -> FileData:
 
     progress(0.0)
     svc.prefetch.claim(path, should_stop)
-    data = loop.prepare(svc.session, path, progress=progress, should_stop=should_stop)
+    # attempt: a file that killed the process twice while prepared is quarantined instead (Ledger.preparing)
+    data = loop.prepare(svc.session, path, progress=progress, should_stop=should_stop,
+                        attempt=svc.ledger.preparing(path))
     board.data.update(prepare_percent=None, eta_prepare_seconds=None)
     data.name = row["original_name"]  # the name the person dropped, not the queue's <id>-<name>
     for warning in data.warnings:

@@ -16,6 +16,7 @@ reported with its number ("line 12", "item 12", "row 12"); the file's memory cos
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections import Counter
@@ -41,12 +42,15 @@ class DataError(ValueError):
 
     def __init__(self, path: Path, problems: list[str], total: int | None = None):
         self.path, self.problems = Path(path), problems
-        total = len(problems) if total is None else total
+        total = self.total = len(problems) if total is None else total
         shown = problems[:MAX_REPORTED_ERRORS]
         text = f"{self.path}: not trained, {total} problem(s):\n" + "\n".join(f"  {p}" for p in shown)
         if total > len(shown):
             text += f"\n  ... and {total - len(shown)} more"
         super().__init__(text)
+
+    def __reduce__(self):  # the main process of a launch sends it to the others (collective.from_main)
+        return type(self), (self.path, self.problems, self.total)
 
 
 class Cancelled(Exception):
@@ -128,16 +132,32 @@ def sha256_file(path: Path) -> str:
 
 def load_file(path: Path, tokenizer, config, *, store_dir: Path | None = None,
               progress: Callable[[float], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> FileData:
+              should_stop: Callable[[], bool] | None = None, attempt=None) -> FileData:
     """Check and tokenize a file with a TrainConfig's settings (or reuse its store); DataError before any training.
 
     `store_dir` holds the token stores (a run's OUTPUT_DIR/tokens); without one a temporary folder is used.
-    `progress(fraction)` is told how far preparation got; `should_stop()` True raises Cancelled.
+    `progress(fraction)` is told how far preparation got; `should_stop()` True raises Cancelled. `attempt`: a
+    context manager the preparation runs in (the daemon's ledger counts the deaths in it; it may refuse with a
+    DataError, which then reaches every process of a launch like any other).
     """
+    from evertrain.data.prepare import is_disk_full, one_line
+
+    path = Path(path)
+    try:
+        with attempt or contextlib.nullcontext():
+            return _load_file(path, tokenizer, config, store_dir, progress, should_stop)
+    except (DataError, Cancelled):
+        raise
+    except Exception as e:  # a poison file fails alone, whatever it breaks (build_store names the record)
+        if is_disk_full(e):
+            raise
+        raise DataError(path, [one_line(e)]) from e
+
+
+def _load_file(path: Path, tokenizer, config, store_dir, progress, should_stop) -> FileData:
     from evertrain.data import store as stores
     from evertrain.data.prepare import build_store
 
-    path = Path(path)
     try:
         sha = sha256_file(path)
     except OSError as e:

@@ -2,7 +2,9 @@
 
 Records are read one at a time, checked, and tokenized in batches of BATCH_RECORDS; the tokens go straight to
 the store's files on disk. Every bad record is counted (the first MAX_REPORTED_ERRORS are kept with their
-number); a file with any bad record fails whole, before any of it trains, and leaves no store behind.
+number); a file with any bad record fails whole, before any of it trains, and leaves no store behind. Whatever
+else goes wrong inside one file (a RecursionError, a MemoryError, a tokenizer's panic) fails that file alone, as a
+DataError naming the record being read when it happened: a poison file must never take the daemon down.
 
     python -m evertrain.data FILE --model DIR
 """
@@ -13,6 +15,8 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from evertrain import faults
+from evertrain.disk import is_full as is_disk_full
 from evertrain.data import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
 from evertrain.data.containers import BadRecord, ContainerError, open_records
 from evertrain.data.formats import RecordError, parse_columns, parse_record
@@ -34,12 +38,14 @@ class Problems:
 def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, should_stop=None) -> TokenStore:
     try:
         columns = parse_columns(config.columns)
-        records = open_records(path)
+        records = open_records(path, config.max_line_bytes, config.max_json_depth)
     except (ContainerError, ValueError) as e:
         raise DataError(path, [str(e)]) from None
+    faults.hit("prepare")
     renderer = Renderer(tokenizer, config.max_length)
     problems, formats, ignored = Problems(), Counter(), Counter()
     unit = records.unit
+    last = -1  # the last record read: where an unexpected failure is reported
     batch: list = []
     numbers: list[int] = []
     size = [0]  # characters in the batch
@@ -85,6 +91,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
     try:
         try:
             for index, value in records:
+                last = index
                 if isinstance(value, BadRecord):
                     problems.add(f"{unit} {index + 1}: {value.reason}")
                     continue
@@ -92,6 +99,9 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
                     rec = parse_record(value, columns)
                 except RecordError as e:
                     problems.add(f"{unit} {index + 1}: {e}")
+                    continue
+                except Exception as e:  # e.g. a RecursionError in a nested JSON string: this record alone
+                    problems.add(f"{unit} {index + 1}: {one_line(e)}")
                     continue
                 if rec.messages is not None and renderer.template is None:
                     raise DataError(path, [f"{unit} {index + 1} is a conversation, but the model's tokenizer has "
@@ -106,6 +116,12 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
             drain(keep=0)
         except ContainerError as e:
             problems.add(str(e))
+        except (Cancelled, DataError):
+            raise
+        except Exception as e:  # the boundary: anything else the data code meets fails this file alone
+            if is_disk_full(e):
+                raise  # not the file's fault: the daemon waits for room, the file stays queued
+            problems.add((f"stopped after {unit} {last + 1}: " if last >= 0 else "") + one_line(e))
         if not problems.total and not writer.records:
             problems.add("the file holds no examples (it is empty or only blank lines)")
         if problems.total:
@@ -118,6 +134,12 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def one_line(e: BaseException) -> str:
+    """An unexpected exception as one line of a file's problems: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
 def _render(renderer: Renderer, batch: list, numbers: list[int], unit: str, problems: Problems):

@@ -5,6 +5,8 @@ found in that one rendering (its content, preceded by the template's generation 
 template's end of turn), then the whole text is tokenized in one batched call and the spans become token
 ranges. Conversations the fast path cannot place (a template that rewrites content, tool calls) fall back to
 rendering each prefix, which any incremental template supports. The loss mask is 1 where a token is trained.
+The tokenizer never sees more than CHARS_PER_TOKEN x max_length characters of a text: a longer one is cut first
+(and counted as truncated), since tokenizing a 60 MB text whole costs gigabytes for tokens that are dropped.
 
     python -m evertrain.data FILE --model DIR     # prints the first example with its trained tokens marked
 """
@@ -12,7 +14,7 @@ rendering each prefix, which any incremental template supports. The loss mask is
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 PROBE_USER, PROBE_ANSWER = "\ue000probe-user\ue000", "\ue000probe-answer\ue000"
+CHARS_PER_TOKEN = 32  # generous: tokenizers average 3-5 characters per token, long whitespace runs about 16
 
 
 class NoChatTemplate(ValueError):
@@ -68,11 +71,13 @@ class Rendered:
     seconds: list[str]                      # completions
     chats: list[str]                        # rendered conversations
     chat_spans: list[list[tuple[int, int]]]  # their trained character spans
+    cut: list[bool] = field(default_factory=list)  # per record: its text was cut to max_chars (empty: none was)
 
 
 class Renderer:
     def __init__(self, tokenizer, max_length: int):
         self.tok, self.max_length = tokenizer, max_length
+        self.max_chars = CHARS_PER_TOKEN * max_length
         self.eos = tokenizer.eos_token_id
         self.unrendered_tool_calls = 0  # conversations whose tool calls the template leaves out of the text
         self.template = None
@@ -94,7 +99,8 @@ class Renderer:
 
     def render(self, records: list[Record]) -> Rendered:
         """The texts to tokenize (Python work); raises RecordFailed naming the record on a template failure."""
-        firsts, seconds, chats, chat_spans = [], [], [], []
+        firsts, seconds, chats, chat_spans, cut = [], [], [], [], []
+        m = self.max_chars
         for k, rec in enumerate(records):
             if rec.messages is not None:
                 if self.template is None:
@@ -104,28 +110,35 @@ class Renderer:
                     text, spans = self.conversation(rec)
                 except Exception as e:  # a template's own error (raise_exception) or a missing field
                     raise RecordFailed(k, f"the chat template failed: {e}") from e
-                chats.append(text)
-                chat_spans.append(spans)
-                if any(call["function"]["name"] not in text for m in rec.messages for call in m.get("tool_calls", ())):
+                chats.append(text[:m])
+                chat_spans.append(spans)   # a span past the cut ends up at the last token
+                cut.append(len(text) > m)
+                if any(call["function"]["name"] not in text for msg in rec.messages
+                       for call in msg.get("tool_calls", ())):
                     self.unrendered_tool_calls += 1
             elif rec.text is not None:
-                firsts.append(rec.text)
+                firsts.append(rec.text[:m])
+                cut.append(len(rec.text) > m)
             else:
-                firsts.append(rec.prompt)
-                seconds.append(rec.completion)
-        return Rendered(list(records), firsts, seconds, chats, chat_spans)
+                # a prompt longer than the cut leaves no room for the completion, as truncation would
+                firsts.append(rec.prompt[:m])
+                seconds.append(rec.completion[:m] if len(rec.prompt) <= m else "")
+                cut.append(len(rec.prompt) + len(rec.completion) > m)
+        return Rendered(list(records), firsts, seconds, chats, chat_spans, cut)
 
     def tokenize(self, rendered: Rendered) -> Encoded:
         """Tokens and loss masks of a rendered batch (mostly the Rust tokenizer, which releases the GIL)."""
-        records, firsts, seconds, chats, chat_spans = (rendered.records, rendered.firsts, rendered.seconds,
-                                                       rendered.chats, rendered.chat_spans)
+        records, firsts, seconds, chats, chat_spans, cut = (rendered.records, rendered.firsts, rendered.seconds,
+                                                            rendered.chats, rendered.chat_spans,
+                                                            rendered.cut or [False] * len(rendered.records))
         backend = self.tok.backend_tokenizer  # the Rust tokenizer: batches run on its own threads
         first = backend.encode_batch(firsts, add_special_tokens=True) if firsts else []
         second = backend.encode_batch(seconds, add_special_tokens=False) if seconds else []
         chat = backend.encode_batch(chats, add_special_tokens=False) if chats else []
         pieces, trained = [], []  # per example: its token ids, and the [a, b) token ranges that carry loss
         fi = si = ci = 0
-        for rec in records:
+        for rec, was_cut in zip(records, cut):
+            eos = [] if was_cut else [self.eos]   # a cut text does not end where it ends now
             if rec.messages is not None:
                 enc = chat[ci]
                 pieces.append(enc.ids)
@@ -136,17 +149,17 @@ class Renderer:
                 ids = first[fi].ids
                 fi += 1
                 if not ids or ids[-1] != self.eos:
-                    ids = ids + [self.eos]
+                    ids = ids + eos
                 pieces.append(ids)
                 trained.append([(0, len(ids))])
             else:
                 p = first[fi].ids if rec.prompt else []
-                c = second[si].ids + [self.eos]
+                c = second[si].ids + eos
                 fi, si = fi + 1, si + 1
                 pieces.append(p + c)
                 trained.append([(len(p), len(p) + len(c))])
         lengths = np.fromiter((len(x) for x in pieces), dtype=np.int64, count=len(pieces))
-        truncated = lengths > self.max_length
+        truncated = (lengths > self.max_length) | np.array(cut, dtype=bool)
         lengths = np.minimum(lengths, self.max_length)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         ids = np.empty(int(starts[-1]), dtype=np.int32)
