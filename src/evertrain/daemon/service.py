@@ -248,7 +248,6 @@ def _train_file(svc: Service, row: dict) -> bool:
     except DataError as e:
         if disk.is_full(e):  # the token store found no room: the file is not at fault
             raise
-
         fail(svc, row, str(e).replace(str(path), row["original_name"]))
         return True
     except Cancelled:
