@@ -48,14 +48,13 @@ def fill(disk: Path, leave: int, name: str = "filler") -> Path:
     """Take the room of `disk` but `leave` bytes (all of it, if the daemon writes meanwhile) with a new file."""
     filler = disk / name
     want = max(0, shutil.disk_usage(disk).free - leave)
-    with open(filler, "wb") as f:
-        try:
+    try:
+        with open(filler, "wb", buffering=0) as f:  # unbuffered: no flush at close to fail
             while want > 0:
                 want -= f.write(b"\0" * min(want, 1 << 20))
-            f.flush()
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
     return filler
 
 
