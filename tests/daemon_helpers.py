@@ -88,3 +88,26 @@ class ThreadDaemon:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the daemon did not stop"
         return self.rc
+
+
+def assert_trained_once(ws: Path, lines: dict[str, int]) -> None:
+    """Every file named in `lines` (original name -> its number of lines) is done, and trace.jsonl shows each of
+    its lines trained exactly once, in one unbroken history of global steps."""
+    from evertrain import trace
+
+    tr = ws / "current_model" / "trace.jsonl"
+    steps = [r["step"] for r in trace.read(tr) if "step" in r]
+    assert steps == list(range(1, len(steps) + 1)), "the trace has a gap or a repeated step"
+    coverage, files = trace.coverage(tr), by_name(ws)
+    for name, n in lines.items():
+        row = files[name]
+        assert row["state"] == "done", (name, row["state"], row["error"])
+        counts = coverage[row["sha256"]]
+        assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, (name, counts)
+
+
+def debris(ws: Path) -> list[str]:
+    """Temporary files and folders that crashed or failed writes could leave."""
+    return [p.name for folder in (ws / "current_model", ws / "status", ws / "queue") if folder.is_dir()
+            for p in folder.iterdir() if p.name.startswith((".tmp-", ".old-", ".copying-")) or
+            (p.name.startswith(".") and p.name.endswith(".tmp"))]

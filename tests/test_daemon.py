@@ -312,7 +312,7 @@ def test_config_is_validated_and_identity_is_fixed(tmp_path, tiny_model, capsys)
     # disk guard: the file waits, queued, with an alert
     (ws / "evertrain.toml").write_text(toml.replace("disk_margin_bytes = 0", f"disk_margin_bytes = {1 << 60}"))
     drop(ws, "a.jsonl", rows(8, "a"))
-    assert cli("run", ws, "--once") == 1
+    assert cli("run", ws, "--once") == 6   # exits.DISK_FULL
     assert by_name(ws)["a.jsonl"]["state"] == "queued" and "disk low" in status(ws)["alert"]
 
     (ws / "evertrain.toml").write_text(toml.replace("keep_checkpoints = 3", "keep_checkpoints = 1"))

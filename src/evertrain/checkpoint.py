@@ -72,11 +72,15 @@ def fsync_dir(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that readers see the old or the new file, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: a half-written temp would only take more of it
+        raise
 
 
 def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
@@ -180,6 +184,26 @@ def recover_swap(output_dir: Path) -> None:
                 old.rename(final)
             except OSError:  # another process of the same launch put it back first
                 pass
+
+
+def remove_debris(folder: Path) -> list[Path]:
+    """Remove what crashed writes left in `folder`: temporary checkpoints, swapped-out old ones (after putting
+    back any that is the only copy), and the temps of `write_text_atomic`. Only for the holder of the folder's
+    lock (locks.py): a live writer's temps are not debris."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    recover_swap(folder)
+    removed = []
+    for p in folder.iterdir():
+        stale_old = p.name.startswith(".old-checkpoint-") and (folder / p.name[len(".old-"):]).exists()
+        if p.name.startswith(".tmp-checkpoint-") or stale_old:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def unreadable(output_dir: Path) -> list[tuple[Path, str]]:

@@ -21,7 +21,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from evertrain import __version__, checkpoint, exits, logs
+from evertrain import __version__, checkpoint, disk, exits, logs
 from evertrain.config import ConfigError, TrainConfig, add_arguments, overrides_from_args
 from evertrain.export.commands import add_commands as add_export_commands
 from evertrain.models import ModelError
@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `evertrain check FILE | head`: the reader left; nothing is wrong
         logs.quiet_stdout()
         return EXIT_OK
+    except Exception as e:  # noqa: BLE001 - out of space anywhere (`pause` on a full disk): one line, no traceback
+        if not disk.is_full(e):
+            raise
+        print(f"evertrain: {disk.DiskFull.of(e, Path.cwd())}: free space and run it again",
+              file=sys.stderr)
+        return exits.DISK_FULL
 
 
 def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpoint | None) -> TrainConfig:
@@ -97,8 +103,7 @@ def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpo
 
 
 def cmd_train(args) -> int:
-    from evertrain import locks, loop
-    from evertrain.data import DataError
+    from evertrain import locks
 
     if not readable_file(args.dataset):
         return EXIT_BAD_INPUT
@@ -118,6 +123,7 @@ def cmd_train(args) -> int:
         except locks.AlreadyRunning as e:
             print(f"evertrain: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        checkpoint.remove_debris(args.output_dir)  # the lock is ours: a dead process left whatever temps are there
     try:
         main_rank = locks.is_main_launch_process()
         starting_over = args.from_base and checkpoint.present(args.output_dir)
@@ -127,22 +133,34 @@ def cmd_train(args) -> int:
             print(f"evertrain: no checkpoint loads in {args.output_dir}: starting again from the base model "
                   "(--from-base)")
         config = resolve_config(args.output_dir, overrides, resume)
-        try:
-            with logs.to_file(args.output_dir / "logs") if main_rank else nullcontext():
-                return _train(args, config, resume)
-        except (loop.RunMismatch, DataError) as e:
-            print(f"evertrain: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        with logs.to_file(args.output_dir / "logs") if main_rank else nullcontext():
+            return _train(args, config, resume)
+    except Exception as e:
+        if not disk.is_full(e):
+            raise
+        newest = checkpoint.newest_complete(args.output_dir, warn=lambda _text: None)
+        print(f"evertrain: {disk.DiskFull.of(e, args.output_dir)}: stopped; the newest complete checkpoint is "
+              f"{newest.path if newest else 'none yet'}, the partial one was removed; free space and run the same "
+              f"command again to resume from it", file=sys.stderr)
+        return exits.DISK_FULL
     finally:
         if lock is not None:
             os.close(lock)
 
 
 def _train(args, config, resume) -> int:
+    """`train` with the output folder locked (cmd_train)."""
     from evertrain import loop, metrics
+    from evertrain.data import DataError
 
-    session = loop.setup(config, args.output_dir, resume=resume)
-    data = loop.prepare(session, args.dataset)
+    try:
+        session = loop.setup(config, args.output_dir, resume=resume)
+        data = loop.prepare(session, args.dataset)
+    except (loop.RunMismatch, DataError) as e:
+        if disk.is_full(e):  # the token store found no room: not the file's fault
+            raise
+        print(f"evertrain: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     earlier = session.progress.finished(data.sha256)
     if earlier and not args.allow_repeat:
         print(f"evertrain: {args.dataset}: this content (sha256 {data.sha256[:12]}) was already trained in this "

@@ -34,6 +34,11 @@ class _Console(logging.Handler):
             print(record.getMessage(), flush=True)
         except BrokenPipeError:  # `evertrain train ... | head`: the reader left; the log file still gets it
             quiet_stdout()
+        except OSError as e:  # stdout is a file on a full disk: the line is lost, not the run
+            from evertrain import disk
+
+            if not disk.is_full(e):
+                raise
 
 
 CONSOLE = _Console()
@@ -56,8 +61,7 @@ def say(text: str, *, progress: bool = False) -> None:
 def to_file(logs_dir: Path):
     """Also write every line to logs_dir/evertrain.log while the block runs."""
     logs_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(logs_dir / "evertrain.log", maxBytes=LOG_BYTES,
-                                                   backupCount=LOG_BACKUPS)
+    handler = _LogFile(logs_dir / "evertrain.log", maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     LOG.addHandler(handler)
     try:
@@ -77,3 +81,29 @@ def duration(seconds: float) -> str:
     if s >= 3600:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """logs/evertrain.log, which a full disk silences (said once on stderr) instead of a traceback a line."""
+
+    full = False    # said once, until a line goes through again
+    failed = False  # this line
+
+    def emit(self, record):
+        self.failed = False
+        super().emit(record)
+        if not self.failed:
+            self.full = False
+
+    def handleError(self, record):
+        from evertrain import disk
+
+        if not disk.is_full(sys.exc_info()[1]):
+            return super().handleError(record)
+        self.failed = True
+        if not self.full:
+            self.full = True
+            try:
+                sys.stderr.write(f"evertrain: disk full: {self.baseFilename} not written until there is room\n")
+            except OSError:
+                pass

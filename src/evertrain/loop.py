@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evertrain import checkpoint, collective, evals, faults, logs, metrics, models, replay, sharding, snapshots
+from evertrain import checkpoint, collective, disk, evals, faults, logs, metrics, models, replay, sharding, snapshots
 from evertrain.config import ConfigError, TrainConfig
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.data.packing import collate
@@ -72,6 +72,7 @@ class Session:
     # Set by the daemon: writes its own files (a copy of the ledger) into a checkpoint's temporary folder, so
     # that they are sealed in the manifest and committed atomically with it.
     extra_files: Callable[[Path], None] | None = None
+    degraded: disk.Degraded | None = None   # optional writes (metrics, snapshots) skipped while the disk is full
 
     @property
     def global_batch(self) -> int:
@@ -228,6 +229,7 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     session = Session(config, output_dir, accelerator, model, tokenizer, optimizer, progress, identity,
                       accumulation, last_checkpoint=newest.path if newest else None,
                       saved_step=newest.step if newest else None, workdir=Path(workdir or output_dir))
+    session.degraded = disk.Degraded(session.say)
     if session.is_main:
         session.logs_dir.mkdir(parents=True, exist_ok=True)
     metrics.start(session, config.to_dict())
@@ -353,7 +355,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         evals.store_held_out(session, data)
         acc.wait_for_everyone()  # every process evaluates the slice the main one just stored
         metrics.log_evals(session, evals.evaluate(session, [data.sha256], before_file=data))
-        snapshots.track_file(session, data)
+        session.degraded.attempt("snapshots/tracked.json", lambda: snapshots.track_file(session, data))
         metrics.file_event(session, f"start {data.name} ({data.sha256[:12]}) at global step "
                                     f"{progress.global_step}: {total} steps")
     if cfg.lr_schedule == "wsd" and cfg.decay_steps and progress.decay_start is None:
@@ -416,7 +418,8 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
                             tokens_per_second=tokens_trained / elapsed if elapsed else 0.0, time=time.time())
         log_step(session, record)
         if snapshots.due(session, cursor.file_step, total):
-            snapshots.take(session, data, generations=snapshots.with_generations(cursor.file_step, total))
+            session.degraded.attempt("an evolution snapshot", lambda: snapshots.take(
+                session, data, generations=snapshots.with_generations(cursor.file_step, total)))
         if cfg.eval_steps and progress.global_step % cfg.eval_steps == 0 and cursor.file_step < total:
             metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session)))
         if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and cursor.file_step < total:
@@ -524,6 +527,7 @@ def write_trace(session: Session, sha256: str, seen: list[dict]) -> None:
     replay_lines = sorted(pair for mb in seen for pair in mb["replay"])
     if replay_lines:
         record["replay"] = replay_lines
+    faults.hit("trace-write")
     session.trace.write(record)
 
 
@@ -564,11 +568,19 @@ def end_file(session: Session, data: FileData, status: str) -> FileRecord:
     return record
 
 
+def reload(session: Session) -> Session:
+    """A new session from the newest complete checkpoint, with `session`'s retention settings: what was trained
+    since that checkpoint is forgotten (its trace lines dropped), so it is trained again exactly once."""
+    fresh = setup(session.config, session.output_dir, workdir=session.workdir)
+    fresh.protected, fresh.budget_bytes, fresh.extra_files = (session.protected, session.budget_bytes,
+                                                              session.extra_files)
+    return fresh
+
+
 def roll_back(session: Session, data: FileData) -> Session:
     """After a non-finite loss: a new session from the newest complete checkpoint, with `data` ended there as
     failed (and that checkpointed), so the broken weights are gone and the file is never resumed."""
-    fresh = setup(session.config, session.output_dir, workdir=session.workdir)
-    fresh.protected, fresh.budget_bytes = session.protected, session.budget_bytes
+    fresh = reload(session)
     if data.sha256 in fresh.progress.cursors:
         end_file(fresh, data, "failed")
         save_checkpoint(fresh)
@@ -577,7 +589,7 @@ def roll_back(session: Session, data: FileData) -> Session:
 
 def log_step(session: Session, r: StepRecord) -> None:
     """metrics.jsonl (and TensorBoard) get every step; the console a line every `log_steps`."""
-    metrics.log_step(session, r.as_dict())
+    session.degraded.attempt("logs/metrics.jsonl", lambda: metrics.log_step(session, r.as_dict()))
     if session.is_main and (r.file_step % session.config.log_steps == 0 or r.file_step == r.file_total_steps):
         session.say(f"  step {r.step:>7}  {r.file_name} {r.file_step}/{r.file_total_steps}  "
                     f"loss {r.loss:.4f}  lr {r.lr:.3g}  {r.tokens_per_second:.0f} tok/s", progress=True)
@@ -585,10 +597,35 @@ def log_step(session: Session, r: StepRecord) -> None:
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
+def checkpoint_bytes(session: Session) -> int:
+    """About what the next checkpoint takes on disk: the last one's size, or weights + two AdamW moments."""
+    if session.last_checkpoint is not None and session.last_checkpoint.is_dir():
+        return checkpoint.folder_size(session.last_checkpoint)
+    return sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in session.model.parameters())
+
+
 def save_checkpoint(session: Session) -> Path:
-    """Write checkpoint-<global_step> atomically: model, tokenizer, optimizer, schedule, RNG, progress."""
+    """Write checkpoint-<global_step> atomically: model, tokenizer, optimizer, schedule, RNG, progress.
+
+    Out of space: the partial temporary folder is removed at once and DiskFull raised; the newest complete
+    checkpoint stays the newest."""
+    tmp = checkpoint.temp_path(session.output_dir, session.progress.global_step)
+    try:
+        return _save_checkpoint(session, tmp)
+    except Exception as e:
+        # torch.save loses the errno ("iostream error"): a failed save with less room than a checkpoint takes
+        # (the partial one still counted) is out of space all the same.
+        if not (disk.is_full(e) or disk.free_bytes(session.output_dir) < checkpoint_bytes(session)):
+            raise
+        if session.is_main:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise disk.DiskFull(session.output_dir, checkpoint_bytes(session)) from e
+
+
+def _save_checkpoint(session: Session, tmp: Path) -> Path:
     acc, progress, cfg = session.accelerator, session.progress, session.config
-    tmp = checkpoint.temp_path(session.output_dir, progress.global_step)
     if acc.is_main_process:
         if tmp.exists():
             import shutil

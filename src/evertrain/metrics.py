@@ -15,9 +15,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import threading
 import uuid
 from pathlib import Path
 
+from evertrain import disk, faults
 from evertrain.config import ConfigError
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
@@ -66,6 +68,7 @@ def start(session, hparams: dict) -> None:
             "mlflow": {"run_id": ids.get("mlflow"), "run_name": record["name"]},
             "trackio": {"name": record["name"], "resume": "allow"},
             "aim": {"run_hash": ids["aim"]} if ids.get("aim") else {}}
+    _quiet_full_disk_in_threads()
     acc.init_trackers(PROJECT, config=_flat(hparams) if new else None,
                       init_kwargs={k: v for k, v in init.items() if k in _names(acc)})
     if not session.is_main:
@@ -77,6 +80,27 @@ def start(session, hparams: dict) -> None:
     from evertrain.checkpoint import write_json_atomic
 
     write_json_atomic(path, record)
+
+
+def _quiet_full_disk_in_threads() -> None:
+    """TensorBoard writes from a thread of its own: on a full disk that thread dies printing a traceback, and the
+    writer raises the same error again in the caller, where Degraded says it in one line. Keep the one line."""
+    if getattr(threading.excepthook, "evertrain", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if not disk.is_full(args.exc_value):
+            previous(args)
+
+    hook.evertrain = True
+    threading.excepthook = hook
+
+
+def _to_trackers(session, what: str, write) -> None:
+    """A tracker write, skipped (said once) on a full disk: it reports, and must never stop the training."""
+    if session.is_main and session.accelerator.log_with:
+        session.degraded.attempt(what, write)
 
 
 def _names(acc) -> set[str]:
@@ -96,33 +120,33 @@ def _flat(values: dict) -> dict:
 
 
 def log_step(session, record: dict) -> None:
-    """Record one optimizer step (main process only)."""
+    """Record one optimizer step (main process only); the caller skips it on a full disk (loop.log_step)."""
     if not session.is_main:
         return
+    faults.hit("metrics-write")
     with open(session.logs_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     values = {f"train/{tag}": record[key] for key, tag in (("loss", "loss"), ("lr", "learning_rate"),
                                                            ("grad_norm", "grad_norm"),
                                                            ("tokens_per_second", "tokens_per_second"))
               if record.get(key) is not None}
-    if session.accelerator.log_with:
-        session.accelerator.log(values, step=record["step"])
+    _to_trackers(session, "the trackers", lambda: session.accelerator.log(values, step=record["step"]))
 
 
 def file_event(session, text: str) -> None:
     """A file started or finished: the console, and a text marker on TensorBoard's step axis."""
     session.say(f"evertrain: {text}")
-    if session.is_main and "tensorboard" in _names(session.accelerator):
-        session.accelerator.get_tracker("tensorboard").log({"files": text}, step=session.progress.global_step)
+    if "tensorboard" in _names(session.accelerator):
+        _to_trackers(session, "logs/tensorboard", lambda: session.accelerator.get_tracker("tensorboard").log(
+            {"files": text}, step=session.progress.global_step))
 
 
 def log_evals(session, results: list[dict]) -> None:
-    if session.is_main and session.accelerator.log_with:
-        for r in results:
-            session.accelerator.log({f"eval/{r['file_name']}/loss": r["loss"]}, step=r["step"])
+    _to_trackers(session, "the trackers", lambda: [
+        session.accelerator.log({f"eval/{r['file_name']}/loss": r["loss"]}, step=r["step"]) for r in results])
 
 
 def finish(session) -> None:
     """Close the trackers (a wandb or mlflow run is marked finished; the next start continues it)."""
     if session.accelerator.log_with:
-        session.accelerator.end_training()
+        session.degraded.attempt("the trackers", session.accelerator.end_training)

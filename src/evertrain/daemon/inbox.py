@@ -15,6 +15,7 @@ with its own ledger connection, so hashing a big file never delays an optimizer 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evertrain import faults
+from evertrain import disk, faults
 from evertrain.checkpoint import write_text_atomic
 from evertrain.daemon.ledger import Ledger
 from evertrain.daemon.workspace import PRIORITIES, Workspace, printable, safe_name
@@ -32,6 +33,7 @@ from evertrain.data.containers import accepted_text, kind_of
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 MAX_DEPTH = 8
+TOO_DEEP = "too deep"  # a folder at MAX_DEPTH: rejected whole, with its files named, never silently passed over
 
 
 @dataclass
@@ -64,6 +66,11 @@ class Inbox:
         taken, ready, now, present, next_due, waiting = [], [], time.monotonic(), set(), None, []
         for path, priority, kind in walk(self.ws.inbox):
             rel = path.relative_to(self.ws.inbox).as_posix()
+            if kind == TOO_DEEP:
+                taken.append(self.reject(path, rel, f"{printable(rel)}: a folder more than {MAX_DEPTH} folders "
+                                                    f"deep in inbox/; its files were not taken ({_some_files(path)}); "
+                                                    "move them higher up in inbox/"))
+                continue
             if kind != "file":
                 taken.append(self.reject(path, rel, f"{printable(rel)}: {kind}; evertrain takes only regular "
                                                     "files and never follows links (copy the file in instead)"))
@@ -133,13 +140,14 @@ class Intake:
                            incomplete_timeout=daemon.incomplete_timeout)
         self.poll, self.arrived, self.say = daemon.poll_seconds, arrived, say
         self.lock, self.closed = threading.Lock(), threading.Event()
+        self.degraded = disk.Degraded(say)  # a full disk: files wait in inbox/ (nothing is half-taken)
         self.thread = threading.Thread(target=self._watch, daemon=True, name="evertrain-intake")
         self.thread.start()
 
     def scan(self) -> tuple[list[int], float | None]:
         """Inbox.scan, once at a time: the new ledger ids and when the next waiting file may be stable."""
         with self.lock:
-            taken, due = self.inbox.scan()
+            taken, due = self.degraded.attempt("intake (taking files from inbox/)", self.inbox.scan, ([], None))
         if taken:
             self.arrived.set()
         return taken, due
@@ -229,6 +237,8 @@ def walk(root: Path, depth: int = 0, priority: str = "normal"):
             if depth < MAX_DEPTH:
                 sub_priority = name if depth == 0 and name in PRIORITIES else priority
                 yield from walk(path, depth + 1, sub_priority)
+            else:
+                yield path, priority, TOO_DEEP
         elif stat.S_ISREG(mode):
             yield path, priority, "file"
         elif stat.S_ISLNK(mode):
@@ -281,6 +291,14 @@ def adopt_orphans(ws: Workspace, ledger: Ledger, say=print) -> None:
             say(f"evertrain: queue/{p.name} was not in the ledger; queued it again")
 
 
+def _some_files(folder: Path, show: int = 3) -> str:
+    names = sorted(str(Path(d, f).relative_to(folder.parent)) for d, _dirs, files in os.walk(folder) for f in files)
+    if not names:
+        return "it holds no file"
+    more = f" and {len(names) - show} more" if len(names) > show else ""
+    return ", ".join(printable(n) for n in names[:show]) + more
+
+
 def write_error(target: Path, reason: str) -> None:
     write_text_atomic(target.with_name(target.name + ".error.txt"), reason.rstrip() + "\n")
 
@@ -294,6 +312,10 @@ def _start_watching(folder: Path, wake: threading.Event, say):
             def on_any_event(self, event):
                 wake.set()
 
+        # Stopping the observer while an event is in flight logs this harmless error at every exit.
+        emitter_log = logging.getLogger("watchdog.observers.inotify")
+        if not any(isinstance(f, _QuietStop) for f in emitter_log.filters):
+            emitter_log.addFilter(_QuietStop())
         observer = Observer()
         observer.daemon = True
         observer.schedule(Wake(), str(folder), recursive=True)
@@ -302,3 +324,8 @@ def _start_watching(folder: Path, wake: threading.Event, say):
     except Exception as e:  # e.g. the inotify watch limit: polling still works
         say(f"evertrain: file events unavailable ({e}); polling the inbox instead")
         return None
+
+
+class _QuietStop(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in str(record.msg)

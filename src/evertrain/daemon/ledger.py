@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from evertrain import checkpoint
+from evertrain import checkpoint, faults
 from evertrain.config import ConfigError
 from evertrain.daemon.workspace import PRIORITIES, Workspace
 
@@ -185,6 +185,11 @@ class Ledger:
         finally:
             target.close()
 
+    def shrink_wal(self) -> None:
+        """Fold the write-ahead log into the database and truncate it: on a full disk, the room it held (a few
+        pages per commit until SQLite's next checkpoint) is what the status file needs to say so."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def note(self, kind: str, text: str) -> None:
         self.db.execute("INSERT INTO events (at, kind, text) VALUES (?, ?, ?)", (time.time(), kind, text))
 
@@ -203,6 +208,7 @@ class Ledger:
 
     def update(self, file_id: int, **values) -> None:
         assert values.get("state", "queued") in STATES
+        faults.hit("ledger-write")
         cols = ", ".join(f"{k} = ?" for k in values)
         self.db.execute(f"UPDATE files SET {cols} WHERE id = ?", (*values.values(), file_id))
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evertrain import checkpoint, collective, exits, faults, locks, logs, loop, metrics
+from evertrain import checkpoint, collective, disk, exits, faults, locks, logs, loop, metrics
 from evertrain.config import TrainConfig
 from evertrain.daemon import controls, workspace
 from evertrain.daemon.inbox import Intake, adopt_orphans, write_error
@@ -35,6 +35,8 @@ from evertrain.daemon.status import Bar, Board
 from evertrain.daemon.workspace import DaemonConfig, Workspace
 from evertrain.data import Cancelled, DataError, FileData
 from evertrain.evals import read_evals
+
+RESERVE_BYTES = 1 << 20  # status/.reserve: given up on a full disk, so the status and ledger can say so
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Service:
     next_poll: float = 0.0
     reason: str | None = None      # why `decide` stopped the file in training: stop | pause | skip | urgent
     from_base: bool = False   # --from-base: when no checkpoint loads, start again from the base model
+    disk_full: disk.DiskFull | None = None  # set while out of space: the session is stale, the queue waits
+    reserve: disk.Reserve | None = None
 
     def say(self, text: str) -> None:
         if self.ledger is not None:
@@ -65,16 +69,21 @@ def run(root: Path, *, once: bool = False, from_base: bool = False) -> int:
     ws, config, daemon = workspace.load(root)
     main = locks.is_main_launch_process()
     lock_fd = workspace.lock(ws)  # raises AlreadyRunning; released by the kernel however this process ends
+    if main:  # the lock is ours: whatever temps are there, a dead process left them
+        for folder in (ws.model_dir, ws.status_dir):
+            checkpoint.remove_debris(folder)
     try:
         ledger = Ledger.open(ws) if main else None  # raises LedgerError: damaged, or lost where a history exists
     except BaseException:
         if lock_fd is not None:
             os.close(lock_fd)  # the same process may run again (tests, notebooks): an open lock would refuse it
         raise
-    svc = Service(ws, config, daemon, ledger, Board(ws, ledger, daemon.status_interval) if main else None,
-                  Bar(sys.stdout.isatty()) if main else None,
+    svc = Service(ws, config, daemon, ledger, None, Bar(sys.stdout.isatty()) if main else None,
                   Notifier(daemon.notify_command, daemon.notify_timeout, logs.say) if main else None,
                   from_base=from_base)
+    if main:
+        svc.board = Board(ws, ledger, daemon.status_interval, say=svc.say)
+        svc.reserve = disk.Reserve(ws.status_dir / ".reserve", RESERVE_BYTES)
     restore_signals = _catch_signals(svc)
     try:
         if not main:
@@ -109,7 +118,9 @@ def _serve(svc: Service, once: bool) -> int:
     started = time.time()
     svc.say(f"evertrain: daemon starting on {ws.root} (pid {os.getpid()})")
     try:
-        new_session(svc)
+        while not _start(svc):  # out of space before anything could start: wait for room
+            if once or _wait_for_room(svc):
+                return exits.DISK_FULL if once else exits.OK
     except checkpoint.NoUsableCheckpoint as e:
         board.set(state="error", alert=str(e))
         svc.say(f"evertrain: {e}")
@@ -121,8 +132,6 @@ def _serve(svc: Service, once: bool) -> int:
         board.set(state="error", alert=msg)
         svc.say(f"evertrain: {msg}")
         return exits.BAD_INPUT
-    adopt_orphans(ws, ledger, svc.say)
-    ledger.reconcile(ws, svc.session.progress, svc.say)
     svc.intake = Intake(ws, svc.daemon, svc.wake, svc.say)
     svc.prefetch = Prefetch(svc.session.tokenizer, svc.config, svc.session.store_dir, svc.say, svc.ledger.preparing)
     board.set(state="idle", global_step=svc.session.progress.global_step, last_checkpoint=_ckpt_name(svc),
@@ -148,7 +157,7 @@ def _serve(svc: Service, once: bool) -> int:
         queue = ledger.queue(set(svc.session.progress.cursors))
         if requests.skip_id is not None and requests.skip_id not in {r["id"] for r in queue}:
             controls.clear(ws, "skip")  # aimed at a file that is no longer waiting
-        if not queue:
+        if not queue and svc.disk_full is None:
             if board.data["state"] != "idle" or board.data["current_file"]:
                 board.set(state="idle", current_file=None, current_file_id=None, file_step=None,
                           file_total_steps=None)
@@ -160,12 +169,15 @@ def _serve(svc: Service, once: bool) -> int:
         if problem:
             if board.data["alert"] != problem:
                 tell(svc, "disk_low", problem)
-                board.set(state="idle", alert=problem)
+                board.set(state="waiting" if svc.disk_full else "idle", alert=problem)
             if once:
-                code = exits.FAILED
+                code = exits.DISK_FULL
                 break
             _wait(svc, None)
             continue
+        if svc.disk_full is not None:
+            _start(svc)
+            continue  # the queue again, as the fresh session and the reconciled ledger see it
         row = queue[0]
         collective.from_main(svc.session.accelerator, {"do": "train", "path": str(ws.queue / row["name"]),
                                                          "name": row["original_name"]})
@@ -230,12 +242,35 @@ def follow(svc: Service) -> int:
 
 
 def train_file(svc: Service, row: dict) -> bool:
-    """Validate, train (or resume) one queued file and record how it ended. False: the run cannot go on."""
+    """Validate, train (or resume) one queued file and record how it ended. False: the run cannot go on.
+
+    Out of space anywhere on the way (a checkpoint, the trace, the ledger, a token store): the file goes back
+    to the queue at its last committed cursor and the daemon waits for room (`_serve`), then starts a fresh
+    session from the newest complete checkpoint: what was trained after it is trained again, exactly once."""
+    try:
+        return _train_file(svc, row)
+    except Exception as e:
+        if not disk.is_full(e):
+            raise
+        _out_of_space(svc, e)
+        try:
+            svc.ledger.update(row["id"], state="queued")  # what `status` shows meanwhile; reconcile makes it exact
+        except Exception as again:  # noqa: BLE001 - the ledger may be on the full disk too
+            if not disk.is_full(again):
+                raise
+        svc.say(f"evertrain: {row['original_name']}: {svc.disk_full}; it goes back to the queue at its last "
+                f"checkpoint ({_ckpt_name(svc) or 'none yet'}); training resumes by itself when there is room")
+        return True
+
+
+def _train_file(svc: Service, row: dict) -> bool:
     ws, ledger, board, session = svc.ws, svc.ledger, svc.board, svc.session
     path = ws.queue / row["name"]
     try:
         data = prepare(svc, row, path)
     except DataError as e:
+        if disk.is_full(e):  # the token store found no room: the file is not at fault
+            raise
         fail(svc, row, str(e).replace(str(path), row["original_name"]))
         return True
     except Cancelled:
@@ -433,6 +468,54 @@ def fail(svc: Service, row: dict, reason: str) -> None:
     tell(svc, "file_failed", f"FAILED {reason}", file=row["original_name"], file_id=row["id"])
 
 
+def _start(svc: Service) -> bool:
+    """Load the newest complete checkpoint and make the ledger and queue/ agree with it: at start-up, and when
+    room returns after a full disk. False (the daemon waiting, svc.disk_full set) if that too found no room."""
+    try:
+        new_session(svc)
+        adopt_orphans(svc.ws, svc.ledger, svc.say)
+        svc.ledger.reconcile(svc.ws, svc.session.progress, svc.say)
+    except Exception as e:
+        if not disk.is_full(e):
+            raise
+        _out_of_space(svc, e)
+        return False
+    if svc.disk_full is not None:
+        svc.say(f"evertrain: there is room again in {svc.disk_full.path}; resuming from "
+                f"{_ckpt_name(svc) or 'the base model'} (global step {svc.session.progress.global_step})")
+        svc.disk_full = None
+    svc.reserve.hold()
+    svc.board.set(state="idle", alert=None, global_step=svc.session.progress.global_step,
+                  last_checkpoint=_ckpt_name(svc), current_file=None, current_file_id=None)
+    return True
+
+
+def _out_of_space(svc: Service, error: BaseException) -> None:
+    """Enter the disk-full state: no temp left behind, the status says where and how much, the session stale."""
+    svc.reserve.release()
+    checkpoint.remove_debris(svc.ws.model_dir)
+    try:
+        svc.ledger.shrink_wal()
+    except Exception as e:  # noqa: BLE001 - the room it would give is a nicety; a busy or full ledger is not
+        if not (disk.is_full(e) or "locked" in str(e)):
+            raise
+    need = (svc.daemon.disk_margin_bytes + svc.reserve.size
+            + (loop.checkpoint_bytes(svc.session) if svc.session else 0))
+    svc.disk_full = disk.DiskFull(disk.DiskFull.of(error, svc.ws.model_dir).path, need)
+    svc.board.set(state="waiting", current_file=None, current_file_id=None, alert=f"waiting: {svc.disk_full}")
+
+
+def _wait_for_room(svc: Service) -> bool:
+    """Wait for space before the session could start (polls: no event says a disk has room). True: stop instead
+    (a signal, `evertrain stop`)."""
+    while True:
+        if svc.stop.is_set() or controls.read(svc.ws).stop:
+            return True
+        if disk.free_bytes(svc.disk_full.path) >= svc.disk_full.needed:
+            return False
+        svc.stop.wait(svc.daemon.poll_seconds)
+
+
 def new_session(svc: Service) -> None:
     """Load the newest complete checkpoint of the workspace's run (or start the run)."""
     # Checkpoints in current_model/; logs/ and snapshots/ (metrics, evaluations, evolution) at the workspace root.
@@ -451,13 +534,14 @@ def new_session(svc: Service) -> None:
 
 
 def _disk_problem(svc: Service) -> str | None:
-    session = svc.session
-    if session.last_checkpoint is not None and session.last_checkpoint.is_dir():
-        need = checkpoint.folder_size(session.last_checkpoint)
-    else:  # weights + two AdamW moments for what trains
-        need = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in session.model.parameters())
-    free = shutil.disk_usage(svc.ws.model_dir).free
+    need = loop.checkpoint_bytes(svc.session)
     margin = svc.daemon.disk_margin_bytes
+    if svc.disk_full is not None:  # the write that failed may be elsewhere than the checkpoints (the ledger)
+        free = min(disk.free_bytes(svc.disk_full.path), disk.free_bytes(svc.ws.model_dir))
+        if free < svc.disk_full.needed:
+            return f"waiting: {svc.disk_full}; training resumes by itself when there is room"
+        return None
+    free = shutil.disk_usage(svc.ws.model_dir).free
     if free < need + margin:
         return (f"disk low: {free} bytes free in {svc.ws.model_dir}, a checkpoint needs about {need} plus a "
                 f"margin of {margin} (disk_margin_bytes); the queue waits until there is room")

@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from evertrain import checkpoint, logs
+from evertrain import checkpoint, disk, faults, logs
 from evertrain.logs import duration
 from evertrain.daemon.ledger import Ledger
 from evertrain.daemon.workspace import Workspace, daemon_pid
@@ -21,8 +21,9 @@ STATUS_FILE = "training_status.json"
 class Board:
     """What the daemon is doing, kept in memory and flushed to status/training_status.json."""
 
-    def __init__(self, ws: Workspace, ledger: Ledger, interval: float):
+    def __init__(self, ws: Workspace, ledger: Ledger, interval: float, say=print):
         self.ws, self.ledger, self.interval = ws, ledger, interval
+        self.degraded = disk.Degraded(say)  # a full disk: the state stays here, in memory, until it can be written
         self.last_write = 0.0
         self.seconds_per_step: float | None = None
         self.seconds_per_byte: float | None = None
@@ -77,7 +78,13 @@ class Board:
                  files_skipped=counts["skipped"],
                  total_evals=self.ledger.db.execute("SELECT COUNT(*) FROM evals").fetchone()[0],
                  updated_at=time.time())
-        checkpoint.write_json_atomic(self.ws.status_dir / STATUS_FILE, d)
+        path = self.ws.status_dir / STATUS_FILE
+
+        def replace():
+            faults.hit("status-write")
+            checkpoint.write_json_atomic(path, d)
+
+        self.degraded.attempt(f"the status file {path}", replace)
         self.last_write = time.monotonic()
 
 

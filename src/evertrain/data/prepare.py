@@ -11,12 +11,12 @@ DataError naming the record being read when it happened: a poison file must neve
 
 from __future__ import annotations
 
-import errno
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from evertrain import faults
+from evertrain.disk import is_full as is_disk_full
 from evertrain.data import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
 from evertrain.data.containers import BadRecord, ContainerError, open_records
 from evertrain.data.formats import RecordError, parse_columns, parse_record
@@ -134,10 +134,6 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def one_line(e: BaseException) -> str:
