@@ -27,7 +27,7 @@ def test_a_folder_too_deep_in_the_inbox_is_failed_naming_its_files(tmp_path, tin
     for folder, name in ((deepest_taken, "ok.jsonl"), (too_deep, "lost.jsonl")):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("".join(f'{{"text": "{r["text"]}"}}\n' for r in rows(6, name)))
-    assert cli("run", ws, "--once") == 0
+    assert cli("run", ws, "--once") == 5  # exits.FILES_FAILED: the folder too deep failed
     files = by_name(ws)
     assert files["a/b/c/d/e/f/g/h/ok.jsonl"]["state"] == "done"
     refused = files["a/b/c/d/e/f/g/h/i"]
