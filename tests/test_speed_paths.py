@@ -44,18 +44,22 @@ def test_auto_attention_is_sdpa_without_cuda():
     assert models.attention_implementation("eager") == "eager"
 
 
-def test_fused_adamw_trains_the_same_weights_as_the_plain_one(tmp_path, tiny_model):
+def assert_same_weights(tmp_path, tiny_model, *fast) -> None:
+    """Train one file plainly and with `fast` options: the weights must agree, and must have moved."""
     f = write_jsonl(tmp_path / "a.jsonl", text_rows(12))
     opts = ("--model", tiny_model, "--batch-size", 4, "--learning-rate", 1e-2, "--warmup-steps", 0)
-    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "fused", *opts) == 0
     assert cli("train", "--dataset", f, "--output-dir", tmp_path / "plain", *opts, "--no-fused-optimizer") == 0
-    a = load_tensors(checkpoint.newest_complete(tmp_path / "fused").path / "model.safetensors")
-    b = load_tensors(checkpoint.newest_complete(tmp_path / "plain").path / "model.safetensors")
+    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "fast", *opts, *fast) == 0
+    a = load_tensors(checkpoint.newest_complete(tmp_path / "plain").path / "model.safetensors")
+    b = load_tensors(checkpoint.newest_complete(tmp_path / "fast").path / "model.safetensors")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     base = load_tensors(tiny_model / "model.safetensors")
-    moved = any(not torch.equal(a[k], base[k]) for k in a)
-    assert moved  # both really trained
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # both really trained
+
+
+def test_fused_adamw_trains_the_same_weights_as_the_plain_one(tmp_path, tiny_model):
+    assert_same_weights(tmp_path, tiny_model, "--fused-optimizer")
 
 
 def test_deterministic_runs_turn_on_deterministic_algorithms(tmp_path, tiny_model):
@@ -111,11 +115,4 @@ def test_the_gpu_benchmark_runs_its_three_contenders_on_tiny_shapes(tmp_path):
 
 @pytest.mark.slow
 def test_a_compiled_model_trains_the_same_weights(tmp_path, tiny_model):
-    f = write_jsonl(tmp_path / "a.jsonl", text_rows(8))
-    opts = ("--model", tiny_model, "--batch-size", 4, "--learning-rate", 1e-2, "--warmup-steps", 0)
-    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "plain", *opts) == 0
-    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "compiled", *opts, "--compile") == 0
-    a = load_tensors(checkpoint.newest_complete(tmp_path / "plain").path / "model.safetensors")
-    b = load_tensors(checkpoint.newest_complete(tmp_path / "compiled").path / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path, tiny_model, "--compile")
