@@ -37,7 +37,10 @@ from evertrain import checkpoint, trace  # noqa: E402
 
 SETTINGS = ("--batch-size", "4", "--no-packing", "--trace", "--held-out-fraction", "0", "--stable-seconds", "2",
             "--poll-seconds", "0.1", "--disk-margin-bytes", "0", "--status-interval", "0.2", "--save-steps", "3",
-            "--keep-checkpoints", "2", "--learning-rate", "1e-3", "--warmup-steps", "0", "--max-length", "128")
+            "--keep-checkpoints", "2", "--learning-rate", "1e-3", "--warmup-steps", "0", "--max-length", "128",
+            # A poison file that does not end in a clean line looks like one still being written: it is validated
+            # (and failed) after incomplete_timeout; 10 s instead of 10 minutes keeps the soak's drain short.
+            "--incomplete-timeout", "10")
 # What happens next, and how often (weights).
 ACTIONS = {"good": 40, "poison": 14, "slow-rename": 8, "slow-append": 8, "kill-9": 9, "sigterm": 7,
            "disk-full": 7, "corrupt-newest": 7}

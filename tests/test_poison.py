@@ -290,7 +290,7 @@ def test_the_daemon_fails_each_poison_file_alone_and_trains_the_good_ones(tmp_pa
     for name, (content, _) in poisons.items():
         drop(ws, name, content)
     drop(ws, "g-good.jsonl", rows(5, "g"))
-    assert cli("run", ws, "--once") == 0
+    assert cli("run", ws, "--once") == 5  # exits.FILES_FAILED: the poison files failed, the good ones trained
     files = by_name(ws)
     assert files["a-good.jsonl"]["state"] == files["g-good.jsonl"]["state"] == "done"
     for name, (_, reason) in poisons.items():
@@ -326,7 +326,7 @@ def test_a_file_the_process_died_preparing_twice_is_quarantined(tmp_path, tiny_m
         assert run_daemon(ws, "prepare").returncode == -signal.SIGKILL
         assert by_name(ws)["twice.jsonl"]["attempts"] == attempt
     done = run_daemon(ws)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 5, done.stderr[-2000:]  # exits.FILES_FAILED: the quarantined file
     files = by_name(ws)
     reason = "quarantined: the process died twice while preparing it (attempts 2)"
     assert files["twice.jsonl"]["state"] == "failed" and reason in files["twice.jsonl"]["error"]

@@ -30,7 +30,7 @@ def test_a_writer_pausing_mid_line_longer_than_stable_seconds_trains_whole(tmp_p
                 f.flush()
                 # the pause outlasts stable_seconds: the daemon sees a stable, cut file and says it waits
                 wait_for(lambda: status(ws).get("intake") == "waiting for slow.jsonl to finish"
-                         and status(ws)["updated_at"] >= written + 0.2, 30, "the status to say it waits")
+                         and status(ws)["updated_at"] >= written + 0.2, 120, "the status to say it waits")
                 assert "slow.jsonl" not in by_name(ws)
                 f.write(piece[-7:])
                 f.flush()
