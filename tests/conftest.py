@@ -41,3 +41,30 @@ def cli(*args) -> int:
     from evertrain.cli import main
 
     return main([str(a) for a in args])
+
+
+def break_weights_at(monkeypatch, file_step: int, sha256: str | None = None) -> list:
+    """From now on, the weights turn NaN when the file in training (only `sha256`, if given) reaches `file_step`,
+    as a bad update would leave them. Returns the sessions loop.setup makes (a rollback makes one more)."""
+    import torch
+
+    from evertrain import loop
+
+    sessions, real_setup, real_collate = [], loop.setup, loop.collate
+
+    def setup(*a, **k):
+        sessions.append(real_setup(*a, **k))
+        return sessions[-1]
+
+    def collate(batch_rows, pad_id, device):
+        progress = sessions[-1].progress
+        cursor = progress.cursors.get(progress.current or "")
+        if cursor is not None and cursor.file_step == file_step and sha256 in (None, progress.current):
+            with torch.no_grad():
+                for p in sessions[-1].model.parameters():
+                    p.fill_(float("nan"))
+        return real_collate(batch_rows, pad_id, device)
+
+    monkeypatch.setattr(loop, "setup", setup)
+    monkeypatch.setattr(loop, "collate", collate)
+    return sessions

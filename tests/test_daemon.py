@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 
-from conftest import cli
+from conftest import break_weights_at, cli
 from daemon_helpers import ThreadDaemon, by_name, drop, ledger_rows, make_ws, rows, status, wait_for
 
 from evertrain import checkpoint, loop, trace
@@ -253,28 +253,8 @@ def test_nan_loss_rolls_back_and_the_next_file_trains(tmp_path, tiny_model, monk
     drop(ws, "1-good.jsonl", rows(8, "good"))
     drop(ws, "2-poison.jsonl", rows(40, "poison"))
     drop(ws, "3-after.jsonl", rows(8, "after"))
-    sessions = []
-    real_setup, real_collate = loop.setup, loop.collate
-
-    def setup(*a, **k):
-        sessions.append(real_setup(*a, **k))
-        return sessions[-1]
-
-    poison_sha = sha256_file(ws / "inbox" / "2-poison.jsonl")
-
-    def collate(batch_rows, pad_id, device):
-        # The poison file's fifth step finds the weights broken (as a bad update would leave them).
-        progress = sessions[-1].progress
-        if progress.current == poison_sha and progress.cursors[poison_sha].file_step == 4:
-            import torch
-
-            with torch.no_grad():
-                for p in sessions[-1].model.parameters():
-                    p.fill_(float("nan"))
-        return real_collate(batch_rows, pad_id, device)
-
-    monkeypatch.setattr(loop, "setup", setup)
-    monkeypatch.setattr(loop, "collate", collate)
+    # The poison file's fifth step finds the weights broken.
+    sessions = break_weights_at(monkeypatch, 4, sha256_file(ws / "inbox" / "2-poison.jsonl"))
     with open(ws / "evertrain.toml") as f:
         text = f.read()
     (ws / "evertrain.toml").write_text(text.replace("save_steps = 0", "save_steps = 2"))

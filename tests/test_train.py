@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import cli, text_rows, write_jsonl
+from conftest import break_weights_at, cli, text_rows, write_jsonl
 
 from evertrain import checkpoint, loop, trace
 from evertrain.config import TrainConfig
@@ -234,24 +234,8 @@ def test_a_non_finite_loss_in_train_rolls_back_marks_the_file_failed_and_exits_4
               "--held-out-fraction", 0)
     assert train(out, write_jsonl(tmp_path / "good.jsonl", text_rows(4, "good")), *common) == 0  # steps 1-2
     poison = write_jsonl(tmp_path / "poison.jsonl", text_rows(20, "poison"))
-    real_collate, sessions = loop.collate, []
-    real_setup = loop.setup
-
-    def setup(*a, **k):
-        sessions.append(real_setup(*a, **k))
-        return sessions[-1]
-
-    def collate(batch_rows, pad_id, device):
-        progress = sessions[-1].progress
-        cursor = progress.cursors.get(progress.current or "")
-        if cursor is not None and cursor.file_step == 3:  # the weights break in the file's 4th step
-            with torch.no_grad():
-                for p in sessions[-1].model.parameters():
-                    p.fill_(float("nan"))
-        return real_collate(batch_rows, pad_id, device)
-
-    monkeypatch.setattr(loop, "setup", setup)
-    monkeypatch.setattr(loop, "collate", collate)
+    real_collate = loop.collate
+    sessions = break_weights_at(monkeypatch, 3)  # the weights break in the file's 4th step
     assert train(out, poison, *common) == 4
     err = capsys.readouterr().err
     assert "loss is nan at global step 6" in err and "rolled back to checkpoint-4 (global step 4)" in err
