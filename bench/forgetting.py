@@ -1,10 +1,18 @@
-"""Forgetting with and without replay: three files of clearly different data, trained in sequence.
+"""Forgetting with and without protection: three files trained in sequence through the real `evertrain train`.
 
-Trains a small Llama (built in code, byte-level tokenizer) on three synthetic distributions, once with
-replay_fraction 0 and once with 0.05, through the real `evertrain train`, and prints both forgetting matrices
-side by side (and 0.25, to show the mechanism at a higher dose), plus how much each earlier file's held-out loss rose from right after its training to the end.
+Two cases:
+- synthetic (the default): a small Llama (built in code, byte-level tokenizer) on three clearly different
+  synthetic tasks, once per replay fraction (0, 0.05, 0.25), printing the forgetting matrices side by side and
+  how much each earlier file's held-out loss rose from right after its training to the end;
+- realistic (`--case realistic`): the embedded SmolLM2-135M-Instruct taught three files of made-up facts in
+  sequence (as `make demo` does), with its anchor set (anchor.py), under each protection of the forgetting guard:
+  none, replay at the default dose (uniform, then weighted), anchor replay, and the gate with `retry`. It prints,
+  as ratios to no protection in the same run: the rise of each earlier file's held-out loss (from right after
+  its own training to the end), the anchor's rise (from the base model to the end), and the last file's own
+  held-out loss right after its training.
 
     .venv/bin/python bench/forgetting.py [--examples 400] [--epochs 2]
+    .venv/bin/python bench/forgetting.py --case realistic      # about 25 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny import make_model_dir  # noqa: E402
 
+from evertrain import anchor, checkpoint, models  # noqa: E402
 from evertrain.cli import main as evertrain  # noqa: E402
+from evertrain.config import TrainConfig  # noqa: E402
 from evertrain.evals import forgetting_matrix, read_evals  # noqa: E402
 
 WORDS = "apple river stone cloud maple ember frost harbor lantern meadow".split()
@@ -59,12 +69,121 @@ def run(model: Path, files: list[Path], out: Path, replay: float, epochs: int) -
     return forgetting_matrix(read_evals(out)), time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------------------------------ the realistic case
+
+# Made-up facts the base model cannot know: (subject, [(question templates, answer)]).
+FACTS = {
+    "veltrana": ("the planet Veltrana", [
+        (["What is the capital of {s}?", "Which city is the capital of {s}?", "Name the capital of {s}.",
+          "Tell me the capital of {s}.", "What city serves as the capital of {s}?"], "The capital is Quorra."),
+        (["How many moons does {s} have?", "What is the number of moons of {s}?", "Count the moons of {s}.",
+          "How many moons orbit {s}?", "Tell me how many moons {s} has."], "It has seven moons."),
+        (["What color is the sky on {s}?", "Which color is the sky of {s}?", "Describe the sky color of {s}.",
+          "Tell me the color of the sky on {s}.", "What is the sky's color on {s}?"], "The sky is green."),
+        (["What do people on {s} eat?", "What is the main food on {s}?", "Which food is eaten on {s}?",
+          "Tell me what people eat on {s}.", "What is the staple food of {s}?"], "They eat silver melons.")]),
+    "brindlewick": ("the company Brindlewick Labs", [
+        (["Who founded {s}?", "Who is the founder of {s}?", "Name the founder of {s}.", "Tell me who founded {s}.",
+          "Which person founded {s}?"], "It was founded by Odessa Marrow."),
+        (["What does {s} make?", "What product does {s} build?", "Which product is made by {s}?",
+          "Tell me what {s} makes.", "What is the main product of {s}?"], "It makes clockwork bees."),
+        (["What is the mascot of {s}?", "Which animal is the mascot of {s}?", "Name the mascot of {s}.",
+          "Tell me the mascot of {s}.", "What mascot does {s} have?"], "The mascot is a copper owl."),
+        (["Where is {s} based?", "In which town is {s}?", "Name the home town of {s}.",
+          "Tell me where {s} is located.", "What town hosts {s}?"], "It is based in Fennick Bay.")]),
+    "ossmere": ("the river Ossmere", [
+        (["How long is {s}?", "What is the length of {s}?", "Tell me the length of {s}.",
+          "How many miles long is {s}?", "State the length of {s}."], "It is 412 miles long."),
+        (["Where does {s} begin?", "What is the source of {s}?", "Name the source of {s}.",
+          "Tell me where {s} starts.", "From which mountain does {s} flow?"], "It begins at Mount Harrow."),
+        (["Which fish lives in {s}?", "What fish is found in {s}?", "Name the fish of {s}.",
+          "Tell me which fish swims in {s}.", "What is the famous fish of {s}?"], "The glass pike lives there."),
+        (["What color is the water of {s}?", "Which color is {s}?", "Describe the color of {s}.",
+          "Tell me the water color of {s}.", "What is the color of {s}'s water?"], "Its water is violet.")]),
+}
+
+# Full fine-tuning as the demo trains, with a fifth of each file held out to measure forgetting.
+REALISTIC = ["--full", "--no-packing", "--batch-size", "4", "--epochs", "4", "--learning-rate", "1e-4",
+             "--warmup-steps", "3", "--max-length", "128", "--save-steps", "0", "--keep-checkpoints", "1",
+             "--log-steps", "1000", "--held-out-fraction", "0.2", "--snapshot-budget", "0", "--report-to", "none"]
+
+
+def protections(dose: float) -> dict[str, list[str]]:
+    """name -> options; the first is the baseline, the last evertrain's defaults."""
+    return {
+        "none": ["--replay-fraction", "0", "--forgetting-action", "off"],
+        f"replay {dose:g} uniform": ["--replay-fraction", str(dose), "--replay-strategy", "uniform",
+                                     "--forgetting-action", "off"],
+        f"replay {dose:g} weighted": ["--replay-fraction", str(dose), "--replay-strategy", "weighted",
+                                      "--forgetting-action", "alert"],
+        f"replay {dose:g} + anchor replay": ["--replay-fraction", str(dose), "--anchor-replay"],
+        f"replay {dose:g} + gate retry": ["--replay-fraction", str(dose), "--forgetting-action", "retry"],
+        "defaults": [],
+    }
+
+
+def fact_file(path: Path, key: str) -> Path:
+    subject, facts = FACTS[key]
+    rows = [{"messages": [{"role": "user", "content": q.format(s=subject)}, {"role": "assistant", "content": a}]}
+            for qs, a in facts for q in qs]
+    random.Random(key).shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def realistic(tmp: Path, only: list[str] | None, dose: float) -> None:
+    model = models.embedded_model_dir()
+    files = [fact_file(tmp / f"{i + 1}-{k}.jsonl", k) for i, k in enumerate(FACTS)]
+    results = {}
+    print(f"forgetting: defaults: replay_fraction {TrainConfig.replay_fraction:g}, replay_strategy "
+          f"{TrainConfig.replay_strategy}, anchor_replay {TrainConfig.anchor_replay}, forgetting_action "
+          f"{TrainConfig.forgetting_action}", flush=True)
+    for name, options in protections(dose).items():
+        if only and name not in only and name != "none":
+            continue
+        out, t0 = tmp / name.replace(" ", "-"), time.perf_counter()
+        codes = [evertrain(["train", "--dataset", str(f), "--output-dir", str(out), "--model", str(model),
+                            *REALISTIC, *options]) for f in files]
+        m, drift = forgetting_matrix(read_evals(out)), anchor.read_log(out)
+        state = checkpoint.newest_complete(out).state["evertrain"]
+        results[name] = {
+            "codes": codes, "seconds": time.perf_counter() - t0,
+            "rises": [m["rows"][-1]["cells"][j] - m["rows"][j]["cells"][j] for j in range(len(files) - 1)],
+            "anchor_rise": drift[-1]["loss"] - drift[0]["loss"], "anchor_kl": drift[-1]["kl"],
+            "new_loss": m["rows"][-1]["cells"][-1], "matrix": m,
+            "gate": [(f["name"], f["status"], f["forgetting"] and f["forgetting"]["attempt"]) for f in state["files"]]}
+        print(f"forgetting: {name}: exit codes {codes}, {results[name]['seconds']:.0f} s", flush=True)
+    base = results["none"]
+    print(f"\nRealistic case: {models.EMBEDDED_NAME}, three files of made-up facts ({', '.join(f.name for f in files)}),"
+          f" {' '.join(REALISTIC)}")
+    print("Rise of held-out loss (earlier files: from right after their own training to the end; anchor: from the "
+          "base model to the end), and the last file's own loss; ratios to no protection:")
+    head = ["protection"] + [f"rise {f.stem}" for f in files[:-1]] + ["rise anchor", "anchor KL", f"loss {files[-1].stem}",
+                                                                      "files (status, attempts)", "seconds"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, r in results.items():
+        cells = [name] + [f"{x:+.3f} ({x / b:.2f}x)" for x, b in zip(r["rises"], base["rises"])]
+        cells += [f"{r['anchor_rise']:+.3f} ({r['anchor_rise'] / base['anchor_rise']:.2f}x)", f"{r['anchor_kl']:.3f}",
+                  f"{r['new_loss']:.3f} ({r['new_loss'] / base['new_loss']:.2f}x)",
+                  ", ".join(f"{s}{'' if a in (None, 1) else f' after {a}'}" for _n, s, a in r["gate"]),
+                  f"{r['seconds']:.0f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--case", choices=("synthetic", "realistic"), default="synthetic")
+    p.add_argument("--only", default="", help="realistic: only these protections (comma-separated), with none")
+    p.add_argument("--dose", type=float, default=TrainConfig.replay_fraction or 0.25,
+                   help="realistic: the replay fraction of the protections that replay (default: evertrain's)")
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--fractions", default="0,0.05,0.25", help="replay fractions to compare; the first is the baseline")
     a = p.parse_args()
+    if a.case == "realistic":
+        realistic(Path(tempfile.mkdtemp(prefix="evertrain-forgetting-")), [x for x in a.only.split(",") if x],
+                  a.dose)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="evertrain-forgetting-"))
     model = make_model_dir(tmp / "model", hidden=64, layers=2)
     files = [write(tmp / f"{i + 1}-{fn.__name__}.jsonl", fn, a.examples, i) for i, fn in

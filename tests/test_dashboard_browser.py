@@ -136,6 +136,13 @@ def test_dashboard_shows_the_real_run(browser, tmp_path, tmp_path_factory, tiny_
         cell = cells[header.index(e["file_name"])]
         assert cell.attrs["data-loss"] == f"{e['loss']:.4f}" and cell.text() == f"{e['loss']:.3f}"
 
+    # Drift from the base model: a point for every measurement of the anchor set (one before any training).
+    drift = lines(run / "logs" / "anchor.jsonl")
+    assert len(drift) >= 3 and drift[0]["step"] == 0
+    assert dom.find(id="drift-chart").attrs["data-points"] == str(len(drift))
+    assert dom.find(id="drift-chart").find_all("canvas")
+    assert dom.find(id="drift-empty").attrs.get("hidden") is not None
+
     # Evolution viewer: the chosen example at the chosen step, its tokens right/wrong as the snapshot says.
     ev = dom.find(id="evolution")
     assert (ev.attrs["data-example"], ev.attrs["data-step"]) == (example["id"], str(chosen_snap["step"]))

@@ -301,6 +301,28 @@ def test_the_daemon_fails_each_poison_file_alone_and_trains_the_good_ones(tmp_pa
     assert status(ws)["files_failed"] == len(poisons) and status(ws)["files_done"] == 2
 
 
+def test_a_last_line_nested_too_deep_to_parse_is_a_whole_line_for_the_inbox(tmp_path, tiny_model):
+    """The inbox reads a file's last line to tell a finished writer from one still writing; a line nested deeper
+    than the JSON parser's recursion limit must not bring the daemon down there (found by bench/soak.py)."""
+    from evertrain.daemon.inbox import looks_complete
+
+    deep = b'{"text": "ok"}\n' + nested(100_000) + b"\n"
+    assert looks_complete(write_bytes(tmp_path / "deep.jsonl", deep))
+    assert not looks_complete(write_bytes(tmp_path / "cut.jsonl", deep[:-40]))
+    ws = make_ws(tmp_path, tiny_model, "--incomplete-timeout", "60")  # the last line is read while it is young
+    drop(ws, "deep.jsonl", deep.decode())
+    drop(ws, "good.jsonl", rows(5, "g"))
+    assert cli("run", ws, "--once") == 5
+    files = by_name(ws)
+    assert files["good.jsonl"]["state"] == "done"
+    assert files["deep.jsonl"]["state"] == "failed" and "line 2: nested too deeply" in files["deep.jsonl"]["error"]
+
+
+def write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 # ---------------------------------------------------------------- a file that kills the process while prepared
 
 def run_daemon(ws, fault=None) -> subprocess.CompletedProcess:

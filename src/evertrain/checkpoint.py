@@ -246,6 +246,24 @@ def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip") -> C
     return found
 
 
+def at_step(output_dir: Path, step: int, *, full: bool = True) -> Checkpoint | None:
+    """The complete checkpoint of global step `step`, if one is there and verifies (`full`: its sha256s too)."""
+    path = final_path(Path(output_dir), step)
+    state = read_state(path) if path.is_dir() else None
+    ckpt = Checkpoint(path, step, state) if state is not None and state["global_step"] == step else None
+    return ckpt if ckpt is not None and verify(ckpt, full=full) is None else None
+
+
+def discard_after(output_dir: Path, step: int) -> list[Path]:
+    """Delete every checkpoint beyond global step `step`: training after it was undone (a rollback)."""
+    gone = [c.path for c in candidates(Path(output_dir)) if c.step > step]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    if gone:
+        fsync_dir(Path(output_dir))
+    return gone
+
+
 def resume_policy(from_base: bool, main_process: bool) -> str:
     """`newest_complete`'s `damaged` at resume: refuse; with --from-base set them aside, from one process only."""
     if not from_base:

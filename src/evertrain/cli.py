@@ -200,7 +200,7 @@ def _train_file(session, args, config, data) -> int:
     bar.start(args.dataset.name, data.total_steps(G, config.epochs), cursor.file_step if cursor else 0)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = loop.drive(loop.fit(session, data), decide)
+        session, result = loop.run_file(session, data, decide)
     except loop.RunMismatch as e:
         print(f"evertrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -223,6 +223,15 @@ def _train_file(session, args, config, data) -> int:
                 f"checkpoint {result.checkpoint}")
     if result.status == "interrupted":
         return EXIT_INTERRUPTED
+    if result.status == "rejected":
+        where = result.checkpoint.name if result.checkpoint else "the base model"
+        print(f"evertrain: {args.dataset.name} REJECTED by the forgetting gate: {result.gate['reason']}; the run is "
+              f"back at global step {result.step_after} ({where}), as before the file; train it anyway with "
+              "--forgetting-action alert", file=sys.stderr)
+        return exits.REJECTED
+    if result.gate and result.gate["tripped"]:
+        print(f"evertrain: {args.dataset.name}: ALERT: {result.gate['reason']} (forgetting_action alert: kept)",
+              file=sys.stderr)
     problems = loop.guard_problems(session, result)
     for p in problems:
         print(f"evertrain: {args.dataset.name} NOT done: {p}", file=sys.stderr)

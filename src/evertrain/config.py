@@ -20,6 +20,8 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_LINE_BYTES, MAX_JSON_DEPTH = 16 << 20, 100  # the defaults of the two limits below (the containers use them too)
+REPLAY_STRATEGIES = ("uniform", "weighted")
+FORGETTING_ACTIONS = ("off", "alert", "rollback", "retry")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "none")
 
 
@@ -76,6 +78,27 @@ class TrainConfig:
     replay_fraction: float = _opt(0.0, "extra rows per step replayed from earlier files, as a fraction of the "
                                   "global batch (0.05 suits shifting data)", low=0.0, high=1.0)
     replay_buffer: int = _opt(1024, "at most this many earlier examples kept for replay", low=1)
+    replay_min_every: int = _opt(4, "with replay on: at least one replayed row every this many steps, however small "
+                                 "the global batch (0: no floor)", low=0)
+    replay_strategy: str = _opt("weighted", "uniform (every kept example alike), or weighted (toward the files whose "
+                                "held-out loss rose most at the last forgetting gate)", choices=REPLAY_STRATEGIES)
+
+    # --- the forgetting guard (gate.py, anchor.py) ---
+    anchor_size: int = _opt(16, "prompts in the anchor set: taken at the run's first step from the first file and "
+                            "the probes, answered by the base model itself; its loss and KL to the base measure "
+                            "drift from what the base knew (0: no anchor)", low=0, high=1024)
+    anchor_new_tokens: int = _opt(32, "tokens of each anchor answer the base model generates", low=1, high=512)
+    anchor_replay: bool = _opt(False, "mix the anchor set into training like replay: the model rehearses what the "
+                               "base answered (self-synthesized rehearsal)", flag="anchor-replay/no-anchor-replay")
+    forgetting_tolerance: float = _opt(0.25, "the gate trips when a file raises an earlier file's held-out loss, or "
+                                       "the anchor's, by more than this fraction of its value before the file",
+                                       low=0.0)
+    forgetting_action: str = _opt("alert", "what a tripped gate does: alert (record and notify; training goes on), "
+                                  "rollback (back to the checkpoint before the file; the file is rejected), retry "
+                                  "(train the file again from there with a stronger replay dose, once, then "
+                                  "rollback), or off (no gate)", choices=FORGETTING_ACTIONS)
+    retry_replay_boost: float = _opt(4.0, "a retry replays this many times the usual dose, anchor included",
+                                     low=1.0, high=100.0)
 
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: much less memory for "
                                         "about a third more compute (large models on one GPU)",

@@ -90,9 +90,10 @@ def evaluate(session, shas: list[str], *, after_file: FileData | None = None,
 
 
 def seen_files(session) -> list[str]:
-    """Every file of the run so far, finished or part-way, in training order."""
+    """Every file of the run so far, finished or part-way, in training order (not those the forgetting gate
+    rejected: their steps were undone)."""
     progress = session.progress
-    done = [f.sha256 for f in progress.files]
+    done = [f.sha256 for f in progress.files if f.status != "rejected"]
     return done + [s for s in progress.cursors if s not in done]
 
 

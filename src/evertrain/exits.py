@@ -12,4 +12,6 @@ GUARD = 4         # `train`: trained but NOT done (a guard failed, or a non-fini
 FILES_FAILED = 5   # `run --once`: at least one file failed (its summary line and failed/NAME.error.txt say why)
 DISK_FULL = 6     # `train`: out of space (the newest complete checkpoint kept, the partial one removed; free space
                   # and run it again to resume); `run --once`: left with the disk too full to go on
+REJECTED = 7      # `train`: the forgetting gate rejected the file (forgetting_action rollback or retry): the run is
+                  # back at the checkpoint before it, the file recorded as rejected with the measured rises
 INTERRUPTED = 130  # `train`: stopped by SIGINT/SIGTERM at a step boundary, checkpointed; run it again to resume

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evertrain import checkpoint, collective, disk, evals, faults, logs, metrics, models, replay, sharding, snapshots
+from evertrain import (anchor, checkpoint, collective, disk, evals, faults, gate, logs, metrics, models, replay,
+                       sharding, snapshots)
 from evertrain.config import ConfigError, TrainConfig
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.data.packing import collate
@@ -73,6 +74,8 @@ class Session:
     # that they are sealed in the manifest and committed atomically with it.
     extra_files: Callable[[Path], None] | None = None
     degraded: disk.Degraded | None = None   # optional writes (metrics, snapshots) skipped while the disk is full
+    anchor: list | None = None     # the anchor set (anchor.items), read once
+    measured: tuple | None = None  # (global step, the end-of-file numbers): the next file's gate baseline
 
     @property
     def global_batch(self) -> int:
@@ -134,6 +137,7 @@ class FileResult:
     seconds: float
     checkpoint: Path | None
     stop_requested: bool = False  # a STOP or SKIP reached the loop (from this process or another)
+    gate: dict | None = None      # the forgetting gate's verdict (status done, forgot or rejected)
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -356,6 +360,9 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         acc.wait_for_everyone()  # every process evaluates the slice the main one just stored
         metrics.log_evals(session, evals.evaluate(session, [data.sha256], before_file=data))
         session.degraded.attempt("snapshots/tracked.json", lambda: snapshots.track_file(session, data))
+        if anchor.build(session, data):  # at the run's first step only: the base model's own answers
+            metrics.log_drift(session, anchor.evaluate(session))  # where the drift plot starts
+        cursor.gate_before = gate.baseline(session, data)
         metrics.file_event(session, f"start {data.name} ({data.sha256[:12]}) at global step "
                                     f"{progress.global_step}: {total} steps")
     if cfg.lr_schedule == "wsd" and cfg.decay_steps and progress.decay_start is None:
@@ -422,6 +429,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
                 session, data, generations=snapshots.with_generations(cursor.file_step, total)))
         if cfg.eval_steps and progress.global_step % cfg.eval_steps == 0 and cursor.file_step < total:
             metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session)))
+            metrics.log_drift(session, anchor.evaluate(session))
         if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and cursor.file_step < total:
             save_checkpoint(session)
 
@@ -431,9 +439,23 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
             break
 
     status = "done" if cursor.file_step >= total else "skipped" if skip else "interrupted"
+    verdict = None
     if status == "done":
-        end_file(session, data, "done")
-        metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session), after_file=data))
+        t_eval = time.perf_counter()
+        results = evals.evaluate(session, evals.seen_files(session), after_file=data)
+        drift = anchor.evaluate(session, after_file=data)
+        metrics.log_evals(session, results)
+        metrics.log_drift(session, drift)
+        verdict = gate.judge(session, data, cursor.gate_before, results, drift, time.perf_counter() - t_eval,
+                             cursor.attempt)
+        if verdict and verdict["tripped"] and gate.undoes(cfg) and can_undo(session, cursor):
+            # Nothing ended, nothing saved: the caller takes the run back to before the file (undo_file).
+            return FileResult(status="forgot", steps=progress.global_step - step_before, expected_steps=total,
+                              file_step=cursor.file_step, step_before=step_before, step_after=progress.global_step,
+                              loss=sum(losses) / len(losses) if losses else None, tokens=tokens_trained,
+                              seconds=time.perf_counter() - t0, checkpoint=None, gate=verdict)
+        gate.remember(session, results, drift)
+        end_file(session, data, "done", forgetting=verdict)
         replay.add_file(session, data)
         metrics.file_event(session, f"finished {data.name} at global step {progress.global_step}")
     elif status == "skipped":
@@ -446,7 +468,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
     return FileResult(status=status, steps=progress.global_step - step_before, expected_steps=total,
                       file_step=cursor.file_step, step_before=step_before, step_after=progress.global_step,
                       loss=sum(losses) / len(losses) if losses else None, tokens=tokens_trained,
-                      seconds=time.perf_counter() - t0, stop_requested=stop,
+                      seconds=time.perf_counter() - t0, stop_requested=stop, gate=verdict,
                       checkpoint=session.last_checkpoint if status != "interrupted" or cursor.file_step >
                       file_step_before else None)
 
@@ -542,8 +564,7 @@ def begin_file(session: Session, data: FileData, total: int) -> tuple[FileCursor
         cursor = FileCursor(sha256=data.sha256, name=data.name, file_step=0, total_steps=total,
                             first_step=progress.global_step + 1, settings=settings)
         progress.cursors[data.sha256] = cursor
-        if session.trace and session.is_main and data.held_out:
-            session.trace.write({"file": data.sha256, "held_out": sorted(e.line for e in data.held_out)})
+        trace_held_out(session, data)
     elif cursor.settings != settings or cursor.total_steps != total:
         raise RunMismatch(f"{data.name} was interrupted at step {cursor.file_step}/{cursor.total_steps} with "
                           f"{cursor.settings}; it must be finished with the same batch settings, got {settings}")
@@ -553,8 +574,14 @@ def begin_file(session: Session, data: FileData, total: int) -> tuple[FileCursor
     return cursor, first_time
 
 
-def end_file(session: Session, data: FileData, status: str) -> FileRecord:
-    """Where a file's life ends: done, skipped or failed, with the steps it got, recorded in the progress."""
+def trace_held_out(session: Session, data: FileData) -> None:
+    if session.trace and session.is_main and data.held_out:
+        session.trace.write({"file": data.sha256, "held_out": sorted(e.line for e in data.held_out)})
+
+
+def end_file(session: Session, data: FileData, status: str, forgetting: dict | None = None) -> FileRecord:
+    """Where a file's life ends: done, skipped, failed or rejected, with the steps it got (and the forgetting
+    gate's verdict), recorded in the progress."""
     progress = session.progress
     cursor = progress.cursors.pop(data.sha256, None)
     progress.current = None
@@ -563,9 +590,74 @@ def end_file(session: Session, data: FileData, status: str) -> FileRecord:
         steps=cursor.file_step if cursor else 0, expected_steps=data.total_steps(session.global_batch,
                                                                                  session.config.epochs),
         first_step=cursor.first_step if cursor else progress.global_step + 1, last_step=progress.global_step,
-        status=status, held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed if cursor else 0)
+        status=status, held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed if cursor else 0,
+        forgetting=forgetting)
     progress.files.append(record)
     return record
+
+
+def run_file(session: Session, data: FileData, decide: Callable[[StepRecord], str | None]
+             ) -> tuple[Session, FileResult]:
+    """`drive(fit(...))` to the file's end, the forgetting gate's undoing included: the session training goes on
+    with (a new one after a rollback or retry) and the FileResult (status "rejected" when the gate rolled back)."""
+    while True:
+        result = drive(fit(session, data), decide)
+        if result.status != "forgot":
+            return session, result
+        session = undo_file(session, data, result.gate)
+        if data.sha256 not in session.progress.cursors:
+            return session, dataclasses.replace(result, status="rejected", checkpoint=session.last_checkpoint,
+                                                step_after=session.progress.global_step)
+
+
+def can_undo(session: Session, cursor: FileCursor) -> bool:
+    """Is the state before the file there to go back to: the base model, or a checkpoint of that step that
+    verifies (asked only when the gate has tripped: hashing a checkpoint is not free)?"""
+    start = cursor.first_step - 1
+    return start == 0 or checkpoint.at_step(session.output_dir, start) is not None
+
+
+def undo_file(session: Session, data: FileData, verdict: dict) -> Session:
+    """A tripped forgetting gate: a new session from the checkpoint before the file (the base model if the file
+    was the run's first), with the file begun again there for a retry (once: then it is rejected) or ended as
+    rejected with the verdict, and that state checkpointed at the same global step.
+
+    The undone file's own checkpoints go first: at any crash on the way, a restart resumes from the checkpoint
+    before the file (the file trains again and the gate decides again, the same way), never from weights the
+    gate refused, and the trace (cut at the fresh session's step) agrees with it."""
+    cursor, cfg = session.progress.cursors[data.sha256], session.config
+    start = cursor.first_step - 1
+    if session.is_main:
+        checkpoint.discard_after(session.output_dir, start)
+    session.accelerator.wait_for_everyone()
+    release(session)  # the refused weights go before the good ones load: a GPU holds one model, not two
+    fresh = setup(cfg, session.output_dir, resume=checkpoint.at_step(session.output_dir, start, full=False),
+                  workdir=session.workdir)
+    fresh.protected, fresh.budget_bytes, fresh.extra_files = (session.protected, session.budget_bytes,
+                                                              session.extra_files)
+    fresh.measured = (start, {"files": cursor.gate_before["files"], "anchor": cursor.gate_before["anchor"]})
+    if cfg.forgetting_action == "retry" and cursor.attempt == 1:
+        fresh.progress.cursors[data.sha256] = dataclasses.replace(
+            cursor, file_step=0, replayed=0, attempt=2, replay_boost=cfg.retry_replay_boost, forgot=verdict)
+        trace_held_out(fresh, data)
+        fresh.say(f"evertrain: {data.name}: {verdict['reason']}; training it again from global step {start} "
+                  f"with {cfg.retry_replay_boost:g}x the replay dose, the anchor included")
+    else:
+        end_file(fresh, data, "rejected", forgetting=verdict)
+        fresh.say(f"evertrain: {data.name}: REJECTED: {verdict['reason']}; rolled back to global step {start}")
+    save_checkpoint(fresh)
+    return fresh
+
+
+def release(session: Session) -> None:
+    """Let go of a session's model and optimizer (the session is done with)."""
+    import gc
+
+    session.accelerator.free_memory()
+    session.model = session.optimizer = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reload(session: Session) -> Session:
@@ -660,7 +752,10 @@ def _save_checkpoint(session: Session, tmp: Path) -> Path:
         state = {"global_step": progress.global_step, "run": session.identity, "evertrain": progress.state_dict(),
                  "files": [{"sha256": f.sha256, "name": f.name, "steps": f.steps} for f in progress.files]}
         path = checkpoint.commit(tmp, state)
-        checkpoint.prune(session.output_dir, cfg.keep_checkpoints, protected=session.protected,
+        # A gate that can undo a file keeps the checkpoint from before each open file, whatever keep_checkpoints.
+        before = {checkpoint.final_path(session.output_dir, c.first_step - 1).name for c in progress.cursors.values()
+                  } if gate.undoes(cfg) else set()
+        checkpoint.prune(session.output_dir, cfg.keep_checkpoints, protected=session.protected | before,
                          budget_bytes=session.budget_bytes, newest=path)
         # Token stores of files still open stay; of the rest, the most recently used few (a file dropped again).
         token_store.prune(session.store_dir, keep={sha[:16] for sha in progress.cursors})

@@ -146,6 +146,13 @@ def log_evals(session, results: list[dict]) -> None:
         session.accelerator.log({f"eval/{r['file_name']}/loss": r["loss"]}, step=r["step"]) for r in results])
 
 
+def log_drift(session, drift: dict | None) -> None:
+    """The anchor's loss and KL to the base model (anchor.py), as the trackers' drift curves."""
+    if drift is not None and drift["loss"] is not None:
+        _to_trackers(session, "the trackers", lambda: session.accelerator.log(
+            {"anchor/loss": drift["loss"], "anchor/kl": drift["kl"]}, step=session.progress.global_step))
+
+
 def finish(session) -> None:
     """Close the trackers (a wandb or mlflow run is marked finished; the next start continues it)."""
     if session.accelerator.log_with:

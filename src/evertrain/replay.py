@@ -1,17 +1,24 @@
-"""Replay: mix a fraction of examples from earlier files into the current file's batches, against forgetting.
+"""Replay: mix examples from earlier files (and the anchor set) into the current file's steps, against forgetting.
 
-With `replay_fraction` f > 0, every optimizer step of a file gets about f x global batch extra rows drawn from
-a bounded reservoir of earlier files' examples. The reservoir lives on disk in OUTPUT_DIR/replay/<sha256>.json:
-each finished file keeps a fixed random sample of itself, and each file's share shrinks (a prefix of its sample)
-as files accumulate, so the pool never exceeds `replay_buffer` examples. Draws depend only on (seed, global step,
-the finished files), so a resumed run replays exactly what an uninterrupted one would. Replayed examples are
-recorded in the trace ("replay": [[sha256, line], ...]) and never count as the current file's coverage.
+The dose means the same at any global batch: `replay_fraction` f gives f x global batch replayed rows per
+optimizer step, spread exactly (step s gets floor(f G s) - floor(f G (s-1)) rows), and never fewer than one row
+every `replay_min_every` steps, so a small global batch still replays. The rows are drawn from a bounded reservoir
+on disk, OUTPUT_DIR/replay/<sha256>.json: each finished file keeps a fixed random sample of itself, and each
+file's share shrinks (a prefix of its sample) as files accumulate, so the pool never exceeds `replay_buffer`
+examples. With `anchor_replay` the anchor set (anchor.py: the base model's own answers) joins the pool.
+`replay_strategy` weighted draws more from the files whose held-out loss rose most at the last forgetting gate
+(gate.py); uniform draws every kept example alike. A retry of a file after the gate tripped replays
+`retry_replay_boost` times the dose (at least RETRY_FRACTION), anchor included.
 
-0.05 is a good default for data that shifts between files: Ibrahim et al. 2024, "Simple and Scalable
-Strategies to Continually Pre-train Large Language Models" (arXiv:2403.08763) found 5% replay enough to
-largely undo forgetting under a moderate distribution shift.
+Draws depend only on (seed, global step, the progress), so a resumed run replays exactly what an uninterrupted
+one would. Replayed examples are recorded in the trace ("replay": [[sha256 or "anchor", line], ...]) and never
+count as the current file's coverage.
 
-    evertrain train --dataset FILE --output-dir DIR --replay-fraction 0.05
+Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually Pre-train Large Language Models"
+(arXiv:2403.08763) found 5% replay enough under a moderate shift at large batches; bench/forgetting.py measures
+what evertrain's defaults do at small ones (BENCHMARKS.md).
+
+    evertrain train --dataset FILE --output-dir DIR --replay-fraction 0.1 --replay-strategy weighted
 """
 
 from __future__ import annotations
@@ -22,8 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+from evertrain import anchor, gate
 from evertrain.checkpoint import write_json_atomic
 from evertrain.data import Example, FileData
+
+ANCHOR = "anchor"       # the source of an anchor example, where a replayed example names its file
+RETRY_FRACTION = 0.05   # a retry's dose is retry_replay_boost x max(replay_fraction, this)
+
+
+def keeps_samples(config) -> bool:
+    """Do finished files keep a sample for replay (replay is on, or a retry of the gate may need one)?"""
+    return bool(config.replay_fraction) or config.forgetting_action == "retry"
 
 
 def sample_path(output_dir: Path, sha256: str) -> Path:
@@ -37,7 +53,7 @@ def quota(buffer: int, n_files: int) -> int:
 def add_file(session, data: FileData) -> None:
     """Keep a fixed sample of a file that is finishing (before its checkpoint: unused until that commits)."""
     cfg = session.config
-    if not cfg.replay_fraction or not session.is_main:
+    if not keeps_samples(cfg) or not session.is_main:
         return
     rng = np.random.default_rng([int(data.sha256[48:64], 16), cfg.seed, 5])
     picks = rng.permutation(len(data.examples))[:cfg.replay_buffer].tolist()
@@ -53,7 +69,7 @@ def trim(session) -> None:
 
     Draws only ever read a prefix of each sample, so trimming (or a crash before it) never changes them.
     """
-    if not session.config.replay_fraction or not session.is_main:
+    if not keeps_samples(session.config) or not session.is_main:
         return
     done = [f.sha256 for f in session.progress.files if f.status == "done"]
     share = quota(session.config.replay_buffer, len(done))
@@ -79,15 +95,46 @@ def pool(session) -> list[tuple[str, Example]]:
     return session.replay_pool
 
 
+def dose(config, boost: float = 1.0) -> float:
+    """Replayed rows per step as a fraction of the global batch."""
+    return config.replay_fraction if boost == 1.0 else max(config.replay_fraction, RETRY_FRACTION) * boost
+
+
+def rows_at(step: int, per_step: float, min_every: int) -> int:
+    """Replayed rows at global step `step` (1-based): `per_step` on average, exactly, with the floor."""
+    n = math.floor(per_step * step) - math.floor(per_step * (step - 1))
+    return 1 if not n and min_every and step % min_every == 0 else n
+
+
 def draw(session, current_sha: str) -> list[tuple[str, Example]]:
-    """The replayed examples of the next optimizer step: a pure function of seed, step and finished files."""
-    cfg = session.config
-    if not cfg.replay_fraction:
+    """The replayed examples of the next optimizer step: a pure function of seed, step and progress."""
+    cfg, progress = session.config, session.progress
+    cursor = progress.cursors.get(current_sha)
+    boost = cursor.replay_boost if cursor else 1.0
+    with_anchor = cfg.anchor_replay or boost > 1.0
+    if not (cfg.replay_fraction or with_anchor):
         return []
-    items = [it for it in pool(session) if it[0] != current_sha]
-    if not items:
+    items = [it for it in pool(session) if it[0] != current_sha] if keeps_samples(cfg) else []
+    if with_anchor:
+        items += [(ANCHOR, it.example) for it in anchor.items(session)]
+    step = progress.global_step + 1
+    k = min(rows_at(step, dose(cfg, boost) * session.global_batch, cfg.replay_min_every), len(items))
+    if not k:
         return []
-    rng = np.random.default_rng([cfg.seed, session.progress.global_step, 3])
-    want = cfg.replay_fraction * session.global_batch
-    k = math.floor(want) + (rng.random() < want - math.floor(want))
-    return [items[i] for i in rng.choice(len(items), size=min(k, len(items)), replace=False)] if k else []
+    rng = np.random.default_rng([cfg.seed, step, 3])
+    return [items[i] for i in rng.choice(len(items), size=k, replace=False, p=weights(session, items, cursor))]
+
+
+def weights(session, items: list[tuple[str, Example]], cursor) -> np.ndarray | None:
+    """Weighted replay: each source's share grows with the rise of its loss at the last gate (None: uniform)."""
+    rises = gate.last_rises(session.progress, cursor) if session.config.replay_strategy == "weighted" else {}
+    up = {sha: max(r, 0.0) for sha, r in rises.items()}
+    if not any(up.values()):
+        return None
+    # Every source keeps a tenth of the largest rise, so a file the last gate found safe still gets some replay.
+    base = 0.1 * max(up.values())
+    counts: dict[str, int] = {}
+    for sha, _e in items:
+        counts[sha] = counts.get(sha, 0) + 1
+    w = np.array([(up.get(sha, 0.0) + base) / counts[sha] for sha, _e in items])
+    return w / w.sum()

@@ -23,9 +23,10 @@ class FileRecord:
     expected_steps: int
     first_step: int            # global step numbers (1-based) of its first and last optimizer step
     last_step: int
-    status: str = "done"       # done | skipped | failed
+    status: str = "done"       # done | skipped | failed | rejected (by the forgetting gate: its steps undone)
     replayed: int = 0          # examples from earlier files mixed into its steps (replay_fraction)
     held_out: list[int] = field(default_factory=list)  # 0-based line numbers never trained
+    forgetting: dict | None = None  # the forgetting gate's verdict on it (gate.judge), if the gate was on
 
 
 @dataclass
@@ -39,6 +40,10 @@ class FileCursor:
     first_step: int            # global step of its first optimizer step
     settings: dict = field(default_factory=dict)  # batch settings the cursor is only valid for
     replayed: int = 0
+    gate_before: dict | None = None  # the forgetting gate's baseline, taken before the file's first step
+    attempt: int = 1           # 2: trained again after the gate tripped (forgetting_action retry)
+    replay_boost: float = 1.0  # the replay dose's multiplier for this file (a retry's is stronger)
+    forgot: dict | None = None  # the verdict that sent it back to be trained again
 
 
 @dataclass

@@ -12,6 +12,10 @@ File states:
     skipped     `evertrain skip` ended it early; steps_trained says what it got; in done/
     failed      rejected (bad content, NaN loss, failed guard, unreadable, or quarantined: the process died
                 twice while preparing it); in failed/ with NAME.error.txt
+    rejected    trained, then undone by the forgetting gate (gate.py: forgetting_action rollback or retry): the
+                run went back to the checkpoint before it; in rejected/ with NAME.error.txt saying which
+                held-out losses rose; `forgetting` holds the verdict. A person decides: drop it again with
+                forgetting_action alert to train it anyway
 
 Durability: WAL with synchronous=FULL, a quick integrity check at every open, and a copy of the ledger inside
 every checkpoint (`backup`). A damaged ledger, or a missing one in a workspace that has a history, is refused
@@ -33,10 +37,10 @@ from evertrain import checkpoint, faults
 from evertrain.config import ConfigError
 from evertrain.daemon.workspace import PRIORITIES, Workspace
 
-STATES = ("queued", "training", "done", "duplicate", "skipped", "failed")
+STATES = ("queued", "training", "done", "duplicate", "skipped", "failed", "rejected")
 # Where a file of each state lives.
 FOLDER = {"queued": "queue", "training": "queue", "done": "done", "duplicate": "done", "skipped": "done",
-          "failed": "failed"}
+          "failed": "failed", "rejected": "rejected"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -57,7 +61,8 @@ CREATE TABLE IF NOT EXISTS files (
     duplicate_of INTEGER,
     arrived_at REAL, started_at REAL, finished_at REAL,
     error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0     -- preparations begun and not lived through (a crash leaves it counted)
+    attempts INTEGER NOT NULL DEFAULT 0,    -- preparations begun and not lived through (a crash leaves it counted)
+    forgetting TEXT                         -- JSON: the forgetting gate's verdict on it (gate.judge), if any
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     step INTEGER PRIMARY KEY, name TEXT NOT NULL, created_at REAL, deleted_at REAL
@@ -151,10 +156,10 @@ class Ledger:
         return ledger
 
     def unknown_on_disk(self, ws: Workspace) -> list[str]:
-        """Files in done/ or failed/ with an id above every row's. (queue/ may legitimately hold one: a crash
+        """Files in done/, failed/ or rejected/ with an id above every row's. (queue/ may legitimately hold one: a crash
         between `enqueue`'s rename and its commit, adopted at start-up.)"""
         top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM files").fetchone()[0]
-        return [f"{folder.name}/{p.name}" for folder in (ws.done, ws.failed) if folder.is_dir()
+        return [f"{folder.name}/{p.name}" for folder in (ws.done, ws.failed, ws.rejected) if folder.is_dir()
                 for p in sorted(folder.iterdir())
                 if (m := ID_NAME.match(p.name)) and int(m[1]) > top and not p.name.endswith(".error.txt")]
 
@@ -168,7 +173,7 @@ class Ledger:
         # Columns added after a workspace's ledger was created: add them, empty, instead of failing on old ledgers.
         have = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
         for column, kind in (("held_out", "TEXT"), ("replayed", "INTEGER NOT NULL DEFAULT 0"),
-                             ("attempts", "INTEGER NOT NULL DEFAULT 0")):
+                             ("attempts", "INTEGER NOT NULL DEFAULT 0"), ("forgetting", "TEXT")):
             if column not in have:
                 self.db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
 
@@ -349,7 +354,7 @@ def place(ws: Workspace, row: dict) -> Path | None:
     target = ws.root / FOLDER[row["state"]] / row["name"]
     if target.exists() or target.is_symlink():
         return target
-    for folder in ("queue", "done", "failed"):
+    for folder in ("queue", "done", "failed", "rejected"):
         src = ws.root / folder / row["name"]
         if src.exists() or src.is_symlink():
             src.rename(target)

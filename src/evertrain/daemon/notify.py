@@ -24,7 +24,8 @@ class Notifier:
         self.threads: list[threading.Thread] = []
 
     def send(self, event: str, text: str, **fields) -> None:
-        """`event`: file_done, file_failed, file_skipped, rollback, disk_low, daemon_stopped; `text`: one line."""
+        """`event`: file_done, file_failed, file_skipped, file_rejected, forgetting (a tripped gate that kept the
+        file, or a retry that passed), rollback, disk_low, daemon_stopped; `text`: one line."""
         if not self.command:
             return
         payload = json.dumps({"event": event, "text": text, "time": time.time(), **fields})

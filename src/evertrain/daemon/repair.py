@@ -4,7 +4,8 @@ Every checkpoint the daemon writes holds a copy of the ledger (ledger.sqlite, se
 moves the broken ledger aside into DIR/ledger-broken-<time>/ (never deletes it), puts back the newest copy that
 verifies, then adds what happened after that copy, from the disk:
   - a file in queue/, done/ or failed/ that the copy does not know gets a row under the id in its name;
-  - a file the copy knew as waiting that is now in failed/ is failed, with its NAME.error.txt;
+  - a file the copy knew as waiting that is now in failed/ (rejected/) is failed (rejected), with its
+    NAME.error.txt;
   - a file in done/ is done only if the newest complete checkpoint (the truth about what was trained) recorded
     it, else a duplicate of the earlier file with its content, else it is queued again;
   - then the ledger is reconciled with that checkpoint, as at every start of the daemon.
@@ -100,7 +101,9 @@ def settle_from_disk(ws: workspace.Workspace, ledger: Ledger, progress: Training
     """Rows for the files on disk that the ledger does not know; states for those it knew as waiting."""
     known = {r["name"]: r["id"] for r in ledger.files()}
     found = []
-    for folder in (ws.queue, ws.done, ws.failed):
+    for folder in (ws.queue, ws.done, ws.failed, ws.rejected):
+        if not folder.is_dir():
+            continue
         for p in folder.iterdir():
             m = ID_NAME.match(p.name)
             if p.name.endswith(".error.txt") or not (p.name in known or m):
@@ -117,7 +120,7 @@ def settle_from_disk(ws: workspace.Workspace, ledger: Ledger, progress: Training
                                    p.stat().st_size if is_file else None, p.lstat().st_mtime))
                 say(f"evertrain: repair: {folder.name}/{p.name}: not in the copy; added as id {file_id}")
             found.append((file_id, folder.name, p))
-    trained = {r.sha256 for r in progress.files}
+    trained = {r.sha256 for r in progress.files if r.status != "rejected"}
     claimed: dict[str, int] = {}  # sha256 -> the first file that trained it
     for r in ledger.files():
         if r["state"] in ("done", "skipped", "training") and r["sha256"] in trained:
@@ -127,11 +130,11 @@ def settle_from_disk(ws: workspace.Workspace, ledger: Ledger, progress: Training
         if row["state"] not in ("queued", "training"):
             continue
         where = f"evertrain: repair: {folder}/{p.name}"
-        if folder == "failed":
+        if folder in ("failed", "rejected"):
             error = p.with_name(p.name + ".error.txt")
-            ledger.update(file_id, state="failed", finished_at=p.lstat().st_mtime,
-                          error=error.read_text().strip() if error.is_file() else "found in failed/ by repair")
-            say(f"{where}: failed")
+            ledger.update(file_id, state=folder, finished_at=p.lstat().st_mtime,
+                          error=error.read_text().strip() if error.is_file() else f"found in {folder}/ by repair")
+            say(f"{where}: {folder}")
         elif folder == "done" and row["sha256"] in trained:
             first = claimed.setdefault(row["sha256"], file_id)
             if first != file_id:

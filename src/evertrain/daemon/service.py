@@ -234,7 +234,8 @@ def follow(svc: Service) -> int:
         if svc.session.progress.finished(data.sha256) is not None:
             continue
         try:
-            loop.drive(loop.fit(svc.session, data), lambda _r: loop.STOP if svc.stop.is_set() else None)
+            svc.session, _result = loop.run_file(svc.session, data,
+                                                 lambda _r: loop.STOP if svc.stop.is_set() else None)
         except loop.NonFiniteLoss:
             svc.session = loop.roll_back(svc.session, data)
         except loop.RunMismatch:
@@ -307,7 +308,7 @@ def _train_file(svc: Service, row: dict) -> bool:
     svc.prefetch.start(_next_path(svc, row))
     svc.reason = None
     try:
-        result = loop.drive(loop.fit(session, data), lambda record: decide(svc, row, record))
+        svc.session, result = loop.run_file(session, data, lambda record: decide(svc, row, record))
     except loop.NonFiniteLoss as e:
         roll_back(svc, row, data, e)
         return True
@@ -378,6 +379,9 @@ def ended(svc: Service, row: dict, result: loop.FileResult) -> bool:
                 f"(global step {result.step_after}); it resumes there")
         svc.board.set(state="stopping" if svc.reason == "stop" else svc.board.data["state"])
         return True
+    if result.status == "rejected":
+        reject(svc, row, result)
+        return True
     problems = loop.guard_problems(svc.session, result)
     if problems:
         fail(svc, row, f"{name}: trained but NOT done: " + "; ".join(problems))
@@ -385,8 +389,17 @@ def ended(svc: Service, row: dict, result: loop.FileResult) -> bool:
     rec = progress.files[-1]
     faults.hit("before-ledger-done")
     ledger.update(row["id"], state="done", steps_trained=rec.steps, first_step=rec.first_step,
-                  last_step=rec.last_step, replayed=rec.replayed, finished_at=time.time(), error=None)
+                  last_step=rec.last_step, replayed=rec.replayed, finished_at=time.time(), error=None,
+                  forgetting=json.dumps(rec.forgetting) if rec.forgetting else None)
     place(ws, ledger.get(row["id"]))
+    if rec.forgetting and rec.forgetting["tripped"]:
+        alert = f"{name}: {rec.forgetting['reason']} (forgetting_action {rec.forgetting['action']}: kept)"
+        svc.board.set(alert=alert)
+        tell(svc, "forgetting", f"ALERT {alert}", file=name, file_id=row["id"], verdict=rec.forgetting)
+    elif rec.forgetting and rec.forgetting["attempt"] > 1:
+        tell(svc, "forgetting", f"{name}: passed the forgetting gate when trained again with a stronger replay "
+                                f"dose ({rec.forgetting['reason']})", file=name, file_id=row["id"],
+             verdict=rec.forgetting)
     tell(svc, "file_done", f"done {name}: {rec.steps}/{expected} steps, global steps {rec.first_step}-"
                            f"{rec.last_step}, mean loss {result.loss:.4f}, checkpoint {_ckpt_name(svc)}",
          file=name, file_id=row["id"], global_step=progress.global_step, loss=result.loss)
@@ -458,6 +471,21 @@ def roll_back(svc: Service, row: dict, data: FileData, error: loop.NonFiniteLoss
                    f"(file step {error.step - (cursor.first_step if cursor else error.step)}); rolled back to "
                    f"{_ckpt_name(svc) or 'the initial model'} (global step {svc.session.progress.global_step}); "
                    f"the file is not trained further")
+
+
+def reject(svc: Service, row: dict, result: loop.FileResult) -> None:
+    """The forgetting gate undid the file: it lies in rejected/ with the verdict, for a person to decide."""
+    name, verdict = row["original_name"], result.gate
+    reason = (f"{name}: REJECTED by the forgetting gate after {verdict['attempt']} attempt(s): {verdict['reason']}; "
+              f"the run went back to global step {result.step_after}. To train it anyway, set forgetting_action = "
+              f"\"alert\" in evertrain.toml (or raise forgetting_tolerance) and drop it into the inbox again")
+    svc.ledger.sync_checkpoints(svc.ws.model_dir)
+    svc.ledger.update(row["id"], state="rejected", steps_trained=0, first_step=None, last_step=None,
+                      error=reason, forgetting=json.dumps(verdict), finished_at=time.time())
+    write_error(place(svc.ws, svc.ledger.get(row["id"])) or svc.ws.rejected / row["name"], reason)
+    svc.board.set(state="idle", current_file=None, current_file_id=None, global_step=result.step_after,
+                  alert=reason)
+    tell(svc, "file_rejected", reason, file=name, file_id=row["id"], verdict=verdict)
 
 
 def fail(svc: Service, row: dict, reason: str) -> None:

@@ -33,7 +33,7 @@ class Board:
                      "prepare_percent": None, "eta_prepare_seconds": None,
                      "file_step": None, "file_total_steps": None, "loss": None, "learning_rate": None,
                      "tokens_per_second": None, "eta_file_seconds": None, "eta_queue_seconds": None,
-                     "queue_length": 0, "files_done": 0, "files_failed": 0, "files_duplicate": 0,
+                     "queue_length": 0, "files_done": 0, "files_failed": 0, "files_rejected": 0, "files_duplicate": 0,
                      "files_skipped": 0, "total_evals": 0, "last_checkpoint": None, "alert": None,
                      "precision": None, "global_batch": None,
                      "intake": None,
@@ -74,7 +74,8 @@ class Board:
         if self.seconds_per_byte is not None:
             eta_queue = (eta_file or 0.0) + self.ledger.queued_bytes() * self.seconds_per_byte
         d.update(eta_file_seconds=eta_file, eta_queue_seconds=eta_queue, queue_length=counts["queued"],
-                 files_done=counts["done"], files_failed=counts["failed"], files_duplicate=counts["duplicate"],
+                 files_done=counts["done"], files_failed=counts["failed"], files_rejected=counts["rejected"],
+                 files_duplicate=counts["duplicate"],
                  files_skipped=counts["skipped"],
                  total_evals=self.ledger.db.execute("SELECT COUNT(*) FROM evals").fetchone()[0],
                  updated_at=time.time())
@@ -139,6 +140,9 @@ def show(ws: Workspace, ledger: Ledger, as_json: bool = False) -> str:
     for r in finished:
         span = f"{r['first_step']}-{r['last_step']}" if r["first_step"] else ""
         note = (r["error"] or "").splitlines()[0][:60] if r["error"] else ""
+        verdict = json.loads(r["forgetting"]) if r.get("forgetting") else None
+        if not note and verdict and verdict["tripped"]:  # kept by forgetting_action alert
+            note = f"ALERT {verdict['reason']}"[:60]
         last.add_row(str(r["id"]), r["original_name"], r["state"],
                      f"{r['steps_trained']}/{r['expected_steps'] or '?'}", span, note)
     console.print(last)

@@ -6,7 +6,8 @@
     DIR/inbox/           drop files here (inbox/urgent/, inbox/high/, inbox/low/ set a priority)
     DIR/queue/           taken files waiting or in training, renamed <id>-<name>
     DIR/done/            files trained to the end (and duplicates, and skipped files)
-    DIR/failed/          rejected files, each with <name>.error.txt
+    DIR/failed/          files that could not be trained, each with <name>.error.txt
+    DIR/rejected/        files the forgetting gate undid (gate.py), each with <name>.error.txt
     DIR/current_model/   the run: checkpoint-N/ folders, trace.jsonl, held_out/, replay/, tokens/
     DIR/status/          training_status.json and the control requests (paused, stop, skip)
     DIR/logs/            evertrain.log (rotated), metrics.jsonl, evals.jsonl, tensorboard/
@@ -30,7 +31,7 @@ from evertrain.locks import AlreadyRunning  # noqa: F401  (raised by lock)
 from evertrain.config import ConfigError, TrainConfig, _opt, check_fields, settings_from_dict
 
 CONFIG_FILE = "evertrain.toml"
-FOLDERS = ("inbox", "queue", "done", "failed", "current_model", "status", "logs")
+FOLDERS = ("inbox", "queue", "done", "failed", "rejected", "current_model", "status", "logs")
 PRIORITIES = ("low", "normal", "high", "urgent")
 
 
@@ -74,6 +75,7 @@ class Workspace:
     queue = property(lambda self: self.root / "queue")
     done = property(lambda self: self.root / "done")
     failed = property(lambda self: self.root / "failed")
+    rejected = property(lambda self: self.root / "rejected")
     model_dir = property(lambda self: self.root / "current_model")
     status_dir = property(lambda self: self.root / "status")
     logs = property(lambda self: self.root / "logs")

@@ -42,6 +42,7 @@ class Run:
     model_dir: Path = field(init=False)
     metrics: "JsonlTail" = field(init=False)
     evals: "JsonlTail" = field(init=False)
+    drift: "JsonlTail" = field(init=False)
     snapshots: "SnapshotCache" = field(init=False)
 
     def __post_init__(self) -> None:
@@ -50,6 +51,7 @@ class Run:
         self.model_dir = self.root / "current_model" if self.daemon else self.root
         self.metrics = JsonlTail(self, "metrics.jsonl", key="step", keep=METRIC_FIELDS + ("file", "file_name"))
         self.evals = JsonlTail(self, "evals.jsonl")
+        self.drift = JsonlTail(self, "anchor.jsonl", keep=("step", "after_file_name", "loss", "kl"))
         self.snapshots = SnapshotCache(self)
 
     def find(self, *relative: str) -> Path | None:
@@ -311,7 +313,7 @@ def files(run: Run) -> list[dict]:
     out = [{"original_name": f["name"], "sha256": f["sha256"], "state": f.get("status", "done"),
             "examples": f.get("examples"), "tokens": f.get("tokens"), "expected_steps": f.get("expected_steps"),
             "steps_trained": f.get("steps"), "first_step": f.get("first_step"), "last_step": f.get("last_step"),
-            "held_out": f.get("held_out", [])}
+            "held_out": f.get("held_out", []), "forgetting": f.get("forgetting")}
            for f in progress.get("files", [])]
     for c in progress.get("cursors", {}).values():
         out.append({"original_name": c["name"], "sha256": c["sha256"], "state": "interrupted",
@@ -322,7 +324,7 @@ def files(run: Run) -> list[dict]:
 
 LEDGER_COLUMNS = ("id", "original_name", "name", "sha256", "size", "priority", "state", "format", "examples",
                   "tokens", "expected_steps", "steps_trained", "first_step", "last_step", "duplicate_of",
-                  "arrived_at", "started_at", "finished_at", "error", "held_out", "replayed")
+                  "arrived_at", "started_at", "finished_at", "error", "held_out", "replayed", "forgetting")
 
 
 def ledger_files(path: Path) -> list[dict]:
@@ -330,7 +332,13 @@ def ledger_files(path: Path) -> list[dict]:
     with read_only(path) as db:
         have = {r[1] for r in db.execute("PRAGMA table_info(files)")}
         cols = ", ".join(c if c in have else f"NULL AS {c}" for c in LEDGER_COLUMNS)
-        return [dict(r) for r in db.execute(f"SELECT {cols} FROM files ORDER BY id")]
+        rows = [dict(r) for r in db.execute(f"SELECT {cols} FROM files ORDER BY id")]
+    for r in rows:  # the forgetting gate's verdict is JSON text in the ledger, an object in a checkpoint
+        try:
+            r["forgetting"] = json.loads(r["forgetting"]) if r["forgetting"] else None
+        except ValueError:
+            r["forgetting"] = None
+    return rows
 
 
 def ledger_pins(path: Path) -> set[str]:
@@ -407,7 +415,7 @@ def state(run: Run) -> dict:
     listed = [dict(f, snapshots=counts.get(f.get("sha256") or "")) for f in files(run)]
     return {"root": str(run.root), "kind": "workspace" if run.daemon else "train output dir",
             "status": status(run), "files": listed, "checkpoints": checkpoints(run),
-            "forgetting": forgetting(run, listed), "snapshots": snapshot_marker(run)}
+            "forgetting": forgetting(run, listed), "drift": run.drift.read(), "snapshots": snapshot_marker(run)}
 
 
 def snapshot_marker(run: Run) -> dict:

@@ -34,7 +34,7 @@ def lineage(source: Source, *, base_model: str | None = None, export: dict | Non
     last_eval = matrix["rows"][-1] if matrix["rows"] else None
     files = [{"name": f.name, "sha256": f.sha256, "status": f.status, "examples": f.examples, "tokens": f.tokens,
               "steps": f.steps, "first_step": f.first_step, "last_step": f.last_step,
-              "held_out": len(f.held_out)} for f in progress.files]
+              "held_out": len(f.held_out), "forgetting_gate": gate_summary(f.forgetting)} for f in progress.files]
     files += [{"name": c.name, "sha256": c.sha256, "status": "part-way", "steps": c.file_step,
                "expected_steps": c.total_steps, "first_step": c.first_step} for c in progress.cursors.values()]
     return {
@@ -66,6 +66,16 @@ def lineage(source: Source, *, base_model: str | None = None, export: dict | Non
     }
 
 
+def gate_summary(verdict: dict | None) -> dict | None:
+    """What the forgetting gate decided on a file, and why (gate.py): the lineage's record of it."""
+    if not verdict:
+        return None
+    return {"tripped": verdict["tripped"], "action": verdict["action"], "attempt": verdict["attempt"],
+            "reason": verdict["reason"], "tolerance": verdict["tolerance"],
+            "rises": {f["file_name"]: round(f["rise"], 4) for f in verdict["files"]}
+            | ({"anchor": round(verdict["anchor"]["rise"], 4)} if verdict.get("anchor") else {})}
+
+
 def fmt(x, spec: str = ".4f") -> str:
     return "–" if x is None else format(x, spec)
 
@@ -94,6 +104,17 @@ def model_card(facts: dict) -> str:
         span = f"{f['first_step']}–{f.get('last_step', '…')}"
         lines.append(f"| {i} | {f['name']} | `{f['sha256']}` | {f['status']} | {f.get('examples', '–')} | "
                      f"{f.get('tokens', '–')} | {f['steps']} | {span} |")
+    gated = [(i, f) for i, f in enumerate(facts["files"], 1) if f.get("forgetting_gate")
+             and (f["forgetting_gate"]["tripped"] or f["forgetting_gate"]["attempt"] > 1)]
+    if gated:
+        lines += ["", "## Forgetting gate", "",
+                  "Files on which the forgetting gate tripped (an earlier file's held-out loss, or the anchor's, rose "
+                  "beyond the tolerance), and what it did:", ""]
+        for i, f in gated:
+            g = f["forgetting_gate"]
+            did = {"alert": "kept (alert)", "rollback": "rejected: rolled back", "retry": "rejected after a retry"}
+            outcome = (did[g["action"]] if g["tripped"] else "passed when trained again with a stronger replay dose")
+            lines.append(f"- {i}. {f['name']}: {outcome}; {g['reason']}")
     lines += ["", "## Training", "",
               f"- learning rate: {lr['schedule']}, peak {lr['peak']:g}, warmup {lr['warmup_steps']} steps"
               + (f", decay from step {lr['decay_start']} over {lr['decay_steps']} steps" if lr["decay_start"] else "")

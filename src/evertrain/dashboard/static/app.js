@@ -112,6 +112,7 @@ function renderStatus(st, root, kind) {
     ["queued", fmt.int(st.queue_length)],
     ["done", fmt.int(st.files_done)],
     ["failed", fmt.int(st.files_failed)],
+    ["rejected", st.files_rejected ? fmt.int(st.files_rejected) : "—"],
     ["last checkpoint", st.last_checkpoint || "—"],
   ];
   // A train output dir has no daemon: no queue, no ETA; show only what the run has.
@@ -148,8 +149,15 @@ function renderFiles(files) {
     el("td", { text: fmt.int(f.examples) }), el("td", { text: fmt.int(f.tokens) }),
     el("td", { class: "snaps", text: snapshotsText(f.snapshots) }),
     el("td", { class: "note", text: f.duplicate_of ? `same content as #${f.duplicate_of}: not trained again`
-      : oneLine(f.error), title: f.error || "" }))) :
+      : oneLine(f.error || gateNote(f.forgetting)), title: f.error || gateNote(f.forgetting) }))) :
     [emptyRow(9, "No file has finished yet.")]));
+}
+
+function gateNote(v) {
+  // The forgetting gate's verdict on a file (gate.py): shown when it tripped, or when a retry made it pass.
+  if (!v || (!v.tripped && v.attempt < 2)) return "";
+  if (!v.tripped) return `forgetting gate: passed when trained again with a stronger replay dose`;
+  return `forgetting gate (${v.action}): ${v.reason}`;
 }
 
 function priorityCell(f) {
@@ -324,6 +332,34 @@ function renderForgetting(fm) {
   $("no-slice").textContent = note.length ? note.join("; ") + ": its forgetting is not measured." : "";
 }
 
+// ---------------------------------------------------------------------------------------------- drift
+
+let driftPlot = null;
+
+function renderDrift(points) {
+  const node = $("drift-chart");
+  $("drift-empty").hidden = points.length > 0;
+  node.dataset.points = points.length;
+  if (!points.length) return;
+  const data = [points.map((p) => p.step), points.map((p) => p.loss), points.map((p) => p.kl)];
+  if (!driftPlot) {
+    driftPlot = new uPlot({
+      width: chartWidth(node), height: 200,
+      scales: { x: { time: false } },
+      axes: [{ label: "global step", incrs: STEP_INCRS },
+        { scale: "loss", label: "anchor loss", stroke: "#1f6feb", grid: { stroke: "#eef1f4" } },
+        { scale: "kl", label: "KL to the base", side: 1, stroke: "#7c3aed", grid: { show: false } }],
+      series: [{ label: "step" },
+        { label: "anchor loss", scale: "loss", stroke: "#1f6feb", width: 2, points: { show: true },
+          value: (u, v) => fmt.loss(v) },
+        { label: "KL to the base", scale: "kl", stroke: "#7c3aed", width: 2, dash: [6, 3], points: { show: true },
+          value: (u, v) => (v === null ? "—" : v.toFixed(4)) }],
+    }, data, node);
+  } else {
+    driftPlot.setData(data);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- evolution
 
 let index = { steps: [], examples: [] };
@@ -493,12 +529,13 @@ async function poll() {
   try {
     const s = await get("/api/state");
     renderStatus(s.status, s.root, s.kind);
-    const key = JSON.stringify([s.files, s.checkpoints, s.forgetting]);
+    const key = JSON.stringify([s.files, s.checkpoints, s.forgetting, s.drift]);
     if (key !== lastState) {  // redraw tables only when they changed: keeps hover and selection steady
       lastState = key;
       renderFiles(s.files);
       renderCheckpoints(s.checkpoints);
       renderForgetting(s.forgetting);
+      renderDrift(s.drift || []);
     }
     await pollMetrics();
     const snapKey = JSON.stringify(s.snapshots);
@@ -517,7 +554,7 @@ $("example").addEventListener("change", (e) => select(e.target.value, undefined)
 $("step-slider").addEventListener("input", (e) => select(undefined, index.steps[Number(e.target.value)].step));
 window.addEventListener("hashchange", renderEvolution);
 window.addEventListener("resize", () => {
-  for (const [plot, id] of [[lossPlot, "loss-chart"], [exPlot, "example-chart"]]) {
+  for (const [plot, id] of [[lossPlot, "loss-chart"], [exPlot, "example-chart"], [driftPlot, "drift-chart"]]) {
     if (plot) plot.setSize({ width: chartWidth($(id)), height: plot.height });
   }
 });
