@@ -310,10 +310,60 @@ def test_commit_seals_a_manifest_of_every_file_but_the_state_file(tmp_path):
 def test_committing_a_step_again_replaces_it_whole(tmp_path):
     out = tmp_path / "run"
     saved(out, 2, {"model.safetensors": b"old", "only-old.bin": b"x"})
+    saved(out, 2, {"model.safetensors": b"older"})
+    (out / "checkpoint-2").rename(out / ".old-checkpoint-2")  # a crash left the one before aside, the next in place:
+    saved(out, 2, {"model.safetensors": b"old", "only-old.bin": b"x"})  # (as after the swap's rename)
     final = saved(out, 2, {"model.safetensors": b"new!"})
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "trainer_state.json"]
     assert (final / "model.safetensors").read_bytes() == b"new!"
+
+
+def test_a_failure_inside_commit_leaves_the_old_checkpoint_or_the_new_one(tmp_path, monkeypatch):
+    from evertrain import faults
+
+    out = tmp_path / "run"
+    saved(out, 4, {"model.safetensors": b"old"})
+    monkeypatch.setattr(faults, "_hits", {})
+    monkeypatch.setenv("EVERTRAIN_FAULT", "enospc:old-swap")  # the old one moved aside, the new one not in place
+    with pytest.raises(OSError, match="EVERTRAIN_FAULT at old-swap"):
+        saved(out, 4, {"model.safetensors": b"new"})
+    assert not (out / "checkpoint-4").exists()
+    found = checkpoint.newest_complete(out)
+    assert found.step == 4 and (found.path / "model.safetensors").read_bytes() == b"old"
+    monkeypatch.setenv("EVERTRAIN_FAULT", "enospc:after-rename")  # in place, the folder not yet fsync'd
+    with pytest.raises(OSError, match="EVERTRAIN_FAULT at after-rename"):
+        saved(out, 5, {"model.safetensors": b"five"})
+    assert checkpoint.newest_complete(out).step == 5
+
+
+def test_commit_syncs_every_file_and_folder_to_disk_before_it_counts(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "run"
+    tmp = checkpoint.temp_path(out, 1)
+    (tmp / "sub").mkdir(parents=True)
+    for rel in ("model.safetensors", "sub/tok.json"):
+        (tmp / rel).write_bytes(b"x")
+    opened, synced, real_open, real_fsync = {}, [], os.open, os.fsync
+
+    def tracked_open(path, flags, *a, **k):
+        fd = real_open(path, flags, *a, **k)
+        opened[fd] = os.path.relpath(path, tmp_path)
+        return fd
+
+    def tracked_fsync(fd):
+        synced.append((opened.get(fd), (tmp / "trainer_state.json").exists(), (out / "checkpoint-1").exists()))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", tracked_open)
+    monkeypatch.setattr(os, "fsync", tracked_fsync)
+    checkpoint.commit(tmp, {"global_step": 1})
+    before_rename = {path for path, _, renamed in synced if not renamed}
+    assert {f"run/.tmp-checkpoint-1/{rel}" for rel in ("model.safetensors", "sub/tok.json", "trainer_state.json",
+                                                         "sub")} | {"run/.tmp-checkpoint-1"} <= before_rename
+    assert all(state_written for _path, state_written, renamed in synced if not renamed)  # the manifest is in
+    assert synced[-1] == ("run", False, True)  # and the parent folder, after the rename
 
 
 def test_read_state_refuses_what_is_not_a_sealed_state(tmp_path):
@@ -400,10 +450,12 @@ def test_when_no_checkpoint_verifies_newest_complete_refuses_or_sets_them_aside(
                 (out / "checkpoint-1", "model.safetensors is missing"),
                 (out / "checkpoint-7", "trainer_state.json is missing or does not parse")]
     assert refused.value.problems == problems
-    text = str(refused.value)
-    assert text.startswith(f"no checkpoint in {out} loads; nothing was trained or changed:\n  {problems[0][0]}: ")
-    assert all(f"\n  {path}: {why}" in text for path, why in problems)
-    assert "--from-base" in text and f"{out / 'damaged'}/" in text
+    assert str(refused.value) == (
+        f"no checkpoint in {out} loads; nothing was trained or changed:"
+        f"\n  {out}/checkpoint-2: model.safetensors is missing\n  {out}/checkpoint-1: model.safetensors is missing"
+        f"\n  {out}/checkpoint-7: trainer_state.json is missing or does not parse\n"
+        "Restore a checkpoint, or start the run again from the base model with --from-base "
+        f"(the damaged checkpoints are then moved to {out}/damaged/)")
     assert isinstance(refused.value, checkpoint.ConfigError)
     said.clear()
     assert checkpoint.newest_complete(out, warn=said.append, damaged="set-aside") is None
@@ -453,6 +505,23 @@ def test_a_swap_cut_by_a_crash_is_put_back_and_debris_removed(tmp_path):
     assert checkpoint.newest_complete(out).step == 7 and (out / "checkpoint-6").is_dir()  # resume puts it back too
 
 
+def test_debris_that_cannot_be_removed_or_is_already_gone_is_no_error(tmp_path, monkeypatch):
+    import pathlib
+
+    (tmp_path / ".tmp-checkpoint-3").write_text("a file where a temporary folder should be")
+    (tmp_path / ".a.json.7.tmp").write_text("{")
+    real_is_file = pathlib.Path.is_file
+
+    def is_file_then_gone(path):  # its writer renamed it into place just after the check
+        found = real_is_file(path)
+        if path.name == ".a.json.7.tmp":
+            path.unlink()
+        return found
+
+    monkeypatch.setattr(pathlib.Path, "is_file", is_file_then_gone)
+    assert sorted(p.name for p in checkpoint.remove_debris(tmp_path)) == [".a.json.7.tmp", ".tmp-checkpoint-3"]
+
+
 def test_prune_keeps_the_newest_the_pinned_and_the_budget_oldest_first(tmp_path):
     out = tmp_path / "run"
     for step in range(1, 7):
@@ -477,9 +546,29 @@ def test_prune_keeps_the_newest_the_pinned_and_the_budget_oldest_first(tmp_path)
     # a budget of three checkpoints' bytes holds three, whatever `keep` allows
     assert checkpoint.prune(out, keep=10, budget_bytes=3 * size + 10) == [out / "checkpoint-6"] and steps() == [7, 8, 9]
     assert checkpoint.prune(out, keep=10, budget_bytes=3 * size) == [] and steps() == [7, 8, 9]
-    assert checkpoint.prune(out, keep=10, budget_bytes=1) == [out / "checkpoint-7", out / "checkpoint-8"]
-    assert steps() == [9]
+    saved(out, 10, {"w.bin": b"x" * 100})
+    assert checkpoint.prune(out, keep=10, budget_bytes=2 * size + 10) == [out / "checkpoint-7", out / "checkpoint-8"]
+    assert steps() == [9, 10]
+    assert checkpoint.prune(out, keep=10, budget_bytes=1) == [out / "checkpoint-9"] and steps() == [10]
     assert checkpoint.prune(tmp_path / "nothing", keep=1) == []
+
+
+def test_prune_beside_another_process_pruning_the_same_folder(tmp_path, monkeypatch):
+    """The ranks of a launch prune the same folder: what another one just deleted is no error."""
+    out = tmp_path / "run"
+    for step in (1, 2, 3):
+        saved(out, step)
+    real = checkpoint.candidates
+
+    def listed_then_deleted(folder):
+        found = real(folder)
+        shutil.rmtree(found[-1].path)
+        return found
+
+    monkeypatch.setattr(checkpoint, "candidates", listed_then_deleted)
+    (out / ".tmp-checkpoint-4").write_text("a file where a temporary folder should be: passed over, no error")
+    assert checkpoint.prune(out, keep=1) == [out / "checkpoint-1", out / "checkpoint-2"]
+    assert sorted(p.name for p in out.iterdir()) == [".tmp-checkpoint-4", "checkpoint-3"]
 
 
 def test_write_text_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
