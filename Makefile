@@ -21,8 +21,10 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m evertrain.demo
 
+# On 2 processes, each test file whole on one of them (TESTING.md); `make test PYTEST_JOBS=0` runs in one process.
+PYTEST_JOBS ?= 2
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 # The tests that need CUDA (tests/test_gpu.py), on a GPU machine; everywhere else they are skipped with the reason.
 test-gpu: install
@@ -36,7 +38,7 @@ clean:
 
 # Mutation testing of the modules that carry the guarantees ([tool.mutmut] in pyproject.toml; TESTING.md).
 # Too slow for every CI run: run it before resolving changes to those modules.
+# One pass per group of modules, each with its own tests (tools/mutate.py); `make mutate MUTATE_PASSES=ledger`: one.
 mutate: install
 	$(PY) -m pip install --quiet mutmut
-	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children 2; $(VENV)/bin/mutmut results
+	$(PY) tools/mutate.py $(MUTATE_PASSES)

@@ -1,5 +1,6 @@
 """Kill -9 in the middle of a file, run the same command again: same weights as a run never interrupted."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from conftest import text_rows, write_jsonl
 from safetensors.torch import load_file as load_tensors
 
 from evertrain import checkpoint, trace
+from evertrain.state import FileCursor, FileRecord, TrainingProgress
 
 
 def command(data, out, model):
@@ -75,3 +77,25 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_is_not_reported_done(tmp_p
     assert stopped_at == trained_steps(out) < 31  # the checkpoint holds every step the trace shows
     state = checkpoint.newest_complete(out).state["evertrain"]
     assert state["files"] == [] and list(state["cursors"].values())[0]["file_step"] == stopped_at
+
+
+def record(sha, status="done", steps=3):
+    return FileRecord(sha256=sha, name=f"{sha}.jsonl", examples=6, tokens=60, steps=steps, expected_steps=3,
+                      first_step=1, last_step=3, status=status, replayed=1, held_out=[2])
+
+
+def test_progress_round_trips_through_the_checkpoint_state_and_finds_finished_files():
+    progress = TrainingProgress(global_step=7, tokens_seen=70, current="c",
+                                cursors={"c": FileCursor("c", "c.jsonl", 2, 5, 6, {"global_batch": 2}, 1)},
+                                files=[record("a", "failed", 1), record("a"), record("b", "skipped", 0)],
+                                decay_start=5, decay_steps=2)
+    saved = json.loads(json.dumps(progress.state_dict()))  # what trainer_state.json holds
+    assert saved["cursors"]["c"]["file_step"] == 2 and saved["files"][1]["status"] == "done"
+    back = TrainingProgress.from_state_dict(saved)
+    assert back == progress and isinstance(back.cursors["c"], FileCursor) and isinstance(back.files[0], FileRecord)
+    assert saved["files"][0] == {**record("a", "failed", 1).__dict__}  # the caller's dict is left as it was
+    assert back.finished("a") is back.files[1]
+    assert back.finished("b") is None and back.finished("c") is None
+    back.files.append(record("a", steps=2))
+    assert back.finished("a").steps == 2  # the last done record of it
+    assert TrainingProgress.from_state_dict({"global_step": 3}) == TrainingProgress(global_step=3)
