@@ -345,3 +345,26 @@ def test_a_signal_that_reaches_one_rank_only_stops_every_rank_at_the_same_step(t
     assert stopped.step == steps_in_trace(out) < 150  # both ranks stopped after the same step, and saved it
     assert {p.name for p in stopped.path.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
     assert_no_debris(out)
+
+
+def test_the_forgetting_gate_rolls_back_every_rank_to_the_checkpoint_before_the_file(tmp_path, tiny_model):
+    """Two ranks judge one verdict (the main process's, broadcast) and undo the file together: one rejection,
+    the checkpoint before the file back as the newest, the undone steps gone from the trace."""
+    from test_forgetting import CONTRADICTING, OLD
+
+    out = tmp_path / "run"
+    opts = ("--output-dir", out, "--model", tiny_model, "--batch-size", "2", "--no-packing", "--epochs", "6",
+            "--learning-rate", "3e-3", "--warmup-steps", "0", "--held-out-fraction", "0.2", "--trace",
+            "--save-steps", "4", "--keep-checkpoints", "1", "--forgetting-action", "rollback")
+    first = launch("train", "--dataset", write_jsonl(tmp_path / "old.jsonl", OLD), *opts)
+    assert first.wait(600) == 0, first.stderr.read()
+    before = checkpoint.newest_complete(out)
+    second = launch("train", "--dataset", write_jsonl(tmp_path / "new.jsonl", CONTRADICTING), *opts)
+    _stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode == 1 and "exitcode  : 7" in stderr  # the ranks exited 7 (REJECTED); torchrun says 1
+    assert stderr.count("REJECTED by the forgetting gate") == 1, stderr
+    after = checkpoint.newest_complete(out)
+    assert after.step == before.step and [c.step for c in checkpoint.candidates(out)] == [before.step]
+    files = after.state["evertrain"]["files"]
+    assert [(f["name"], f["status"]) for f in files] == [("old.jsonl", "done"), ("new.jsonl", "rejected")]
+    assert {rec["file"] for rec in trace.read(out / "trace.jsonl") if "step" in rec} == {files[0]["sha256"]}

@@ -12,6 +12,7 @@ from conftest import text_rows, write_jsonl
 from safetensors.torch import load_file as load_tensors
 
 from evertrain import checkpoint, trace
+from evertrain.config import TrainConfig
 from evertrain.state import FileCursor, FileRecord, TrainingProgress
 
 
@@ -99,3 +100,21 @@ def test_progress_round_trips_through_the_checkpoint_state_and_finds_finished_fi
     back.files.append(record("a", steps=2))
     assert back.finished("a").steps == 2  # the last done record of it
     assert TrainingProgress.from_state_dict({"global_step": 3}) == TrainingProgress(global_step=3)
+
+
+def test_a_cursor_and_record_saved_before_the_forgetting_gate_load_as_a_first_attempt_at_the_plain_dose():
+    """A checkpoint written before the gate existed has none of its keys: its open file is a first attempt (a retry
+    is still allowed), replayed at the plain dose, with no baseline (the gate then has no verdict), and its
+    finished files have no verdict (so weighted replay has nothing to lean on)."""
+    from evertrain import gate, replay
+
+    old_cursor = {"sha256": "c", "name": "c.jsonl", "file_step": 2, "total_steps": 5, "first_step": 6,
+                  "settings": {}, "replayed": 0}
+    old_record = {k: v for k, v in record("a").__dict__.items() if k != "forgetting"}
+    back = TrainingProgress.from_state_dict({"global_step": 7, "cursors": {"c": old_cursor}, "files": [old_record]})
+    cursor = back.cursors["c"]
+    assert (cursor.attempt, cursor.replay_boost, cursor.gate_before, cursor.forgot) == (1, 1.0, None, None)
+    assert back.files[0].forgetting is None and gate.last_rises(back, cursor) == {}
+    cfg = TrainConfig(replay_fraction=0.1)
+    assert replay.dose(cfg, cursor.replay_boost) == 0.1
+    assert replay.dose(cfg, 4.0) == 0.4 and replay.dose(TrainConfig(replay_fraction=0.0), 4.0) == 0.2

@@ -418,6 +418,31 @@ def test_candidates_are_checkpoint_folders_with_a_state_newest_step_first(tmp_pa
     assert checkpoint.unreadable(tmp_path / "nowhere") == []
 
 
+def test_at_step_finds_only_a_checkpoint_of_that_step_that_verifies(tmp_path):
+    out = tmp_path / "run"
+    for step in (4, 8):
+        saved(out, step)
+    assert checkpoint.at_step(out, 4).path == out / "checkpoint-4" and checkpoint.at_step(out, 4).step == 4
+    assert checkpoint.at_step(out, 5) is None and checkpoint.at_step(tmp_path / "nowhere", 4) is None
+    (out / "checkpoint-8").rename(out / "checkpoint-7")  # the name says 7, the state says 8
+    assert checkpoint.at_step(out, 7) is None and checkpoint.at_step(out, 8) is None
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(b"weights 5")  # same size, other bytes
+    assert checkpoint.at_step(out, 4, full=False) is not None and checkpoint.at_step(out, 4) is None
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(b"torn")
+    assert checkpoint.at_step(out, 4, full=False) is None
+
+
+def test_discard_after_deletes_every_checkpoint_beyond_the_step_and_nothing_else(tmp_path):
+    out = tmp_path / "run"
+    for step in (2, 4, 6, 9):
+        saved(out, step)
+    (out / "checkpoint-6").rename(out / "checkpoint-1")  # found by its state's step, not its name
+    assert checkpoint.discard_after(out, 4) == [out / "checkpoint-9", out / "checkpoint-1"]  # newest first
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoint.discard_after(out, 4) == [] and checkpoint.discard_after(out, 0) != []
+    assert list(out.iterdir()) == []
+
+
 def test_newest_complete_passes_over_broken_newer_ones_and_says_so(tmp_path):
     out = tmp_path / "run"
     for step in (1, 2, 3):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evertrain import collective
 from evertrain.checkpoint import read_records, write_json_atomic
 from evertrain.data import Example, FileData
 from evertrain.data.packing import IGNORE
@@ -104,7 +105,9 @@ def build(session, data: FileData) -> bool:
     model = session.accelerator.unwrap_model(session.model)
     was_training = model.training
     model.eval()
-    chosen, made = prompts(session, data), []
+    # The main process reads the probes (building their token store alone); every process gets its choice.
+    chosen = collective.from_main(session.accelerator, prompts(session, data) if session.is_main else None)
+    made = []
     with torch.no_grad():
         for i in range(0, len(chosen), ROWS):
             batch = chosen[i:i + ROWS]

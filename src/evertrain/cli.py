@@ -225,11 +225,12 @@ def _train_file(session, args, config, data) -> int:
         return EXIT_INTERRUPTED
     if result.status == "rejected":
         where = result.checkpoint.name if result.checkpoint else "the base model"
-        print(f"evertrain: {args.dataset.name} REJECTED by the forgetting gate: {result.gate['reason']}; the run is "
-              f"back at global step {result.step_after} ({where}), as before the file; train it anyway with "
-              "--forgetting-action alert", file=sys.stderr)
+        if session.is_main:  # one line from a launch of several processes, not one per process
+            print(f"evertrain: {args.dataset.name} REJECTED by the forgetting gate: {result.gate['reason']}; the run "
+                  f"is back at global step {result.step_after} ({where}), as before the file; train it anyway with "
+                  "--forgetting-action alert", file=sys.stderr)
         return exits.REJECTED
-    if result.gate and result.gate["tripped"]:
+    if result.gate and result.gate["tripped"] and session.is_main:
         print(f"evertrain: {args.dataset.name}: ALERT: {result.gate['reason']} (forgetting_action alert: kept)",
               file=sys.stderr)
     problems = loop.guard_problems(session, result)
