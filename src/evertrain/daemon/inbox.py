@@ -88,9 +88,19 @@ class Inbox:
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 self.seen[rel] = seen = Seen(st.st_size, st.st_mtime_ns, now)
             due = seen.since + self.stable
-            if now >= due and now - seen.since < self.incomplete_timeout and not looks_complete(path):
-                waiting.append(printable(rel))
-                due = seen.since + self.incomplete_timeout  # or sooner: the writer's next change wakes the scan
+            if now >= due and now - seen.since < self.incomplete_timeout:
+                complete = looks_complete(path)
+                try:
+                    again = path.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone while its end was read
+                if (again.st_size, again.st_mtime_ns) != (seen.size, seen.mtime_ns):
+                    # Written while its end was read: that end says nothing; it must be stable again first.
+                    self.seen[rel] = seen = Seen(again.st_size, again.st_mtime_ns, now)
+                    due = seen.since + self.stable
+                elif not complete:
+                    waiting.append(printable(rel))
+                    due = seen.since + self.incomplete_timeout  # or sooner: the writer's next change wakes the scan
             if now >= due:
                 self.seen.pop(rel)
                 ready.append((st.st_mtime_ns, rel, path, priority))
