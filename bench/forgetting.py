@@ -9,7 +9,7 @@ Two cases:
   none, replay at the default dose (uniform, then weighted), anchor replay, and the gate with `retry`. It prints,
   as ratios to no protection in the same run: the rise of each earlier file's held-out loss (from right after
   its own training to the end), the anchor's rise (from the base model to the end), and the last file's own
-  held-out loss right after its training.
+  held-out loss right after its training, with how far that training lowered it (its learning).
 
     .venv/bin/python bench/forgetting.py [--examples 400] [--epochs 2]
     .venv/bin/python bench/forgetting.py --case realistic      # about 25 minutes on 2 CPU cores
@@ -158,21 +158,30 @@ def realistic(tmp: Path, only: list[str] | None, dose: float) -> None:
             "rises": [m["rows"][-1]["cells"][j] - m["rows"][j]["cells"][j] for j in range(len(files) - 1)],
             # From the base model: the first run measured the anchor at step 0, before any training.
             "anchor_rise": drift[-1]["loss"] - anchor.read_log(tmp / "none")[0]["loss"], "anchor_kl": drift[-1]["kl"],
-            "new_loss": m["rows"][-1]["cells"][-1], "matrix": m,
+            "new_loss": m["rows"][-1]["cells"][-1], "new_before": m["before"][-1], "matrix": m,
             "gate": [(f["name"], f["status"], f["forgetting"] and f["forgetting"]["attempt"]) for f in state["files"]]}
         print(f"forgetting: {name}: exit codes {codes}, {results[name]['seconds']:.0f} s", flush=True)
     base = results["none"]
+
+    def learnt(r: dict) -> float:
+        """How far the last file's held-out loss fell during its training (from the loss right before it): the
+        new file's learning, a ratio that stays meaningful where the loss after it is near zero."""
+        return r["new_before"] - r["new_loss"]
+
     print(f"\nRealistic case: {models.EMBEDDED_NAME}, three files of made-up facts ({', '.join(f.name for f in files)}),"
           f" {' '.join(REALISTIC)}")
     print("Rise of held-out loss (earlier files: from right after their own training to the end; anchor: from the "
-          "base model to the end), and the last file's own loss; ratios to no protection:")
-    head = ["protection"] + [f"rise {f.stem}" for f in files[:-1]] + ["rise anchor", "anchor KL", f"loss {files[-1].stem}",
-                                                                      "files (status, attempts)", "seconds"]
+          "base model to the end), the last file's own loss and how far its training lowered it; ratios to no "
+          "protection:")
+    head = ["protection"] + [f"rise {f.stem}" for f in files[:-1]] + [
+        "rise anchor", "anchor KL", f"loss {files[-1].stem}", f"learnt {files[-1].stem}", "files (status, attempts)",
+        "seconds"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, r in results.items():
         cells = [name] + [f"{x:+.3f} ({x / b:.2f}x)" for x, b in zip(r["rises"], base["rises"])]
         cells += [f"{r['anchor_rise']:+.3f} ({r['anchor_rise'] / base['anchor_rise']:.2f}x)", f"{r['anchor_kl']:.3f}",
                   f"{r['new_loss']:.3f} ({r['new_loss'] / base['new_loss']:.2f}x)",
+                  f"{r['new_before'] - r['new_loss']:.3f} ({learnt(r) / learnt(base):.3f}x)",
                   ", ".join(f"{s}{'' if a in (None, 1) else f' after {a}'}" for _n, s, a in r["gate"]),
                   f"{r['seconds']:.0f}"]
         print("| " + " | ".join(cells) + " |")

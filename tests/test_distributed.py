@@ -14,6 +14,11 @@ from evertrain import checkpoint, trace
 from evertrain.config import TrainConfig
 
 
+# The plain reference loop trains each file's own rows only, without the default replay of earlier files and the
+# anchor set.
+NO_REPLAY = ("--replay-fraction", "0", "--no-anchor-replay")
+
+
 def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tiny_model):
     files = [write_jsonl(tmp_path / "a.jsonl", text_rows(13, "a")), write_jsonl(tmp_path / "b.jsonl", text_rows(5, "b"))]
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -41,18 +46,24 @@ def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tin
     assert sorted((mb["rank"], mb["index"]) for mb in first["micro_batches"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(len(mb["examples"]) == 2 and mb["tokens"] > 0 for mb in first["micro_batches"])
 
-    # One process with the same global batch (4 rows x 2 micro-batches) must land on the same weights:
-    # proof that the two ranks together trained every row of every step, each weighted once.
-    for f in files:
-        assert cli("train", "--dataset", f, "--output-dir", one, "--model", tiny_model, "--batch-size", 4,
-                   "--gradient-accumulation", 2, "--no-packing", "--learning-rate", 1e-3, "--held-out-fraction", 0) == 0
-    a = load_tensors(checkpoint.final_path(one, 3) / "model.safetensors")
-    b = load_tensors(newest.path / "model.safetensors")
+    # One process with the same global batch (4 rows x 2 micro-batches) must land on the same weights, with the
+    # default replay of the anchor set and the first file: proof that the two ranks together trained every row of
+    # every step, replayed ones included, each weighted once.
+    def one_process(out, *extra):
+        for f in files:
+            assert cli("train", "--dataset", f, "--output-dir", out, "--model", tiny_model, "--batch-size", 4,
+                       "--gradient-accumulation", 2, "--no-packing", "--learning-rate", 1e-3, "--held-out-fraction",
+                       0, *extra) == 0
+        return load_tensors(checkpoint.final_path(out, 3) / "model.safetensors")
+
+    a, b = one_process(one), load_tensors(newest.path / "model.safetensors")
+    assert any(r.get("replay") for r in trace.read(two / "trace.jsonl"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    # ... and the same as a plain PyTorch loop that runs every example alone, in one process.
+    # ... and one process without replay trains as a plain PyTorch loop that runs every example alone.
+    plain = one_process(tmp_path / "plain", *NO_REPLAY)
     config = TrainConfig(model=str(tiny_model), batch_size=2, gradient_accumulation=2, packing=False,
                          learning_rate=1e-3, held_out_fraction=0.0)
     _before, reference = reference_weights(tiny_model, files, config, global_batch=8)
-    for k in b:
-        torch.testing.assert_close(b[k], reference[k], rtol=1e-4, atol=2e-6)
+    for k in plain:
+        torch.testing.assert_close(plain[k], reference[k], rtol=1e-4, atol=2e-6)

@@ -31,8 +31,11 @@ OLD = facts(lambda i: f"alpha {i}")
 CONTRADICTING = facts(lambda i: f"zulu {i}")  # the same prompts, other answers
 OTHER = [{"prompt": f"What is fact {i}?", "completion": f" alpha {i}"} for i in range(LINES, 2 * LINES)]  # agrees
 
+# Without the default replay and anchor replay: a contradicting file must surely trip the gate, and each test turns
+# on the protection it is about.
 OPTIONS = ("--batch-size", "4", "--no-packing", "--epochs", "6", "--learning-rate", "3e-3", "--warmup-steps", "0",
-           "--held-out-fraction", "0.2", "--trace", "--save-steps", "4", "--keep-checkpoints", "1")
+           "--held-out-fraction", "0.2", "--trace", "--save-steps", "4", "--keep-checkpoints", "1",
+           "--replay-fraction", "0", "--no-anchor-replay")
 
 
 def train(tmp_path: Path, model: Path, name: str, rows: list[dict], *extra) -> int:
@@ -232,7 +235,7 @@ def test_weighted_replay_leans_toward_the_file_that_rose_most(tmp_path):
 
 def test_daemon_rejects_a_destroying_file_into_rejected_and_goes_on(tmp_path, tiny_model, capsys):
     ws = make_ws(tmp_path, tiny_model, "--forgetting-action", "rollback", "--held-out-fraction", "0.2",
-                 "--epochs", "6", "--learning-rate", "3e-3")
+                 "--epochs", "6", "--learning-rate", "3e-3", "--replay-fraction", "0", "--no-anchor-replay")
     drop(ws, "1-old.jsonl", OLD)
     assert cli("run", ws, "--once") == exits.OK
     drop(ws, "2-new.jsonl", CONTRADICTING)

@@ -72,3 +72,16 @@ def test_the_daemon_trains_dropped_files_on_the_gpu(tmp_path, gpu_model):
     drop(ws, "b.jsonl", long_rows(30, "b"))
     assert cli("run", ws, "--once") == 0
     assert {r["state"] for r in by_name(ws).values()} == {"done"}
+
+
+def test_collate_on_cuda_gives_the_cpu_tensors_on_the_device():
+    from evertrain.data import Example
+    from evertrain.data.packing import collate
+
+    rows = [[Example(line=0, format="", input_ids=[5, 6, 7], labels=[-100, 6, 7])],
+            [Example(line=1, format="", input_ids=[4], labels=[4])]]
+    on_cpu, on_gpu = collate(rows, 0, "cpu"), collate(rows, 0, "cuda")
+    torch.cuda.synchronize()  # the copy is non-blocking
+    assert set(on_gpu) == set(on_cpu)
+    for k, v in on_gpu.items():
+        assert v.device.type == "cuda" and v.dtype == torch.long and torch.equal(v.cpu(), on_cpu[k])

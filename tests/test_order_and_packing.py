@@ -10,9 +10,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
+from evertrain.data import Example
 from evertrain.data.order import held_out_lines, row_order
-from evertrain.data.packing import Rows, pack
+from evertrain.data.packing import IGNORE, Rows, collate, pack
 
 SHA_A, SHA_B = "a" * 64, "0123456789abcdef" * 4
 
@@ -102,3 +104,29 @@ def test_rows_index_like_a_list():
     with pytest.raises(IndexError, match="-3"):
         rows[-3]
     assert list(Rows.one_per_example(3)) == [[0], [1], [2]]
+
+
+# ---------------------------------------------------------------- collate: rows of examples -> the model's tensors
+
+def _ex(ids: list[int], trained_from: int) -> Example:
+    return Example(line=0, format="", input_ids=ids, labels=[IGNORE] * trained_from + ids[trained_from:])
+
+
+def test_collate_puts_each_row_end_to_end_and_pads_to_the_longest():
+    a, b, c = _ex([5, 6, 7], 1), _ex([8, 9], 0), _ex([4], 0)
+    batch = collate([[a, b], [c]], pad_id=0, device="cpu")
+    assert {k: v.dtype for k, v in batch.items()} == dict.fromkeys(("input_ids", "labels", "position_ids"),
+                                                                  torch.long)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, 8, 9], [4, IGNORE, IGNORE, IGNORE, IGNORE]]
+    # Positions restart at every example (transformers' block-diagonal mask) and count on through the padding.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask: it would undo the blocks
+
+
+def test_collate_of_nothing_is_one_padding_token():
+    for rows in ([], [[]], [[], []]):
+        batch = collate(rows, pad_id=3, device="cpu")
+        n = max(1, len(rows))
+        assert batch["input_ids"].tolist() == [[3]] * n and batch["labels"].tolist() == [[IGNORE]] * n
+        assert batch["position_ids"].tolist() == [[0]] * n

@@ -18,8 +18,9 @@ from evertrain.config import TrainConfig
 
 SETTINGS = {"batch_size": 2, "gradient_accumulation": 3, "max_length": 48, "packing": True,
             "learning_rate": 2e-3, "warmup_steps": 3, "held_out_fraction": 0.0, "lora_r": 4}
+# The plain loop trains each file's own rows only: no replay of earlier files or of the anchor set (on by default).
 FLAGS = ["--batch-size", 2, "--gradient-accumulation", 3, "--max-length", 48, "--packing", "--learning-rate", 2e-3,
-         "--warmup-steps", 3, "--held-out-fraction", 0, "--lora-r", 4]
+         "--warmup-steps", 3, "--held-out-fraction", 0, "--lora-r", 4, "--replay-fraction", 0, "--no-anchor-replay"]
 
 
 def reference_weights(tiny_model, files, config: TrainConfig, global_batch: int):

@@ -21,19 +21,23 @@ def test_a_writer_pausing_mid_line_longer_than_stable_seconds_trains_whole(tmp_p
     daemon = ThreadDaemon(ws)
     lines = [json.dumps(r) + "\n" for r in rows(9, "slow")]
     target = ws / "inbox" / "slow.jsonl"
+    # Written in place in pieces, each ending mid-line: the end of one line and the start of the next go in one
+    # write, so the file never ends on a whole line before the last piece (a stall of the test process there
+    # longer than stable_seconds would make a finished-looking file, rightly taken).
+    text = "".join(lines)
+    cuts = [len("".join(lines[:i + 3])) - 7 for i in range(0, 9, 3)]
     try:
-        with open(target, "w") as f:  # written in place, in pieces, each cut mid-line
-            for i in range(0, 9, 3):
-                piece = "".join(lines[i:i + 3])
+        with open(target, "w") as f:
+            for start, end in zip([0] + cuts, cuts):
                 written = time.time()  # before the write: the daemon can only see it change after this
-                f.write(piece[:-7])
+                f.write(text[start:end])
                 f.flush()
                 # the pause outlasts stable_seconds: the daemon sees a stable, cut file and says it waits
                 wait_for(lambda: status(ws).get("intake") == "waiting for slow.jsonl to finish"
                          and status(ws)["updated_at"] >= written + 0.2, 120, "the status to say it waits")
                 assert "slow.jsonl" not in by_name(ws)
-                f.write(piece[-7:])
-                f.flush()
+            f.write(text[cuts[-1]:])
+            f.flush()
         row = wait_for(lambda: by_name(ws).get("slow.jsonl", {}).get("state") == "done"
                        and by_name(ws)["slow.jsonl"], 60, "the file to train")
         assert row["examples"] == 9

@@ -9,7 +9,7 @@ import time
 
 from conftest import cli, write_jsonl
 
-from evertrain import checkpoint, trace
+from evertrain import checkpoint, replay, trace
 
 
 def qa_rows(tag: str, n: int) -> list[dict]:
@@ -115,8 +115,9 @@ def test_replay_is_deterministic_across_an_interruption_and_never_counts_as_cove
     replays = [(r["file"], tuple(x)) for r in a for x in r.get("replay", [])]
     assert len(replays) >= 10
     shas = [r["file"] for r in a]
+    assert {sha for _c, (sha, _l) in replays} >= {replay.ANCHOR, shas[0]}  # the defaults replay the anchor too
     for current, (sha, _line) in replays:
-        assert sha != current and shas.index(sha) < shas.index(current)  # only from earlier files
+        assert sha == replay.ANCHOR or sha != current and shas.index(sha) < shas.index(current)  # or earlier files
     for counts in trace.coverage(whole / "trace.jsonl").values():
         assert set(counts.values()) == {1}
     files = checkpoint.newest_complete(broken).state["evertrain"]["files"]

@@ -75,8 +75,9 @@ class TrainConfig:
     held_out_min_file: int = _opt(10, "a file of at least this many examples for which held_out_fraction gives no "
                                   "held-out example still holds out one, to measure its forgetting (0: only what "
                                   "the fraction gives; files the fraction gives a slice are not changed)", low=0)
-    replay_fraction: float = _opt(0.0, "extra rows per step replayed from earlier files, as a fraction of the "
-                                  "global batch (0.05 suits shifting data)", low=0.0, high=1.0)
+    replay_fraction: float = _opt(0.25, "extra rows per step replayed from earlier files (and the anchor set, "
+                                  "with anchor_replay), as a fraction of the global batch; 0.25 halves the "
+                                  "forgetting in bench/forgetting.py (0: no replay)", low=0.0, high=1.0)
     replay_buffer: int = _opt(1024, "at most this many earlier examples kept for replay", low=1)
     replay_min_every: int = _opt(4, "with replay on: at least one replayed row every this many steps, however small "
                                  "the global batch (0: no floor)", low=0)
@@ -88,7 +89,7 @@ class TrainConfig:
                             "the probes, answered by the base model itself; its loss and KL to the base measure "
                             "drift from what the base knew (0: no anchor)", low=0, high=1024)
     anchor_new_tokens: int = _opt(32, "tokens of each anchor answer the base model generates", low=1, high=512)
-    anchor_replay: bool = _opt(False, "mix the anchor set into training like replay: the model rehearses what the "
+    anchor_replay: bool = _opt(True, "mix the anchor set into training like replay: the model rehearses what the "
                                "base answered (self-synthesized rehearsal)", flag="anchor-replay/no-anchor-replay")
     forgetting_tolerance: float = _opt(0.25, "the gate trips when a file raises an earlier file's held-out loss, or "
                                        "the anchor's, by more than this fraction of its value before the file",
