@@ -21,10 +21,9 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m evertrain.demo
 
-# One process by default: on 2 cores, two workers made the timing-bound tests (a slow writer's pauses, the
-# browser's streamed answer) fail under the load (TESTING.md). `make test PYTEST_JOBS=2` runs each test file
-# whole on one of 2 processes (14.5 minutes instead of about 25 on 2 cores, with those flakes).
-PYTEST_JOBS ?= 0
+# Two processes by default, each test file whole on one of them (about 15 minutes on 2 cores instead of 25);
+# PYTEST_JOBS=0 runs the suite in this process (TESTING.md).
+PYTEST_JOBS ?= 2
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 

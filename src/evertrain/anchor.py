@@ -155,15 +155,13 @@ def log_probs(session, examples: list[Example]):
     """(log-probabilities [answer tokens, vocab], the answer tokens) of each example, in order."""
     import torch
 
-    from evertrain.data.packing import collate
+    from evertrain.data.packing import collate, next_token_logits
 
     for i in range(0, len(examples), ROWS):
         chunk = examples[i:i + ROWS]
         batch = collate([[e] for e in chunk], session.tokenizer.pad_token_id, session.accelerator.device)
-        logits = session.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-        # Position t predicts token t+1.
-        labels = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        logits, labels = next_token_logits(session.model, batch)
+        logp = torch.log_softmax(logits, dim=-1)
         for row in range(len(chunk)):
             mask = labels[row] != IGNORE
             yield logp[row][mask], labels[row][mask]

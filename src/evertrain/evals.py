@@ -69,6 +69,17 @@ def mean_loss(session, examples: list[Example]) -> tuple[float, int]:
 def evaluate(session, shas: list[str], *, after_file: FileData | None = None,
              before_file: FileData | None = None) -> list[dict]:
     """Evaluate the held-out slices of `shas` now; append the results to logs/evals.jsonl."""
+    results = measure(session, shas, after_file=after_file, before_file=before_file)
+    if results and session.is_main:
+        with open(session.logs_dir / "evals.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    session.progress.evals += len(results)
+    return results
+
+
+def measure(session, shas: list[str], *, after_file: FileData | None = None,
+            before_file: FileData | None = None) -> list[dict]:
+    """The held-out loss of each of `shas` that has a slice, as the model stands; recorded nowhere."""
     results = []
     for sha in shas:
         found = load_held_out(session.output_dir, sha)
@@ -82,10 +93,6 @@ def evaluate(session, shas: list[str], *, after_file: FileData | None = None,
                         "before_file": before_file.sha256 if before_file else None,
                         "file": sha, "file_name": name, "loss": loss, "tokens": tokens,
                         "examples": len(examples), "time": time.time()})
-    if results and session.is_main:
-        with open(session.logs_dir / "evals.jsonl", "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
-    session.progress.evals += len(results)
     return results
 
 

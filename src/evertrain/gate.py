@@ -35,15 +35,6 @@ def undoes(config) -> bool:
     return config.forgetting_action in ("rollback", "retry")
 
 
-def held_out_losses(session, shas: list[str]) -> dict[str, float]:
-    out = {}
-    for sha in shas:
-        found = evals.load_held_out(session.output_dir, sha)
-        if found is not None:
-            out[sha] = evals.mean_loss(session, found[1])[0]
-    return out
-
-
 def baseline(session, data: FileData) -> dict | None:
     """Every earlier file's held-out loss and the anchor's (per source), as the model stands before `data`."""
     if not active(session.config):
@@ -55,7 +46,7 @@ def baseline(session, data: FileData) -> dict | None:
         values = {"files": {s: known["files"][s] for s in earlier}, "anchor": known["anchor"]}
     else:
         drift = anchor.measure(session)
-        values = {"files": held_out_losses(session, earlier), "anchor": drift and drift["by_source"]}
+        values = {"files": {r["file"]: r["loss"] for r in evals.measure(session, earlier)}, "anchor": drift and drift["by_source"]}
     return {**values, "seconds": time.perf_counter() - t0}
 
 

@@ -139,7 +139,7 @@ def due(session, file_step: int, total: int) -> bool:
 @torch.no_grad()
 def take(session, data: FileData, *, generations: bool) -> Path | None:
     """Record the model's guesses for every tracked example at the current global step."""
-    from evertrain.data.packing import collate
+    from evertrain.data.packing import collate, next_token_logits
 
     t0 = time.perf_counter()
     tracked = load_tracked(session)
@@ -151,11 +151,9 @@ def take(session, data: FileData, *, generations: bool) -> Path | None:
     was_training = model.training
     model.eval()
     batch = collate([[e] for e in examples], tok.pad_token_id, session.accelerator.device)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
-    # Position t predicts token t+1: align logits[:, :-1] with labels[:, 1:].
-    labels = batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
-    guesses = logits[:, :-1].argmax(-1)
+    logits, labels = next_token_logits(model, batch)
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    guesses = logits.argmax(-1)
     records = []
     for row, t in enumerate(tracked):
         mask = labels[row] != IGNORE

@@ -111,3 +111,10 @@ def collate(rows: list[list], pad_id: int, device) -> dict:
         return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
     # Pinned host memory and a non-blocking copy: the copy overlaps the GPU's work instead of waiting for it.
     return {k: torch.tensor(v, dtype=torch.long).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def next_token_logits(model, batch: dict):
+    """(logits in float32, labels) of a collated batch, aligned: position t holds the model's prediction of token
+    t+1 and that token's label (IGNORE where nothing is trained). For evaluation: call it under no_grad."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    return logits[:, :-1].float(), batch["labels"][:, 1:]
