@@ -9,10 +9,11 @@ Two cases:
   none, replay at the default dose (uniform, then weighted), anchor replay, and the gate with `retry`. It prints,
   as ratios to no protection in the same run: the rise of each earlier file's held-out loss (from right after
   its own training to the end), the anchor's rise (from the base model to the end), and the last file's own
-  held-out loss right after its training, with how far that training lowered it (its learning).
+  held-out loss right after its training, with the share of its loss that training removed (its learning).
 
     .venv/bin/python bench/forgetting.py [--examples 400] [--epochs 2]
     .venv/bin/python bench/forgetting.py --case realistic      # about 25 minutes on 2 CPU cores
+    .venv/bin/python bench/forgetting.py --report /tmp/evertrain-forgetting-XXXX   # its table again
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run(model: Path, files: list[Path], out: Path, replay: float, epochs: int) -
         code = evertrain(["train", "--dataset", str(f), "--output-dir", str(out), "--model", str(model),
                           "--batch-size", "16", "--learning-rate", "2e-3", "--warmup-steps", "10", "--epochs",
                           str(epochs), "--held-out-fraction", "0.1", "--replay-fraction", str(replay),
-                          "--snapshot-budget", "0", "--no-packing", "--log-steps", "1000"])
+                          "--no-anchor-replay", "--snapshot-budget", "0", "--no-packing", "--log-steps", "1000"])
         assert code == 0, f"training {f.name} failed with exit code {code}"
     return forgetting_matrix(read_evals(out)), time.perf_counter() - t0
 
@@ -138,50 +139,57 @@ def fact_file(path: Path, key: str) -> Path:
 def realistic(tmp: Path, only: list[str] | None, dose: float) -> None:
     model = models.embedded_model_dir()
     files = [fact_file(tmp / f"{i + 1}-{k}.jsonl", k) for i, k in enumerate(FACTS)]
-    results = {}
     print(f"forgetting: defaults: replay_fraction {TrainConfig.replay_fraction:g}, replay_strategy "
           f"{TrainConfig.replay_strategy}, anchor_replay {TrainConfig.anchor_replay}, forgetting_action "
           f"{TrainConfig.forgetting_action}", flush=True)
-    for name, options in protections(dose).items():
-        if only and name not in only and name != "none":
-            continue
+    names = [n for n in protections(dose) if not only or n in only or n == "none"]
+    for name in names:
         out, t0 = tmp / name.replace(" ", "-"), time.perf_counter()
-        if results:  # the same base model and first file make the same anchor set (tested): made once, copied
+        if name != "none":  # the same base model and first file make the same anchor set (tested): made once, copied
             out.mkdir()
             shutil.copy(anchor.anchor_path(tmp / "none"), anchor.anchor_path(out))
         codes = [evertrain(["train", "--dataset", str(f), "--output-dir", str(out), "--model", str(model),
-                            *REALISTIC, *options]) for f in files]
-        m, drift = forgetting_matrix(read_evals(out)), anchor.read_log(out)
-        state = checkpoint.newest_complete(out).state["evertrain"]
-        results[name] = {
-            "codes": codes, "seconds": time.perf_counter() - t0,
-            "rises": [m["rows"][-1]["cells"][j] - m["rows"][j]["cells"][j] for j in range(len(files) - 1)],
-            # From the base model: the first run measured the anchor at step 0, before any training.
-            "anchor_rise": drift[-1]["loss"] - anchor.read_log(tmp / "none")[0]["loss"], "anchor_kl": drift[-1]["kl"],
-            "new_loss": m["rows"][-1]["cells"][-1], "new_before": m["before"][-1], "matrix": m,
-            "gate": [(f["name"], f["status"], f["forgetting"] and f["forgetting"]["attempt"]) for f in state["files"]]}
-        print(f"forgetting: {name}: exit codes {codes}, {results[name]['seconds']:.0f} s", flush=True)
-    base = results["none"]
+                            *REALISTIC, *protections(dose)[name]]) for f in files]
+        (out / "bench.json").write_text(json.dumps({"name": name, "codes": codes, "seconds": time.perf_counter() - t0}))
+        print(f"forgetting: {name}: exit codes {codes}, {time.perf_counter() - t0:.0f} s", flush=True)
+    report(tmp)
 
-    def learnt(r: dict) -> float:
-        """How far the last file's held-out loss fell during its training (from the loss right before it): the
-        new file's learning, a ratio that stays meaningful where the loss after it is near zero."""
-        return r["new_before"] - r["new_loss"]
 
-    print(f"\nRealistic case: {models.EMBEDDED_NAME}, three files of made-up facts ({', '.join(f.name for f in files)}),"
+def measured(tmp: Path, out: Path) -> dict:
+    """What one protection's run did, read back from its output folder."""
+    m, drift = forgetting_matrix(read_evals(out)), anchor.read_log(out)
+    state = checkpoint.newest_complete(out).state["evertrain"]
+    n = len(m["files"])
+    return {
+        **json.loads((out / "bench.json").read_text()),
+        "rises": [m["rows"][-1]["cells"][j] - m["rows"][j]["cells"][j] for j in range(n - 1)],
+        # From the base model: the first run measured the anchor at step 0, before any training.
+        "anchor_rise": drift[-1]["loss"] - anchor.read_log(tmp / "none")[0]["loss"], "anchor_kl": drift[-1]["kl"],
+        "new_loss": m["rows"][-1]["cells"][-1],
+        # The share of the last file's loss (right before its training) that its training removed: its learning,
+        # comparable where the losses after training are all near zero and the losses before it differ.
+        "new_learnt": 1 - m["rows"][-1]["cells"][-1] / m["before"][-1],
+        "gate": [(f["name"], f["status"], f["forgetting"] and f["forgetting"]["attempt"]) for f in state["files"]]}
+
+
+def report(tmp: Path) -> None:
+    """The table of a realistic run (also of an earlier one: --report DIR)."""
+    done = sorted(tmp.glob("*/bench.json"), key=lambda p: p.stat().st_mtime)  # in the order they ran: none first
+    results = {json.loads(p.read_text())["name"]: measured(tmp, p.parent) for p in done}
+    base, files = results["none"], sorted(p.stem for p in tmp.glob("*.jsonl"))
+    print(f"\nRealistic case: {models.EMBEDDED_NAME}, three files of made-up facts ({', '.join(files)}),"
           f" {' '.join(REALISTIC)}")
     print("Rise of held-out loss (earlier files: from right after their own training to the end; anchor: from the "
-          "base model to the end), the last file's own loss and how far its training lowered it; ratios to no "
-          "protection:")
-    head = ["protection"] + [f"rise {f.stem}" for f in files[:-1]] + [
-        "rise anchor", "anchor KL", f"loss {files[-1].stem}", f"learnt {files[-1].stem}", "files (status, attempts)",
-        "seconds"]
+          "base model to the end), the last file's own loss after its training and the share of its loss that "
+          "training removed; ratios to no protection:")
+    head = ["protection"] + [f"rise {f}" for f in files[:-1]] + [
+        "rise anchor", "anchor KL", f"loss {files[-1]}", f"learnt {files[-1]}", "files (status, attempts)", "seconds"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, r in results.items():
         cells = [name] + [f"{x:+.3f} ({x / b:.2f}x)" for x, b in zip(r["rises"], base["rises"])]
         cells += [f"{r['anchor_rise']:+.3f} ({r['anchor_rise'] / base['anchor_rise']:.2f}x)", f"{r['anchor_kl']:.3f}",
                   f"{r['new_loss']:.3f} ({r['new_loss'] / base['new_loss']:.2f}x)",
-                  f"{r['new_before'] - r['new_loss']:.3f} ({learnt(r) / learnt(base):.3f}x)",
+                  f"{r['new_learnt']:.2%} ({r['new_learnt'] / base['new_learnt']:.3f}x)",
                   ", ".join(f"{s}{'' if a in (None, 1) else f' after {a}'}" for _n, s, a in r["gate"]),
                   f"{r['seconds']:.0f}"]
         print("| " + " | ".join(cells) + " |")
@@ -193,10 +201,14 @@ def main() -> None:
     p.add_argument("--only", default="", help="realistic: only these protections (comma-separated), with none")
     p.add_argument("--dose", type=float, default=TrainConfig.replay_fraction or 0.25,
                    help="realistic: the replay fraction of the protections that replay (default: evertrain's)")
+    p.add_argument("--report", type=Path, help="realistic: print the table of an earlier run's folder again")
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--fractions", default="0,0.05,0.25", help="replay fractions to compare; the first is the baseline")
     a = p.parse_args()
+    if a.report:
+        report(a.report)
+        return
     if a.case == "realistic":
         realistic(Path(tempfile.mkdtemp(prefix="evertrain-forgetting-")), [x for x in a.only.split(",") if x],
                   a.dose)

@@ -54,6 +54,8 @@ def test_tiny_files_get_one_held_out_example_and_larger_ones_keep_their_slice():
     assert held_out_lines(SHA_A, 42, 9, 0.02, 64, min_file=10) == set()      # below min_file: none, as before
     assert held_out_lines(SHA_A, 42, 20, 0.0, 64, min_file=10) == set()      # a fraction of 0 is a choice
     assert held_out_lines(SHA_A, 42, 20, 0.02, 0, min_file=10) == set()      # and so is a cap of 0
+    assert len(held_out_lines(SHA_A, 42, 20, 0.02, 1, min_file=10)) == 1     # a cap of 1 allows the one
+    assert len(held_out_lines(SHA_A, 42, 10, 0.02, 64, min_file=10)) == 1    # a file of exactly min_file too
     for n in (50, 51, 99, 100, 333, 1000, 5000):  # wherever the fraction gives a slice, nothing changes
         assert held_out_lines(SHA_A, 42, n, 0.02, 64, min_file=10) == held_out_lines(SHA_A, 42, n, 0.02, 64)
 
@@ -122,6 +124,12 @@ def test_collate_puts_each_row_end_to_end_and_pads_to_the_longest():
     # Positions restart at every example (transformers' block-diagonal mask) and count on through the padding.
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask: it would undo the blocks
+
+
+def test_collate_puts_the_tensors_on_the_device_asked():
+    # "meta" stands for any device but CUDA's (mps, xpu): the tensors must be made there, as int64.
+    batch = collate([[_ex([5, 6], 0)]], pad_id=0, device="meta")
+    assert all(v.device.type == "meta" and v.dtype == torch.long and v.shape == (1, 2) for v in batch.values())
 
 
 def test_collate_of_nothing_is_one_padding_token():

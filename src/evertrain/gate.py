@@ -46,7 +46,8 @@ def baseline(session, data: FileData) -> dict | None:
         values = {"files": {s: known["files"][s] for s in earlier}, "anchor": known["anchor"]}
     else:
         drift = anchor.measure(session)
-        values = {"files": {r["file"]: r["loss"] for r in evals.measure(session, earlier)}, "anchor": drift and drift["by_source"]}
+        values = {"files": {r["file"]: r["loss"] for r in evals.measure(session, earlier)},
+                  "anchor": drift and drift["by_source"]}
     return {**values, "seconds": time.perf_counter() - t0}
 
 
