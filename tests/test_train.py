@@ -437,10 +437,30 @@ def test_discard_after_deletes_every_checkpoint_beyond_the_step_and_nothing_else
     for step in (2, 4, 6, 9):
         saved(out, step)
     (out / "checkpoint-6").rename(out / "checkpoint-1")  # found by its state's step, not its name
+    checkpoint.temp_path(out, 9).mkdir()
+    (checkpoint.temp_path(out, 9) / "model.safetensors").write_bytes(b"torn")  # a crashed write's debris
     assert checkpoint.discard_after(out, 4) == [out / "checkpoint-9", out / "checkpoint-1"]  # newest first
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert checkpoint.discard_after(out, 4) == [] and checkpoint.discard_after(out, 0) != []
     assert list(out.iterdir()) == []
+
+
+def test_a_discarded_checkpoint_the_disk_fails_to_delete_is_never_resumed_from(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    for step in (2, 4, 6):
+        saved(out, step)
+    real = shutil.rmtree
+
+    def stuck(path, ignore_errors=False, **kw):  # a disk that deletes nothing
+        if not ignore_errors:
+            raise OSError(f"cannot delete {path}")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", stuck)
+    assert checkpoint.discard_after(out, 2) == [out / "checkpoint-6", out / "checkpoint-4"]
+    assert [c.step for c in checkpoint.candidates(out)] == [2] and checkpoint.newest_complete(out).step == 2
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    checkpoint.remove_debris(out)  # what is left is debris
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
 
 
 def test_newest_complete_passes_over_broken_newer_ones_and_says_so(tmp_path):

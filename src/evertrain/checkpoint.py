@@ -249,19 +249,27 @@ def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip") -> C
 def at_step(output_dir: Path, step: int, *, full: bool = True) -> Checkpoint | None:
     """The complete checkpoint of global step `step`, if one is there and verifies (`full`: its sha256s too)."""
     path = final_path(Path(output_dir), step)
-    state = read_state(path) if path.is_dir() else None
+    state = read_state(path)
     ckpt = Checkpoint(path, step, state) if state is not None and state["global_step"] == step else None
     return ckpt if ckpt is not None and verify(ckpt, full=full) is None else None
 
 
 def discard_after(output_dir: Path, step: int) -> list[Path]:
-    """Delete every checkpoint beyond global step `step`: training after it was undone (a rollback)."""
-    gone = [c.path for c in candidates(Path(output_dir)) if c.step > step]
-    for path in gone:
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete every checkpoint beyond global step `step`: training after it was undone (a rollback).
+
+    Each is renamed to its temporary name first: once this returns, no resume can find one, even where the disk
+    fails to delete it (what is left is debris, which `remove_debris` removes)."""
+    output_dir = Path(output_dir)
+    gone = [c for c in candidates(output_dir) if c.step > step]
+    for c in gone:
+        tmp = temp_path(output_dir, c.step)
+        shutil.rmtree(tmp, ignore_errors=True)  # the debris of a write of that step cut by a crash
+        os.rename(c.path, tmp)
     if gone:
-        fsync_dir(Path(output_dir))
-    return gone
+        fsync_dir(output_dir)
+    for c in gone:
+        shutil.rmtree(temp_path(output_dir, c.step), ignore_errors=True)
+    return [c.path for c in gone]
 
 
 def resume_policy(from_base: bool, main_process: bool) -> str:
