@@ -79,16 +79,22 @@ def test_snapshot_cost_stays_within_the_budget(tmp_path, tiny_model):
     assert p["snapshots_taken"] == len(costs) >= 1
     assert p["snapshots_skipped"] >= 1  # the schedule backed off
     # Each snapshot is taken only if the spend so far plus its kind's last cost fits the budget; the first of
-    # each kind is a measurement. So the real share is the budget, plus those first measurements, plus a small
-    # constant for how much one snapshot's cost can differ from the last one of its kind.
+    # each kind is a measurement (here the file's last step, with generations, is the only one of its kind). Once
+    # a snapshot costs more than its kind's last one, the spend is over the budget until training catches up, so
+    # the overshoots do not add up: the real share is the budget, plus those first measurements, plus the largest
+    # amount by which one snapshot cost more than the last one of its kind (the machine's noise), plus a small
+    # constant.
     snaps = sorted((json.loads(s.read_text()) for s in (out / "snapshots" / "evolution").glob("*.json")),
                    key=lambda snap: snap["step"])
-    first = {}
+    first, last, overshoot = {}, {}, 0.0
     for snap in snaps:
         kind = any(e.get("generation") is not None for e in snap["examples"])
         first.setdefault(kind, snap["seconds"])
-    share = p["snapshot_seconds"] / p["train_seconds"]
-    assert share <= 0.03 + sum(first.values()) / p["train_seconds"] + 0.01, (share, first, p["train_seconds"])
+        if kind in last:
+            overshoot = max(overshoot, snap["seconds"] - last[kind])
+        last[kind] = snap["seconds"]
+    share, train = p["snapshot_seconds"] / p["train_seconds"], p["train_seconds"]
+    assert share <= 0.03 + (sum(first.values()) + overshoot) / train + 0.005, (share, first, overshoot, train)
 
 
 def test_replay_is_deterministic_across_an_interruption_and_never_counts_as_coverage(tmp_path, tiny_model):
