@@ -70,7 +70,8 @@ def _rows(n: int, per_row: int = 1) -> list[list[Example]]:
              for j in range(per_row)] for i in range(n)]
 
 
-@pytest.mark.parametrize("n,accum,world", [(8, 2, 1), (7, 2, 1), (8, 1, 2), (13, 2, 2), (3, 2, 2), (5, 3, 2)])
+@pytest.mark.parametrize("n,accum,world", [(8, 2, 1), (7, 2, 1), (1, 2, 1), (8, 1, 2), (13, 2, 2), (3, 2, 2),
+                                           (5, 3, 2)])
 def test_micro_batches_deal_every_row_of_a_step_to_exactly_one_process_and_micro_batch(n, accum, world):
     rows = _rows(n)
     dealt = {rank: list(loop.micro_batches(rows, accum, world, rank)) for rank in range(world)}
@@ -135,6 +136,9 @@ def test_the_global_batch_is_kept_at_another_number_of_processes_or_refused_with
         loop.keep_global_batch(config(1), 3, 8, tmp_path)
     assert str(refused.value).endswith("8 rows cannot be split over 3 processes; use a number of processes that "
                                        "divides 8.")
+    with pytest.raises(loop.RunMismatch) as refused:  # each choice times the processes divides the global batch
+        loop.keep_global_batch(config(4), 2, 6, tmp_path)
+    assert "use a batch_size of 1, 3, or another" in str(refused.value)
     with pytest.raises(loop.RunMismatch) as refused:  # only the last four choices are named
         loop.keep_global_batch(config(7), 1, 48, tmp_path)
     assert "use a batch_size of 12, 16, 24, 48," in str(refused.value)
