@@ -33,12 +33,12 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD"))}
 
 
-def launch(*args, processes: int = 2, **popen) -> subprocess.Popen:
+def launch(*args, processes: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
     cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "evertrain", *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
-                            start_new_session=True, **popen)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**clean_env(), **(env or {})}, start_new_session=True, **popen)
 
 
 def single(*args) -> subprocess.Popen:
@@ -371,3 +371,24 @@ def test_the_forgetting_gate_rolls_back_every_rank_to_the_checkpoint_before_the_
     files = after.state["evertrain"]["files"]
     assert [(f["name"], f["status"]) for f in files] == [("old.jsonl", "done"), ("new.jsonl", "rejected")]
     assert {rec["file"] for rec in trace.read(out / "trace.jsonl") if "step" in rec} == {files[0]["sha256"]}
+
+
+def test_a_full_disk_under_two_processes_stops_every_rank_at_once_and_resumes_exactly_once(tmp_path, tiny_model):
+    """The main process's checkpoint write fails for room: every process learns it at once and exits 6 (not at the
+    launch's collective timeout); the newest complete checkpoint stays the newest and a restart trains on."""
+    data = write_jsonl(tmp_path / "a.jsonl", text_rows(24))  # global batch 2 x 1 = 2: 12 steps
+    out = tmp_path / "run"
+    opts = ("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN, "--save-steps", "2")
+    full = launch(*opts, env={"EVERTRAIN_FAULT": "enospc:checkpoint-write:2"})  # the second checkpoint's write
+    _stdout, stderr = full.communicate(timeout=300)
+    # Every rank exits 6 (DISK_FULL) at once; the launcher ends the rest as soon as the first one has, so a rank
+    # still on its way out may be reported as SIGTERM'd instead.
+    assert full.returncode == 1 and "exitcode  : 6" in stderr, stderr[-3000:]
+    ours = stderr.split("torch/distributed/elastic")[0]  # what the ranks said, before the launcher's own report
+    assert ours.count("evertrain: disk full in") == 1 and "Traceback" not in ours, stderr[:6000]
+    assert [c.step for c in checkpoint.candidates(out)] == [2]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]  # the partial one was removed
+    resumed = launch(*opts)
+    _stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resumes at its step 2/12" in _stdout + stderr, stderr[-3000:]
+    assert dict(next(iter(trace.coverage(out / "trace.jsonl").values()))) == {i: 1 for i in range(24)}

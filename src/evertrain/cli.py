@@ -138,10 +138,11 @@ def cmd_train(args) -> int:
     except Exception as e:
         if not disk.is_full(e):
             raise
-        newest = checkpoint.newest_complete(args.output_dir, warn=lambda _text: None)
-        print(f"evertrain: {disk.DiskFull.of(e, args.output_dir)}: stopped; the newest complete checkpoint is "
-              f"{newest.path if newest else 'none yet'}, the partial one was removed; free space and run the same "
-              f"command again to resume from it", file=sys.stderr)
+        if locks.is_main_launch_process():  # under a launch every process stops; one says why
+            newest = checkpoint.newest_complete(args.output_dir, warn=lambda _text: None)
+            print(f"evertrain: {disk.DiskFull.of(e, args.output_dir)}: stopped; the newest complete checkpoint is "
+                  f"{newest.path if newest else 'none yet'}, the partial one was removed; free space and run the "
+                  f"same command again to resume from it", file=sys.stderr)
         return exits.DISK_FULL
     finally:
         if lock is not None:

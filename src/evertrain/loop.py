@@ -718,19 +718,23 @@ def save_checkpoint(session: Session) -> Path:
 
 def _save_checkpoint(session: Session, tmp: Path) -> Path:
     acc, progress, cfg = session.accelerator, session.progress, session.config
-    if acc.is_main_process:
+    main = acc.is_main_process
+
+    def make_folder():
         if tmp.exists():
             import shutil
 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
+
+    shared_write(session, tmp, make_folder if main else None)
     if session.sharded:  # the full model for the main process to write; each process its optimizer shard
         state_dict = sharding.full_state_dict(session.model)
         sharding.save_optimizer(session.model, session.optimizer, tmp)
     else:
         state_dict = acc.get_state_dict(session.model)
-    if acc.is_main_process:
+
+    def write_files():
         acc.unwrap_model(session.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         session.tokenizer.save_pretrained(tmp)
         if not session.sharded:
@@ -744,14 +748,15 @@ def _save_checkpoint(session: Session, tmp: Path) -> Path:
         if session.extra_files:
             session.extra_files(tmp)
         faults.hit("checkpoint-write")
-    acc.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
-    acc.wait_for_everyone()
+
+    shared_write(session, tmp, write_files if main else None)
+    shared_write(session, tmp, lambda: torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt"))
     path = checkpoint.final_path(session.output_dir, progress.global_step)
-    if acc.is_main_process:
+
+    def commit():
         state = {"global_step": progress.global_step, "run": session.identity, "evertrain": progress.state_dict(),
                  "files": [{"sha256": f.sha256, "name": f.name, "steps": f.steps} for f in progress.files]}
-        path = checkpoint.commit(tmp, state)
+        checkpoint.commit(tmp, state)
         # A gate that can undo a file keeps the checkpoint from before each open file, whatever keep_checkpoints.
         before = {checkpoint.final_path(session.output_dir, c.first_step - 1).name for c in progress.cursors.values()
                   } if gate.undoes(cfg) else set()
@@ -759,9 +764,41 @@ def _save_checkpoint(session: Session, tmp: Path) -> Path:
                          budget_bytes=session.budget_bytes, newest=path)
         # Token stores of files still open stay; of the rest, the most recently used few (a file dropped again).
         token_store.prune(session.store_dir, keep={sha[:16] for sha in progress.cursors})
-    acc.wait_for_everyone()
+
+    shared_write(session, tmp, commit if main else None)
     session.last_checkpoint, session.saved_step = path, progress.global_step
     return path
+
+
+def shared_write(session: Session, tmp: Path, write: Callable[[], None] | None) -> None:
+    """Run this process's part of the checkpoint write into `tmp` (None: none), then learn whether every
+    process's part succeeded. If one failed, the main process removes the partial `tmp`, and then every process
+    raises: the one that failed its error, the others DiskFull where the failure was a full disk (else a
+    RuntimeError), instead of waiting at the next barrier for a process that is not coming until the launch's
+    collective timeout. It is also the barrier between the parts."""
+    error = None
+    if write is not None:
+        try:
+            write()
+        except Exception as e:
+            error = e
+    full = error is not None and (disk.is_full(error) or disk.free_bytes(session.output_dir) <
+                                  checkpoint_bytes(session))
+    acc = session.accelerator
+    failed, any_full = collective.agree(acc, error is not None, full)
+    if not failed:
+        return
+    if acc.is_main_process:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    collective.agree(acc)  # every process leaves together, after the partial checkpoint is gone
+    if error is not None:
+        raise error
+    if any_full:
+        raise disk.DiskFull(session.output_dir, checkpoint_bytes(session))
+    raise RuntimeError(f"another process failed to write checkpoint-{session.progress.global_step} (its own "
+                       "log says why)")
 
 
 def _rng_state() -> dict:
