@@ -74,7 +74,9 @@ def run_evertrain(args, model_dir: Path, data: Path, out: Path) -> dict:
     argv = ["train", "--dataset", str(data), "--output-dir", str(out), "--model", str(model_dir),
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--held-out-fraction", "0",
             "--snapshot-budget", "0", "--warmup-steps", "0", "--learning-rate", "1e-5", "--log-steps", "1000",
-            "--save-steps", str(args.save_steps), "--keep-checkpoints", "1", "--" + args.mode]
+            "--save-steps", str(args.save_steps), "--keep-checkpoints", "1", "--" + args.mode,
+            # the same rows as the Trainer and the bare loop: none of the default replay, no anchor set to build
+            "--replay-fraction", "0", "--no-anchor-replay", "--anchor-size", "0"]
     code = cli.main(argv)
     if code != 0:
         raise SystemExit(f"evertrain train exited {code}")

@@ -66,8 +66,10 @@ def whole_rate(tokens: list[int], stamps: list[float]) -> float:
 def run_evertrain(dataset: Path, model_dir: Path, work: Path, processes: int = 1,
                   fsdp: bool = False) -> tuple[float, list[float]]:
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
+    # The same rows as the Trainer and the bare loop: none of the default replay, no anchor set to build.
     argv = ["train", "--dataset", str(dataset), "--output-dir", str(out), "--model", str(model_dir),
-            "--packing", "--save-steps", "0", "--log-steps", "1000"]
+            "--packing", "--save-steps", "0", "--log-steps", "1000", "--replay-fraction", "0", "--no-anchor-replay",
+            "--anchor-size", "0"]
     for key, value in {**OPTIONS, "batch_size": OPTIONS["batch_size"] // processes}.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     if processes == 1:
