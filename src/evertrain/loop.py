@@ -705,19 +705,15 @@ def save_checkpoint(session: Session) -> Path:
     try:
         return _save_checkpoint(session, tmp)
     except Exception as e:
-        if not out_of_room(session, e):
+        # torch.save loses the errno ("iostream error"): a failed save with less room than a checkpoint takes
+        # (the partial one still counted) is out of space all the same.
+        if not (disk.is_full(e) or disk.free_bytes(session.output_dir) < checkpoint_bytes(session)):
             raise
         if session.is_main:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
         raise disk.DiskFull(session.output_dir, checkpoint_bytes(session)) from e
-
-
-def out_of_room(session: Session, error: BaseException) -> bool:
-    """Did a checkpoint write fail for room? torch.save loses the errno ("iostream error"): a failed save with
-    less room than a checkpoint takes (the partial one still counted) is out of space all the same."""
-    return disk.is_full(error) or disk.free_bytes(session.output_dir) < checkpoint_bytes(session)
 
 
 def _save_checkpoint(session: Session, tmp: Path) -> Path:
@@ -786,7 +782,8 @@ def shared_write(session: Session, tmp: Path, write: Callable[[], None] | None) 
             write()
         except Exception as e:
             error = e
-    full = error is not None and out_of_room(session, error)
+    full = error is not None and (disk.is_full(error) or disk.free_bytes(session.output_dir) <
+                                  checkpoint_bytes(session))
     acc = session.accelerator
     failed, any_full = collective.agree(acc, error is not None, full)
     if not failed:
