@@ -417,6 +417,23 @@ def test_cli_off_loopback_generates_a_token_and_prints_it_once(run_dir):
     assert proc.returncode == 0
 
 
+def test_sigusr1_writes_where_every_thread_is_and_the_command_goes_on(run_dir):
+    """What the README's "It seems stuck" gives a user: the stacks of a live `evertrain` process, which keeps on."""
+    proc = subprocess.Popen([sys.executable, "-m", "evertrain", "dashboard", str(run_dir), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(sources.__file__).parents[2])})
+    try:
+        line = proc.stdout.readline()
+        port = int(line.split(" at ")[1].split(":")[2].split("/")[0])
+        proc.send_signal(signal.SIGUSR1)
+        assert request(port, "/api/state")[0] == 200  # still serving
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "(most recent call first)" in err and 'evertrain/cli.py", line' in err and " in cmd_dashboard" in err, err
+
+
 def test_cli_refuses_a_missing_folder(tmp_path, capsys):
     from evertrain.cli import main
 

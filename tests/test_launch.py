@@ -33,6 +33,32 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD"))}
 
 
+def finish_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each process once all have exited. Past `timeout`, every evertrain process under them
+    writes its threads' stacks (SIGUSR1), all are killed, and the failure shows what each said and where it was."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    import psutil
+
+    with ThreadPoolExecutor(len(procs)) as pool:  # read every pipe at once: a full one would stall its writer
+        said = [pool.submit(proc.communicate) for proc in procs]
+        if not wait(said, timeout).not_done:
+            return [s.result() for s in said]
+        under = [child for proc in procs if proc.poll() is None
+                 for child in psutil.Process(proc.pid).children(recursive=True)]
+        for child in under:
+            child.send_signal(signal.SIGUSR1)
+        time.sleep(2)  # the stacks are written from the signal handler; then nothing more can be learnt
+        for p in [*under, *procs]:
+            try:
+                p.kill()
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+    raise AssertionError(f"not all finished in {timeout}s:\n" + "\n".join(
+        f"--- process {i} (exit {proc.returncode}):\n{s.result()[0][-3000:]}\n{s.result()[1][-6000:]}"
+        for i, (proc, s) in enumerate(zip(procs, said))))
+
+
 def launch(*args, processes: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
     cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
@@ -253,7 +279,7 @@ def test_two_machines_on_loopback_train_one_file_exactly_once(tmp_path, tiny_mod
          "127.0.0.1", "--master_port", str(port), "-m", "evertrain", "train", "--dataset", str(data),
          "--output-dir", str(out), "--model", str(tiny_model), *TRAIN, "--batch-size", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()) for n in (0, 1)]
-    results = [node.communicate(timeout=300) for node in nodes]
+    results = finish_all(nodes)
     assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     assert " done: " in results[0][0] and " done: " not in results[1][0]  # the global main process reports
     assert checkpoint.newest_complete(out).step == 6

@@ -5,6 +5,6 @@
 
 import sys
 
-from evertrain.cli import main
+from evertrain.cli import command
 
-sys.exit(main())
+sys.exit(command())

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from evertrain import __version__, checkpoint, disk, exits, logs
+from evertrain import __version__, checkpoint, collective, disk, exits, logs
 from evertrain.config import ConfigError, TrainConfig, add_arguments, overrides_from_args
 from evertrain.export.commands import add_commands as add_export_commands
 from evertrain.models import ModelError
@@ -36,6 +37,14 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+
+def command() -> int:
+    """The `evertrain` program (its console script, `python -m evertrain`); main() is the same in a caller's process.
+
+    A run that seems stuck: `kill -USR1 PID` writes where each of its threads is to its standard error."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evertrain: {disk.DiskFull.of(e, Path.cwd())}: free space and run it again",
               file=sys.stderr)
         return exits.DISK_FULL
+    finally:
+        collective.close()
 
 
 def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpoint | None) -> TrainConfig:
