@@ -66,13 +66,14 @@ def assert_same_run(out, reference) -> None:
         assert not set(counts) & held.get(f["sha256"], set()), "a held-out record was trained"
 
 
-def train_until_done(files, out, model, faults: list[str]) -> list[str]:
+def train_until_done(files, out, model, faults: list[str], extra: tuple = ()) -> list[str]:
     """Train each file in turn; every fault in `faults` kills one attempt. Returns what happened, for messages."""
     log, pending = [], list(faults)
     for f in files:
         while True:
             fault = pending.pop(0) if pending else None
-            proc = evertrain("train", "--dataset", f, "--output-dir", out, "--model", model, *SETTINGS, fault=fault)
+            proc = evertrain("train", "--dataset", f, "--output-dir", out, "--model", model, *SETTINGS, *extra,
+                             fault=fault)
             log.append(f"{f.name} {fault}: rc {proc.returncode}")
             if proc.returncode == -signal.SIGKILL:
                 assert fault is not None, proc.stderr[-2000:]
@@ -100,6 +101,17 @@ def test_train_killed_at_each_fault_point_resumes_to_the_same_weights(tmp_path, 
     assert sum("rc -9" in line for line in log) == 2, log  # both faults really fired
     assert not list(out.glob(".tmp-*")) or checkpoint.newest_complete(out) is not None
     assert_same_run(out, reference_train)
+
+
+def test_kill_9_inside_an_overlapped_checkpoint_write_resumes_to_the_same_weights(tmp_path, tiny_model,
+                                                                                reference_train):
+    """The checkpoints a thread writes while training goes on (--overlap-checkpoints on): killed inside the
+    write, after its rename, and in the steps it overlaps; the run ends as the reference did, written in step."""
+    faults = ["checkpoint-write:2", "after-rename:1", "mid-step:1"]
+    log = train_until_done(make_files(tmp_path / "data"), tmp_path / "run", tiny_model, faults,
+                           extra=("--overlap-checkpoints", "on"))
+    assert sum("rc -9" in line for line in log) == 3, log
+    assert_same_run(tmp_path / "run", reference_train)
 
 
 def test_train_random_kill_loop(tmp_path, tiny_model, reference_train):

@@ -85,3 +85,16 @@ def test_collate_on_cuda_gives_the_cpu_tensors_on_the_device():
     assert set(on_gpu) == set(on_cpu)
     for k, v in on_gpu.items():
         assert v.device.type == "cuda" and v.dtype == torch.long and torch.equal(v.cpu(), on_cpu[k])
+
+
+def test_overlapped_checkpoints_on_the_gpu_hold_what_checkpoints_written_in_step_hold(tmp_path, gpu_model):
+    """On CUDA `auto` overlaps (the copy is device to host); the kill -9 test above resumes from such writes."""
+    f = write_jsonl(tmp_path / "a.jsonl", long_rows(120, "a"))
+    for mode in ("off", "auto"):
+        assert train(tmp_path / mode, f, gpu_model, "--deterministic", "--save-steps", 2, "--keep-checkpoints", 20,
+                     "--overlap-checkpoints", mode) == 0
+    steps = sorted(c.step for c in checkpoint.candidates(tmp_path / "off"))
+    assert len(steps) > 2 and steps == sorted(c.step for c in checkpoint.candidates(tmp_path / "auto"))
+    for step in steps:
+        a, b = (load_tensors(checkpoint.final_path(tmp_path / m, step) / "model.safetensors") for m in ("off", "auto"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step

@@ -1,12 +1,15 @@
 """Kill -9 in the middle of a file, run the same command again: same weights as a run never interrupted."""
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import pytest
 import torch
 from conftest import text_rows, write_jsonl
 from safetensors.torch import load_file as load_tensors
@@ -78,6 +81,36 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_is_not_reported_done(tmp_p
     assert stopped_at == trained_steps(out) < 31  # the checkpoint holds every step the trace shows
     state = checkpoint.newest_complete(out).state["evertrain"]
     assert state["files"] == [] and list(state["cursors"].values())[0]["file_step"] == stopped_at
+
+
+def test_a_checkpoint_written_by_a_thread_is_newest_once_committed_and_a_failed_one_leaves_nothing(tmp_path):
+    """checkpoint.Write, what overlap_checkpoints runs (its training side: tests/test_checkpoint_overlap.py)."""
+    tmp, go = checkpoint.temp_path(tmp_path, 3), threading.Event()
+    tmp.mkdir()
+
+    def work():
+        assert go.wait(60)
+        (tmp / "weights.bin").write_text("step 3")
+        return checkpoint.commit(tmp, {"global_step": 3})
+
+    write = checkpoint.Write(3, tmp, work)
+    assert write.step == 3 and not write.done() and checkpoint.newest_complete(tmp_path) is None
+    go.set()
+    assert write.wait() == checkpoint.final_path(tmp_path, 3) and write.done()
+    assert checkpoint.newest_complete(tmp_path).step == 3 and not tmp.exists()
+
+    tmp = checkpoint.temp_path(tmp_path, 4)
+    tmp.mkdir()
+
+    def fails():
+        (tmp / "weights.bin").write_text("half of step 4")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    write = checkpoint.Write(4, tmp, fails)
+    with pytest.raises(OSError) as e:
+        write.wait()
+    assert e.value.errno == errno.ENOSPC and write.done() and write.path is None
+    assert not tmp.exists() and checkpoint.newest_complete(tmp_path).step == 3  # the partial one is gone
 
 
 def record(sha, status="done", steps=3):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,36 @@ def commit(tmp: Path, state: dict) -> Path:
     faults.hit("after-rename")
     fsync_dir(tmp.parent)
     return final
+
+
+class Write:
+    """A checkpoint being written and committed by a thread while training goes on (overlap_checkpoints).
+
+    Until `wait` returns its path it is not a checkpoint: a crash meanwhile leaves `tmp` (debris, removed at the
+    next start) and the one before it the newest, as a crash between two saves would. A failed write removes
+    `tmp` and `wait` raises its error."""
+
+    def __init__(self, step: int, tmp: Path, work):
+        self.step, self.tmp, self.path, self.error = step, tmp, None, None
+        self.thread = threading.Thread(target=self._run, args=(work,), name=f"evertrain-checkpoint-{step}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            self.path = work()
+        except BaseException as e:  # noqa: BLE001 - raised again in the training thread, by wait()
+            self.error = e
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self) -> Path:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.path
 
 
 def read_state(path: Path) -> dict | None:

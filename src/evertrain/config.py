@@ -21,6 +21,7 @@ ATTENTIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "f
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_LINE_BYTES, MAX_JSON_DEPTH = 16 << 20, 100  # the defaults of the two limits below (the containers use them too)
 REPLAY_STRATEGIES = ("uniform", "weighted")
+OVERLAP = ("auto", "on", "off")
 FORGETTING_ACTIONS = ("off", "alert", "rollback", "retry")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "none")
 
@@ -131,6 +132,9 @@ class TrainConfig:
     # --- checkpoints and logs ---
     save_steps: int = _opt(200, "also checkpoint every this many optimizer steps (0: only at the end of a file)",
                            low=0)
+    overlap_checkpoints: str = _opt("auto", "write the checkpoints taken every save_steps from a copy in CPU memory, "
+                                    "in a thread, while training goes on: auto (with one process on a GPU), on "
+                                    "(with one process), off", choices=OVERLAP)
     keep_checkpoints: int = _opt(3, "complete checkpoints kept; the newest is never deleted", low=1)
     log_steps: int = _opt(10, "print a progress line every this many optimizer steps", low=1)
     eval_steps: int = _opt(0, "also evaluate all held-out slices every this many steps (0: at the end of "

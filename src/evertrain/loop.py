@@ -18,9 +18,11 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Generator
 from contextlib import nullcontext
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,6 +78,7 @@ class Session:
     degraded: disk.Degraded | None = None   # optional writes (metrics, snapshots) skipped while the disk is full
     anchor: list | None = None     # the anchor set (anchor.items), read once
     measured: tuple | None = None  # (global step, the end-of-file numbers): the next file's gate baseline
+    writing: checkpoint.Write | None = None  # the checkpoint a thread is writing (overlap_checkpoints)
 
     @property
     def global_batch(self) -> int:
@@ -430,8 +433,10 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         if cfg.eval_steps and progress.global_step % cfg.eval_steps == 0 and cursor.file_step < total:
             metrics.log_evals(session, evals.evaluate(session, evals.seen_files(session)))
             metrics.log_drift(session, anchor.evaluate(session))
+        if session.writing is not None and session.writing.done():
+            finish_write(session)  # the checkpoint a thread wrote is complete: the newest now
         if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and cursor.file_step < total:
-            save_checkpoint(session)
+            save_checkpoint(session, overlap=overlaps(session))
 
         decision = yield record
         stop, skip = collective.agree(acc, decision in (STOP, SKIP), decision == SKIP)
@@ -439,6 +444,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
             break
 
     status = "done" if cursor.file_step >= total else "skipped" if skip else "interrupted"
+    finish_write(session)  # the file ends on checkpoints that are complete, whatever comes next
     verdict = None
     if status == "done":
         t_eval = time.perf_counter()
@@ -601,7 +607,11 @@ def run_file(session: Session, data: FileData, decide: Callable[[StepRecord], st
     """`drive(fit(...))` to the file's end, the forgetting gate's undoing included: the session training goes on
     with (a new one after a rollback or retry) and the FileResult (status "rejected" when the gate rolled back)."""
     while True:
-        result = drive(fit(session, data), decide)
+        try:
+            result = drive(fit(session, data), decide)
+        except BaseException:
+            finish_write(session, quietly=True)  # the folder settled before the error's handler looks at it
+            raise
         if result.status != "forgot":
             return session, result
         session = undo_file(session, data, result.gate)
@@ -696,77 +706,177 @@ def checkpoint_bytes(session: Session) -> int:
     return sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in session.model.parameters())
 
 
-def save_checkpoint(session: Session) -> Path:
+def save_checkpoint(session: Session, *, overlap: bool = False) -> Path | None:
     """Write checkpoint-<global_step> atomically: model, tokenizer, optimizer, schedule, RNG, progress.
 
+    `overlap` (overlaps()): copy what it holds to CPU memory and return at once; a thread writes the copy while
+    training goes on, and it becomes the newest once complete (finish_write). One write at a time, in step order.
     Out of space: the partial temporary folder is removed at once and DiskFull raised; the newest complete
     checkpoint stays the newest."""
+    finish_write(session)
     tmp = checkpoint.temp_path(session.output_dir, session.progress.global_step)
     try:
-        return _save_checkpoint(session, tmp)
+        if overlap:
+            start_write(session, tmp)
+            return None
+        path = _save_checkpoint(session, tmp)
     except Exception as e:
-        # torch.save loses the errno ("iostream error"): a failed save with less room than a checkpoint takes
-        # (the partial one still counted) is out of space all the same.
-        if not (disk.is_full(e) or disk.free_bytes(session.output_dir) < checkpoint_bytes(session)):
+        if not out_of_room(session, e):
             raise
         if session.is_main:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         raise disk.DiskFull(session.output_dir, checkpoint_bytes(session)) from e
+    session.last_checkpoint, session.saved_step = path, session.progress.global_step
+    return path
+
+
+def out_of_room(session: Session, error: BaseException) -> bool:
+    """Whether a failed checkpoint write failed for room. torch.save loses the errno ("iostream error"): a
+    failure with less room than a checkpoint takes (the partial one still counted) is out of space all the same."""
+    return disk.is_full(error) or disk.free_bytes(session.output_dir) < checkpoint_bytes(session)
+
+
+def overlaps(session: Session) -> bool:
+    """Whether the checkpoints taken every save_steps are written by a thread while training goes on. One process
+    only: a launch's processes agree on each part of a write (shared_write). auto: where the model is on a GPU."""
+    mode = session.config.overlap_checkpoints
+    if mode == "off" or session.accelerator.num_processes > 1:
+        return False
+    return mode == "on" or session.accelerator.device.type == "cuda"
+
+
+@dataclass
+class Snapshot:
+    """What checkpoint-<step> holds, taken at that step: the live objects for a write while training waits, CPU
+    copies for one a thread does while training goes on (nothing here changes after it is taken)."""
+    step: int
+    model: object                 # whose save_pretrained writes the weights (and the adapter's config)
+    weights: dict                 # its state dict, complete (gathered, under FSDP2)
+    optimizer: dict | None        # None under FSDP2: each process writes its shard (sharding.save_optimizer)
+    rng: dict
+    record: dict                  # trainer_state.json but its manifest: the step, identity, progress, files
+    scheduler: dict
+    config: dict
+    keep: set[str]                # checkpoint names pruning keeps
+    stores: set[str]              # token stores pruning keeps
+
+
+def snapshot(session: Session, weights: dict, optimizer: dict | None, *, copy: bool) -> Snapshot:
+    acc, progress, cfg = session.accelerator, session.progress, session.config
+    if copy:
+        weights, optimizer = cpu_copy((weights, optimizer))
+    # A gate that can undo a file keeps the checkpoint from before each open file, whatever keep_checkpoints.
+    before = {checkpoint.final_path(session.output_dir, c.first_step - 1).name for c in progress.cursors.values()
+              } if gate.undoes(cfg) else set()
+    return Snapshot(
+        step=progress.global_step, model=acc.unwrap_model(session.model), weights=weights, optimizer=optimizer,
+        rng=_rng_state(), record=deepcopy({
+            "global_step": progress.global_step, "run": session.identity, "evertrain": progress.state_dict(),
+            "files": [{"sha256": f.sha256, "name": f.name, "steps": f.steps} for f in progress.files]}),
+        scheduler={"name": cfg.lr_schedule, "peak_lr": cfg.learning_rate, "warmup_steps": cfg.warmup_steps,
+                   "decay_start": progress.decay_start, "decay_steps": progress.decay_steps,
+                   "next_lr": cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
+                                                            progress.decay_start, progress.decay_steps)},
+        config=cfg.to_dict(), keep=set(session.protected) | before, stores={sha[:16] for sha in progress.cursors})
+
+
+def cpu_copy(obj, memo: dict | None = None):
+    """`obj` (tensors in dicts, lists, tuples) with every tensor copied into CPU memory. Tensors that share memory
+    (tied weights) share their copy, so that it saves as the original does."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride())
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v, memo) for v in obj)
+    return deepcopy(obj)
 
 
 def _save_checkpoint(session: Session, tmp: Path) -> Path:
-    acc, progress, cfg = session.accelerator, session.progress, session.config
+    """The write while training waits: every process takes part (FSDP2 gathers the weights; each process writes
+    its RNG state and, sharded, its optimizer shard); the main process writes the rest and commits."""
+    acc = session.accelerator
     main = acc.is_main_process
-
-    def make_folder():
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-
-    shared_write(session, tmp, make_folder if main else None)
+    shared_write(session, tmp, (lambda: new_folder(session, tmp)) if main else None)
     if session.sharded:  # the full model for the main process to write; each process its optimizer shard
-        state_dict = sharding.full_state_dict(session.model)
+        weights = sharding.full_state_dict(session.model)
         sharding.save_optimizer(session.model, session.optimizer, tmp)
     else:
-        state_dict = acc.get_state_dict(session.model)
+        weights = acc.get_state_dict(session.model)
+    snap = snapshot(session, weights, None if session.sharded else session.optimizer.state_dict(), copy=False)
+    shared_write(session, tmp, (lambda: write_files(session, tmp, snap)) if main else None)
+    shared_write(session, tmp, lambda: torch.save(snap.rng, tmp / f"rng_state_{acc.process_index}.pt"))
+    shared_write(session, tmp, (lambda: commit(session, tmp, snap)) if main else None)
+    return checkpoint.final_path(session.output_dir, snap.step)
 
-    def write_files():
-        acc.unwrap_model(session.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        session.tokenizer.save_pretrained(tmp)
-        if not session.sharded:
-            torch.save(session.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "scheduler.json").write_text(json.dumps({
-            "name": cfg.lr_schedule, "peak_lr": cfg.learning_rate, "warmup_steps": cfg.warmup_steps,
-            "decay_start": progress.decay_start, "decay_steps": progress.decay_steps,
-            "next_lr": cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
-                                                     progress.decay_start, progress.decay_steps)}, indent=2))
-        (tmp / "evertrain_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-        if session.extra_files:
-            session.extra_files(tmp)
-        faults.hit("checkpoint-write")
 
-    shared_write(session, tmp, write_files if main else None)
-    shared_write(session, tmp, lambda: torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt"))
-    path = checkpoint.final_path(session.output_dir, progress.global_step)
+def start_write(session: Session, tmp: Path) -> None:
+    """save_checkpoint(overlap=True), one process: the folder and the daemon's files now (its ledger connection
+    belongs to this thread), the rest copied now and written by a thread (checkpoint.Write)."""
+    try:
+        new_folder(session, tmp)
+        snap = snapshot(session, session.accelerator.get_state_dict(session.model), session.optimizer.state_dict(),
+                        copy=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
-    def commit():
-        state = {"global_step": progress.global_step, "run": session.identity, "evertrain": progress.state_dict(),
-                 "files": [{"sha256": f.sha256, "name": f.name, "steps": f.steps} for f in progress.files]}
-        checkpoint.commit(tmp, state)
-        # A gate that can undo a file keeps the checkpoint from before each open file, whatever keep_checkpoints.
-        before = {checkpoint.final_path(session.output_dir, c.first_step - 1).name for c in progress.cursors.values()
-                  } if gate.undoes(cfg) else set()
-        checkpoint.prune(session.output_dir, cfg.keep_checkpoints, protected=session.protected | before,
-                         budget_bytes=session.budget_bytes, newest=path)
-        # Token stores of files still open stay; of the rest, the most recently used few (a file dropped again).
-        token_store.prune(session.store_dir, keep={sha[:16] for sha in progress.cursors})
+    def work() -> Path:
+        write_files(session, tmp, snap)
+        torch.save(snap.rng, tmp / "rng_state_0.pt")
+        return commit(session, tmp, snap)
 
-    shared_write(session, tmp, commit if main else None)
-    session.last_checkpoint, session.saved_step = path, progress.global_step
+    session.writing = checkpoint.Write(snap.step, tmp, work)
+
+
+def finish_write(session: Session, *, quietly: bool = False) -> None:
+    """Wait for the checkpoint a thread is writing, if one is; complete, it is the newest. `quietly`: on the way
+    out of another error, a failure of its own is not raised over it (it removed its partial folder)."""
+    write, session.writing = session.writing, None
+    if write is None:
+        return
+    try:
+        path = write.wait()
+    except Exception as e:
+        if quietly:
+            return
+        if out_of_room(session, e):
+            raise disk.DiskFull(session.output_dir, checkpoint_bytes(session)) from e
+        raise
+    session.last_checkpoint, session.saved_step = path, write.step
+
+
+def new_folder(session: Session, tmp: Path) -> None:
+    """The checkpoint's empty temporary folder, with the daemon's files in it (session.extra_files)."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if session.extra_files:
+        session.extra_files(tmp)
+
+
+def write_files(session: Session, tmp: Path, snap: Snapshot) -> None:
+    """The main process's part of a checkpoint: weights, tokenizer, optimizer (unsharded), schedule, settings."""
+    snap.model.save_pretrained(tmp, state_dict=snap.weights, safe_serialization=True)
+    session.tokenizer.save_pretrained(tmp)
+    if snap.optimizer is not None:
+        torch.save(snap.optimizer, tmp / "optimizer.pt")
+    (tmp / "scheduler.json").write_text(json.dumps(snap.scheduler, indent=2))
+    (tmp / "evertrain_config.json").write_text(json.dumps(snap.config, indent=2, sort_keys=True))
+    faults.hit("checkpoint-write")
+
+
+def commit(session: Session, tmp: Path, snap: Snapshot) -> Path:
+    """Seal the written folder as checkpoint-<step>, then prune old checkpoints and token stores."""
+    path = checkpoint.commit(tmp, snap.record)
+    checkpoint.prune(session.output_dir, session.config.keep_checkpoints, protected=snap.keep,
+                     budget_bytes=session.budget_bytes, newest=path)
+    # Token stores of files still open stay; of the rest, the most recently used few (a file dropped again).
+    token_store.prune(session.store_dir, keep=snap.stores)
     return path
 
 
@@ -782,15 +892,12 @@ def shared_write(session: Session, tmp: Path, write: Callable[[], None] | None) 
             write()
         except Exception as e:
             error = e
-    full = error is not None and (disk.is_full(error) or disk.free_bytes(session.output_dir) <
-                                  checkpoint_bytes(session))
+    full = error is not None and out_of_room(session, error)
     acc = session.accelerator
     failed, any_full = collective.agree(acc, error is not None, full)
     if not failed:
         return
     if acc.is_main_process:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     collective.agree(acc)  # every process leaves together, after the partial checkpoint is gone
     if error is not None:
