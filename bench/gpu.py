@@ -75,7 +75,7 @@ def run_evertrain(args, model_dir: Path, data: Path, out: Path) -> dict:
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--held-out-fraction", "0",
             "--snapshot-budget", "0", "--warmup-steps", "0", "--learning-rate", "1e-5", "--log-steps", "1000",
             "--save-steps", str(args.save_steps), "--keep-checkpoints", "1", "--" + args.mode,
-            "--overlap-checkpoints", args.overlap_checkpoints,
+            "--overlap-checkpoints", args.overlap_checkpoints, *(["--chunked-loss"] if args.chunked_loss else []),
             # the same rows as the Trainer and the bare loop: none of the default replay, no anchor set to build
             "--replay-fraction", "0", "--no-anchor-replay", "--anchor-size", "0"]
     code = cli.main(argv)
@@ -194,6 +194,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="packed rows per step")
     p.add_argument("--max-length", type=int, default=4096)
     p.add_argument("--save-steps", type=int, default=0, help="evertrain's checkpoint interval (default: steps/3)")
+    p.add_argument("--chunked-loss", action="store_true", help="evertrain's loss without the full logits")
     p.add_argument("--overlap-checkpoints", choices=("auto", "on", "off"), default="auto",
                    help="evertrain's checkpoints written while training goes on (default: auto, on a GPU)")
     p.add_argument("--one", choices=("evertrain", "trainer", "bare"), help=argparse.SUPPRESS)
@@ -228,7 +229,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", who, "--work", str(work), "--model", args.model,
                    "--mode", args.mode, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--save-steps", str(args.save_steps),
-                   "--overlap-checkpoints", args.overlap_checkpoints]
+                   "--overlap-checkpoints", args.overlap_checkpoints,
+                   *(["--chunked-loss"] if args.chunked_loss else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:

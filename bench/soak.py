@@ -267,7 +267,12 @@ class Soak:
                 return
             if time.monotonic() > end:
                 left = sorted(names - ended)
-                raise SystemExit(f"soak: {len(left)} file(s) never ended within {timeout} s: {left[:5]}")
+                where = "; ".join(f"{n}: " + (f"{rows[n]['state']} ({rows[n].get('error')})" if n in rows else
+                                              "no ledger row") for n in left[:5])
+                raise SystemExit(f"soak: {len(left)} file(s) never ended within {timeout} s: {where}\n"
+                                 f"inbox: {sorted(p.name for p in (self.ws / 'inbox').iterdir())}\n"
+                                 f"status: {self.status()}\nthe daemon's log ends:\n"
+                                 + "\n".join(self.log.read_text(errors="replace").splitlines()[-60:]))
             time.sleep(0.2)
 
     def rows(self) -> dict[str, dict]:

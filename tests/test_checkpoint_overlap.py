@@ -118,6 +118,6 @@ def test_the_daemon_overlaps_its_checkpoints_with_the_ledger_copy_sealed_in_each
     ("auto", 1, "cuda", True), ("auto", 1, "cpu", False), ("on", 1, "cpu", True), ("on", 2, "cuda", False),
     ("off", 1, "cuda", False)])
 def test_which_runs_overlap_their_checkpoints(mode, processes, device, overlapped):
-    session = SimpleNamespace(config=TrainConfig(overlap_checkpoints=mode), accelerator=SimpleNamespace(
+    session = SimpleNamespace(config=TrainConfig(overlap_checkpoints=mode), sharded=False, accelerator=SimpleNamespace(
         num_processes=processes, device=SimpleNamespace(type=device)))
     assert loop.overlaps(session) is overlapped

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -116,3 +117,55 @@ def test_the_gpu_benchmark_runs_its_three_contenders_on_tiny_shapes(tmp_path):
 @pytest.mark.slow
 def test_a_compiled_model_trains_the_same_weights(tmp_path, tiny_model):
     assert_same_weights(tmp_path, tiny_model, "--compile")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_chunked_loss_and_its_gradients_equal_the_full_logits_ones(tiny_model, lora):
+    from evertrain import chunked_loss
+    from evertrain.config import TrainConfig
+
+    model = models.load_model(str(tiny_model), "float32", "sdpa")
+    if lora:
+        model = models.add_lora(model, TrainConfig(model=str(tiny_model), lora=True, lora_r=4))
+    exs = examples(4)
+    batch, n = collate([exs[:2], exs[2:]], 0, "cpu"), sum(e.target_tokens for e in exs)  # packed, padded
+
+    def loss_and_grads(context):
+        model.zero_grad(set_to_none=True)
+        with context:
+            out = model(**batch, use_cache=False, num_items_in_batch=n)
+            out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    full, full_grads = loss_and_grads(nullcontext())
+    chunked, chunked_grads = loss_and_grads(chunked_loss.active(model, chunk=7))  # chunks cut through examples
+    assert full.logits.shape[-1] == model.config.vocab_size
+    assert chunked.logits.shape[-1] == model.config.hidden_size  # no logits: the loss took the output layer over
+    torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
+    assert full_grads.keys() == chunked_grads.keys() and len(full_grads) > 2
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # and outside, the model is itself again: logits for evaluation and generation
+        torch.testing.assert_close(model(**batch, use_cache=False).logits, full.logits)
+
+
+def test_the_chunked_loss_trains_the_same_weights(tmp_path, tiny_model):
+    assert_same_weights(tmp_path, tiny_model, "--chunked-loss")
+
+
+def test_the_chunked_loss_is_refused_where_the_logits_are_more_than_the_output_layer(tmp_path, tiny_model, capsys):
+    from evertrain import chunked_loss
+    from evertrain.config import ConfigError
+
+    model = models.load_model(str(tiny_model), "float32", "sdpa")
+    with pytest.raises(ConfigError, match="under FSDP it is sharded"):
+        chunked_loss.refuse_unsupported(model, sharded=True)
+    model.config.model_type = "gemma2"  # its logits are soft-capped after the output layer
+    with pytest.raises(ConfigError, match="'gemma2' model's logits"):
+        chunked_loss.refuse_unsupported(model, sharded=False)
+
+    f = write_jsonl(tmp_path / "a.jsonl", text_rows(4))  # and a LoRA on the output layer itself
+    assert cli("train", "--dataset", f, "--output-dir", tmp_path / "run", "--model", tiny_model, "--chunked-loss",
+               "--lora", "--lora-target-modules", "q_proj,lm_head") == 2
+    err = capsys.readouterr().err
+    assert "chunked_loss needs a plain output layer" in err and not checkpoint.present(tmp_path / "run"), err

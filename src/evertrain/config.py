@@ -120,6 +120,9 @@ class TrainConfig:
     attention: str = _opt("auto", "attention kernel: auto (flash_attention_2 where installed, else flex_attention on "
                           "CUDA, else sdpa), or one by name; packed examples never attend to each other in any",
                           choices=ATTENTIONS)
+    chunked_loss: bool = _opt(False, "compute the loss chunk by chunk, never the full logits: far less memory for a "
+                              "large vocabulary, for one more multiply by the output layer in the backward pass",
+                              flag="chunked-loss/no-chunked-loss")
     fused_optimizer: bool = _opt(True, "use torch's fused AdamW kernel (one kernel for all parameters)",
                                  flag="fused-optimizer/no-fused-optimizer")
     compile: bool = _opt(False, "torch.compile the model's forward pass (minutes of compiling at start; faster steps "

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evertrain import (anchor, checkpoint, collective, disk, evals, faults, gate, logs, metrics, models, replay,
-                       sharding, snapshots)
+from evertrain import (anchor, checkpoint, chunked_loss, collective, disk, evals, faults, gate, logs, metrics, models,
+                       replay, sharding, snapshots)
 from evertrain.config import ConfigError, TrainConfig
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.data.packing import collate
@@ -215,6 +215,8 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora:  # frozen embeddings: give the checkpointed blocks an input that requires grad
             model.enable_input_require_grads()
+    if config.chunked_loss:
+        chunked_loss.refuse_unsupported(model, sharded=sharded)
     if config.compile:
         # Packed rows vary in length: dynamic shapes, or a recompile for every new row width.
         model.forward = torch.compile(model.forward, dynamic=True)
@@ -390,7 +392,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         for m, mine in micro_batches(rows, accum, world, rank):
             batch = collate(mine, session.tokenizer.pad_token_id, acc.device)
             sync = m == accum - 1
-            with gradient_sync(session, sync):
+            with gradient_sync(session, sync), chunked_loss.active(model) if cfg.chunked_loss else nullcontext():
                 out = model(**batch, use_cache=False, num_items_in_batch=max(n_target, 1))
                 # DDP averages gradients over processes; each loss is already a share of the global sum.
                 acc.backward(out.loss * world)
@@ -740,7 +742,7 @@ def overlaps(session: Session) -> bool:
     """Whether the checkpoints taken every save_steps are written by a thread while training goes on. One process
     only: a launch's processes agree on each part of a write (shared_write). auto: where the model is on a GPU."""
     mode = session.config.overlap_checkpoints
-    if mode == "off" or session.accelerator.num_processes > 1:
+    if mode == "off" or session.accelerator.num_processes > 1 or session.sharded:
         return False
     return mode == "on" or session.accelerator.device.type == "cuda"
 
@@ -748,7 +750,7 @@ def overlaps(session: Session) -> bool:
 @dataclass
 class Snapshot:
     """What checkpoint-<step> holds, taken at that step: the live objects for a write while training waits, CPU
-    copies for one a thread does while training goes on (nothing here changes after it is taken)."""
+    copies of what training changes for one a thread does while training goes on."""
     step: int
     model: object                 # whose save_pretrained writes the weights (and the adapter's config)
     weights: dict                 # its state dict, complete (gathered, under FSDP2)
@@ -763,8 +765,10 @@ class Snapshot:
 
 def snapshot(session: Session, weights: dict, optimizer: dict | None, *, copy: bool) -> Snapshot:
     acc, progress, cfg = session.accelerator, session.progress, session.config
-    if copy:
-        weights, optimizer = cpu_copy((weights, optimizer))
+    if copy:  # what training changes: weights it trains (a LoRA run's frozen base stays where it is), moments
+        memo, trained = {}, {p.data_ptr() for p in session.model.parameters() if p.requires_grad}
+        weights = {k: cpu_copy(v, memo) if v.data_ptr() in trained else v for k, v in weights.items()}
+        optimizer = cpu_copy(optimizer, memo)
     # A gate that can undo a file keeps the checkpoint from before each open file, whatever keep_checkpoints.
     before = {checkpoint.final_path(session.output_dir, c.first_step - 1).name for c in progress.cursors.values()
               } if gate.undoes(cfg) else set()
