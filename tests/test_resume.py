@@ -83,7 +83,8 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_is_not_reported_done(tmp_p
     assert state["files"] == [] and list(state["cursors"].values())[0]["file_step"] == stopped_at
 
 
-def test_a_checkpoint_written_by_a_thread_is_newest_once_committed_and_a_failed_one_leaves_nothing(tmp_path):
+def test_a_checkpoint_written_by_a_thread_is_newest_once_committed_and_a_failed_one_leaves_nothing(tmp_path,
+                                                                                                monkeypatch):
     """checkpoint.Write, what overlap_checkpoints runs (its training side: tests/test_checkpoint_overlap.py)."""
     tmp, go = checkpoint.temp_path(tmp_path, 3), threading.Event()
     tmp.mkdir()
@@ -111,6 +112,16 @@ def test_a_checkpoint_written_by_a_thread_is_newest_once_committed_and_a_failed_
         write.wait()
     assert e.value.errno == errno.ENOSPC and write.done() and write.path is None
     assert not tmp.exists() and checkpoint.newest_complete(tmp_path).step == 3  # the partial one is gone
+
+    def fails_first():  # before its folder was made (a disk that refused even that): nothing to remove
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    write = checkpoint.Write(5, checkpoint.temp_path(tmp_path, 5), fails_first)
+    with pytest.raises(OSError, match="quota"):
+        write.wait()
+    assert not escaped  # the thread itself ended cleanly: the error is the caller's, raised once, by wait()
 
 
 def record(sha, status="done", steps=3):
