@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch.utils.checkpoint import checkpoint
 
 from evertrain.config import ConfigError
@@ -30,7 +31,7 @@ PLAIN_HEADS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3")
 
 def causal_lm(model):
     """The transformers model inside DDP and PEFT wrappers (whose `loss_function` the forward calls)."""
-    inner = getattr(model, "module", model)  # DDP
+    inner = extract_model_from_parallel(model)  # DDP (and DeepSpeed, a compiled module)
     if hasattr(inner, "get_base_model"):  # PEFT
         inner = inner.get_base_model()
     return inner
