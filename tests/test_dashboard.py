@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -193,11 +194,12 @@ def test_a_hundred_clients_at_once_all_get_their_answer(run_dir):
 
 def test_reads_run_off_the_event_loop_in_a_bounded_pool(run_dir, monkeypatch):
     running, most = [], []
+    disk = threading.Event()  # a slow disk, held until the test has asked its question
 
     def slow_state(run):
         running.append(1)
         most.append(len(running))
-        time.sleep(0.5)  # a slow disk
+        disk.wait(60)
         running.pop()
         return {"ok": True}
 
@@ -206,16 +208,21 @@ def test_reads_run_off_the_event_loop_in_a_bounded_pool(run_dir, monkeypatch):
     async def many(port):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             slow = [asyncio.create_task(client.get("/api/state")) for _ in range(3 * server.THREADS)]
-            while not running:
+            deadline = time.monotonic() + 60
+            while len(running) < server.THREADS and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            # The event loop is free meanwhile: what needs no file read (a 404) is answered during the reads.
-            missing = await client.get("/nope")
-            reading = len(running)
+            # The event loop is free meanwhile: what needs no file read (a 404) is answered while every
+            # thread of the pool is held in a read. Were reads on the loop, this would time out.
+            try:
+                missing = await client.get("/nope", timeout=20)
+                reading = len(running)
+            finally:
+                disk.set()
             return missing, reading, [r.status_code for r in await asyncio.gather(*slow)]
 
     with Served(run_dir) as s:
         missing, reading, statuses = asyncio.run(many(s.port))
-    assert missing.status_code == 404 and reading > 0
+    assert missing.status_code == 404 and reading == server.THREADS
     assert statuses == [200] * 3 * server.THREADS
     assert max(most) == server.THREADS  # as many at once as the pool has, no more
 

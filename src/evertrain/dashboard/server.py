@@ -137,16 +137,18 @@ def build_app(run: sources.Run, access: auth.Access) -> Starlette:
                      exception_handlers={BadQuery: bad_query, HTTPException: http_error, Exception: server_error})
 
 
-def bad_query(request: Request, exc: BadQuery) -> Response:
+# The handlers are async, though they read nothing: Starlette runs a plain one in its thread pool, where a
+# 404 would wait behind THREADS slow reads.
+async def bad_query(request: Request, exc: BadQuery) -> Response:
     return as_json({"error": str(exc)}, 400)
 
 
-def http_error(request: Request, exc: HTTPException) -> Response:
+async def http_error(request: Request, exc: HTTPException) -> Response:
     """Starlette's own refusals (404, 405 with its Allow header) as JSON, like every other answer."""
     return as_json({"error": exc.detail.lower()}, exc.status_code, exc.headers)
 
 
-def server_error(request: Request, exc: Exception) -> Response:
+async def server_error(request: Request, exc: Exception) -> Response:
     # Outside the middleware (Starlette answers it last), so the headers are added here. Starlette raises
     # the exception again after this answer, and uvicorn logs it with its traceback.
     return as_json({"error": "internal error: the dashboard's log says what went wrong"}, 500, SECURITY_HEADERS)
