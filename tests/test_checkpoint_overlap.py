@@ -52,9 +52,14 @@ def test_training_goes_on_while_a_thread_writes_the_checkpoint_and_it_is_newest_
     assert checkpoint.newest_complete(tmp_path / "run") is None and session.last_checkpoint is None
     assert checkpoint.temp_path(tmp_path / "run", 2).is_dir()  # the write's folder, not yet a checkpoint
 
+    copies_at_2 = {k: v.data_ptr() for k, v in session.host_copies.items()}
+    assert copies_at_2 and not any(v.is_pinned() for v in session.host_copies.values())  # pinned: for a GPU
+
     released.set()
     write.thread.join(120)
     assert next(steps).step == 4  # the step boundary takes the finished write: the newest now
+    # step 4's checkpoint, copied into the memory step 2's was written from (each save at one write at a time)
+    assert {k: v.data_ptr() for k, v in session.host_copies.items()} == copies_at_2
     assert session.last_checkpoint == checkpoint.final_path(tmp_path / "run", 2)
     # what it holds is step 2's, though step 3 changed the weights and moments before it was written
     saved = load_tensors(session.last_checkpoint / "model.safetensors")
