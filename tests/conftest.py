@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +71,22 @@ def break_weights_at(monkeypatch, file_step: int, sha256: str | None = None) -> 
     monkeypatch.setattr(loop, "setup", setup)
     monkeypatch.setattr(loop, "collate", collate)
     return sessions
+
+
+def trained_steps(out) -> int:
+    """Optimizer steps in an output folder's trace.jsonl (a run with --trace)."""
+    try:
+        return (out / "trace.jsonl").read_text().count('"step"')
+    except FileNotFoundError:
+        return 0
+
+
+def run_and_kill_after(cmd, out, steps: int, deadline_s: float = 120) -> None:
+    """Start `cmd` and kill -9 it once its trace holds `steps` steps (or it ended by itself)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + deadline_s
+    while trained_steps(out) < steps and proc.poll() is None:
+        assert time.monotonic() < end, "the run never reached the step to kill it at"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import text_rows, write_jsonl
+from conftest import run_and_kill_after, text_rows, trained_steps, write_jsonl
 from safetensors.torch import load_file as load_tensors
 
 from evertrain import checkpoint, trace
@@ -23,23 +23,6 @@ def command(data, out, model):
     return [sys.executable, "-m", "evertrain", "train", "--dataset", str(data), "--output-dir", str(out),
             "--model", str(model), "--batch-size", "2", "--no-packing", "--save-steps", "5", "--trace",
             "--keep-checkpoints", "2", "--learning-rate", "1e-3", "--held-out-fraction", "0"]
-
-
-def trained_steps(out) -> int:
-    try:
-        return (out / "trace.jsonl").read_text().count('"step"')
-    except FileNotFoundError:
-        return 0
-
-
-def run_and_kill_after(cmd, out, steps: int, deadline_s: float = 120) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.monotonic() + deadline_s
-    while trained_steps(out) < steps and proc.poll() is None:
-        assert time.monotonic() < end, "the run never reached the step to kill it at"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 def test_kill_9_mid_file_then_resume_gives_identical_weights(tmp_path, tiny_model):

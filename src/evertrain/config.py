@@ -48,8 +48,8 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input", low=0.0, high=0.9, identity=True)
     lora_target_modules: str = _opt("all-linear", "comma-separated module names, or all-linear", identity=True)
     dtype: str = _opt("float32", "dtype the weights are loaded and kept in", choices=DTYPES, identity=True)
-    load_in_4bit: bool = _opt(False, "QLoRA: load the base model's weights in 4 bits (bitsandbytes NF4; LoRA only, "
-                              "CUDA only) so a 7-8B model fits a 24 GB card", flag="load-in-4bit/no-load-in-4bit",
+    load_in_4bit: bool = _opt(False, "QLoRA: load the base model's weights in 4 bits (bitsandbytes NF4; LoRA only) "
+                              "so a 7-8B model fits a 24 GB card", flag="load-in-4bit/no-load-in-4bit",
                               identity=True)
     chat_template: str = _opt("", "chat template for conversations: empty = the model's own, chatml = a built-in "
                               "ChatML template (base models have none), or a FILE.jinja; saved with the tokenizer",

@@ -10,9 +10,11 @@ in the cache ($EVERTRAIN_CACHE, else ~/.cache/evertrain), so later loads take a 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,8 +108,6 @@ def attention_implementation(asked: str) -> str:
     if asked != "auto":
         return asked
     if torch.cuda.is_available():
-        import importlib.util
-
         return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
     return "sdpa"
 
@@ -119,8 +119,15 @@ def load_model(source: str, dtype: str, attention: str = "auto", load_in_4bit: b
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_4bit(dtype)
     with _loading(source, "model"):
-        return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype),
-                                                    attn_implementation=attention_implementation(attention), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attention_implementation(attention), **kwargs)
+    for module in model.modules() if load_in_4bit else ():
+        # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for inference at its first
+        # forward pass without gradients (an evaluation), and from then on computes it with a kernel that has
+        # no backward: the LoRA layers below it would train on no gradient. Kept in the format training needs.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 @contextmanager
@@ -135,18 +142,21 @@ def _loading(name, what: str):
 
 
 def quantization_4bit(dtype: str):
-    """QLoRA's NF4 settings; refused (ConfigError) where bitsandbytes cannot run: it needs CUDA."""
-    import importlib.util
-
+    """QLoRA's NF4 settings: computed in bf16 on a GPU that has it (fp16 on one without), in the run's dtype on CPU
+    (bitsandbytes' CPU backend: what the tests train on). Refused (ConfigError) without bitsandbytes."""
     from evertrain.config import ConfigError
 
-    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("load_in_4bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes); "
-                          + ("this machine has no CUDA" if not torch.cuda.is_available() else
-                             "bitsandbytes is not installed"))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("load_in_4bit needs the bitsandbytes package, which is not installed: "
+                          "pip install 'evertrain[qlora]' (or pip install bitsandbytes)")
+    # Its CPU backend suggests installing `kernels`, which fetches kernels from the hub at run time: never here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if torch.cuda.is_available():
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        compute = getattr(torch, dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=getattr(torch, dtype))
 
@@ -155,7 +165,9 @@ def add_lora(model, config):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.load_in_4bit:  # norms in fp32, inputs that require grad: what QLoRA needs to train stably
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        with warnings.catch_warnings():  # peft asks transformers 5 by names it deprecates: not the user's to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
 
     targets = config.lora_target_modules
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
