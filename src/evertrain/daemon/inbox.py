@@ -49,7 +49,7 @@ class Inbox:
         self.ws, self.ledger, self.stable, self.say = ws, ledger, stable_seconds, say
         self.incomplete_timeout = incomplete_timeout
         self.seen: dict[str, Seen] = {}
-        self.waiting: list[str] = []  # stable files that look cut short, being waited for (shown in the status)
+        self.waiting: list[str] = []  # stable files that look cut short, being waited for: 'NAME (N bytes so far)'
         self.wake = threading.Event()  # set by file events (and by signals) to cut a wait short
         self.observer = None
         if watch:
@@ -98,8 +98,8 @@ class Inbox:
                     # Written while its end was read: that end says nothing; it must be stable again first.
                     self.seen[rel] = seen = Seen(again.st_size, again.st_mtime_ns, now)
                     due = seen.since + self.stable
-                elif not complete:
-                    waiting.append(printable(rel))
+                elif not complete:  # its size in the note: the status changes as the writer goes on
+                    waiting.append(f"{printable(rel)} ({seen.size} bytes so far)")
                     due = seen.since + self.incomplete_timeout  # or sooner: the writer's next change wakes the scan
             if now >= due:
                 self.seen.pop(rel)
