@@ -436,7 +436,7 @@ def test_sigusr1_writes_where_every_thread_is_and_the_command_goes_on(run_dir):
         assert request(port, "/api/state")[0] == 200  # still serving
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "(most recent call first)" in err and 'evertrain/cli.py", line' in err and " in cmd_dashboard" in err, err
 

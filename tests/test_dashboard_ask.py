@@ -126,9 +126,10 @@ def test_one_question_at_a_time_and_a_full_queue_is_a_429(run_dir, monkeypatch):
         assert entered.wait(30)
         second = threading.Thread(target=lambda: answers.append(post(s.port, question, own(s.port))))
         second.start()
-        deadline = time.time() + 10
-        while not askers[-1].waiting.full() and time.time() < deadline:  # the second is in the queue
+        deadline = time.monotonic() + 60
+        while not askers[-1].waiting.full() and time.monotonic() < deadline:  # the second is in the queue
             time.sleep(0.05)
+        assert askers[-1].waiting.full(), "the second question never reached the queue"
         status, headers, body = post(s.port, question, own(s.port))
         assert status == 429 and headers["Retry-After"] and "busy: 1 questions" in json.loads(body)["error"]
         release.set()

@@ -40,7 +40,7 @@ def test_a_writer_pausing_mid_line_longer_than_stable_seconds_trains_whole(tmp_p
         row = wait_for(lambda: by_name(ws).get("slow.jsonl", {}).get("state") == "done"
                        and by_name(ws)["slow.jsonl"], 60, "the file to train")
         assert row["examples"] == 9
-        wait_for(lambda: status(ws).get("intake") is None, 10, "the status to stop waiting")
+        wait_for(lambda: status(ws).get("intake") is None, 60, "the status to stop waiting")
     finally:
         assert daemon.stop() == 0
 
