@@ -183,11 +183,12 @@ def add_lora(model, config):
         return get_peft_model(model, lora)
 
 
-def load_lora(base, adapter_dir: Path):
+def load_lora(base, adapter_dir: Path, *, trainable: bool = True):
+    """A saved adapter on `base`: to train on (resume), or to apply only (export, chat, the dashboard's ask)."""
     from peft import PeftModel
 
     with _peft_quietly():
-        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
 
 
 if __name__ == "__main__":

@@ -94,10 +94,8 @@ def load_model(source: Source, dtype: str | None = None):
         if not config.lora:
             model = models.load_model(str(source.ckpt.path), dtype or config.dtype)
         else:
-            from peft import PeftModel
-
             base = models.load_model(models.resolve_model(config.model), dtype or config.dtype)
-            model = PeftModel.from_pretrained(base, source.ckpt.path)
+            model = models.load_lora(base, source.ckpt.path, trainable=False)
     except OSError as e:
         raise ExportError(f"{source.ckpt.path}: {e} (was it pruned while being read? pin it with "
                           "`evertrain pin STEP`)") from None
