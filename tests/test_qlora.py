@@ -116,3 +116,23 @@ def test_kill_9_mid_file_resumes_a_qlora_run_to_the_adapter_of_one_never_interru
     assert done.returncode == 0 and "resumes at its step" in done.stdout, done.stdout + done.stderr
     a, b = (load_tensors(checkpoint.final_path(out, 12) / "adapter_model.safetensors") for out in (whole, broken))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_qlora_run_trains_the_same_parameters_in_the_same_dtypes_as_a_fresh_one(tmp_path, tiny_model):
+    # In bfloat16 peft's preparation casts everything not 4-bit to fp32: a resume that skipped it would go on
+    # training the embeddings' and norms' neighbours in another dtype than the run began with.
+    data = write_jsonl(tmp_path / "a.jsonl", text_rows(4))
+    out = tmp_path / "run"
+    opts = tuple(a for a in QLORA if a != "--trace")
+    assert cli("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *opts, "--dtype",
+               "bfloat16") == exits.OK
+
+    def kinds(session):
+        return {n: (p.dtype, p.requires_grad) for n, p in session.model.named_parameters()}
+
+    config = TrainConfig(model=str(tiny_model), lora=True, lora_r=4, lora_alpha=8, load_in_4bit=True,
+                         dtype="bfloat16", batch_size=2, packing=False, held_out_fraction=0)
+    fresh = kinds(loop.setup(config, tmp_path / "fresh", cpu=True))
+    resumed = loop.setup(config, out, cpu=True)
+    assert resumed.progress.global_step == 2 and kinds(resumed) == fresh
+    assert {dtype for dtype, trained in fresh.values() if not trained} >= {torch.float32}  # the cast happened

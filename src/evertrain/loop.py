@@ -291,9 +291,10 @@ def keep_global_batch(config: TrainConfig, world: int, global_batch: int, output
 
 
 def load_base(config: TrainConfig):
-    """The run's base model, with its attention kernel (and 4-bit weights for QLoRA)."""
-    return models.load_model(models.resolve_model(config.model), config.dtype, config.attention,
-                             config.load_in_4bit)
+    """The run's base model, with its attention kernel (and 4-bit weights for QLoRA, made ready to train)."""
+    model = models.load_model(models.resolve_model(config.model), config.dtype, config.attention,
+                              config.load_in_4bit)
+    return models.prepare_4bit(model, config) if config.load_in_4bit else model
 
 
 def fused_adamw_supported(params: list) -> bool:

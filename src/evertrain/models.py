@@ -127,7 +127,7 @@ def load_model(source: str, dtype: str, attention: str = "auto", load_in_4bit: b
     for module in model.modules() if load_in_4bit else ():
         # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for inference at its first
         # forward pass without gradients (an evaluation), and from then on computes it with a kernel that has
-        # no backward: the LoRA layers below it would train on no gradient. Kept in the format training needs.
+        # no backward: no gradient would pass through it to the LoRA layers below. Kept in the format training needs.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
@@ -171,16 +171,23 @@ def _peft_quietly():
 
 
 def add_lora(model, config):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     targets = config.lora_target_modules
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                       task_type="CAUSAL_LM")
     with _peft_quietly():
-        if config.load_in_4bit:  # norms in fp32, inputs that require grad: what QLoRA needs to train stably
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
         return get_peft_model(model, lora)
+
+
+def prepare_4bit(model, config):
+    """A 4-bit base made ready for QLoRA, at the start of a run and at every resume alike (else a resumed run would
+    train its embeddings and norms in another dtype): everything not 4-bit in fp32, the base frozen."""
+    from peft import prepare_model_for_kbit_training
+
+    with _peft_quietly():
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
 
 
 def load_lora(base, adapter_dir: Path, *, trainable: bool = True):
