@@ -390,7 +390,7 @@ def test_the_forgetting_gate_rolls_back_every_rank_to_the_checkpoint_before_the_
     before = checkpoint.newest_complete(out)
     second = launch("train", "--dataset", write_jsonl(tmp_path / "new.jsonl", CONTRADICTING), *opts)
     _stdout, stderr = second.communicate(timeout=600)
-    assert second.returncode == 1 and "exitcode  : 7" in stderr  # the ranks exited 7 (REJECTED); torchrun says 1
+    assert second.returncode == 1 and "exitcode  : 7" in stderr, stderr  # the ranks exited 7 (REJECTED); torchrun says 1
     assert stderr.count("REJECTED by the forgetting gate") == 1, stderr
     after = checkpoint.newest_complete(out)
     assert after.step == before.step and [c.step for c in checkpoint.candidates(out)] == [before.step]

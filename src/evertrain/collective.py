@@ -9,6 +9,8 @@ others wait forever in the next collective. One process alone: every function he
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 
@@ -35,6 +37,14 @@ def close() -> None:
 
     Each process closes its connections to the others itself, as PyTorch asks, rather than leaving them to the
     interpreter's exit. A process that fails on its way out would leave `torchrun` on the other machines
-    waiting out their exit barrier (five minutes) before they end too."""
+    waiting out their exit barrier (five minutes) before they end too.
+
+    The garbage collected on both sides: the group's last users (a DDP model of a session the run is done with,
+    a rolled-back one's) go first, then the group itself, while the interpreter is whole. Gloo's worker threads
+    keep their last work, tensors included, until their group goes; freed at the interpreter's finalization
+    instead, a tensor takes the GIL of an interpreter going away, and the process dies of SIGABRT in place of
+    its exit code (pytorch/pytorch#179291)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
+        gc.collect()
