@@ -19,6 +19,7 @@ import os
 import signal
 import stat
 import sys
+import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -44,7 +45,16 @@ def command() -> int:
 
     A run that seems stuck: `kill -USR1 PID` writes where each of its threads is to its standard error."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    return main()
+    try:
+        code = main()
+    except BaseException:
+        if not collective.launched():
+            raise
+        traceback.print_exc()
+        code = exits.FAILED
+    if collective.launched():  # a process of a launch: its exit code, never a crash in the interpreter's teardown
+        collective.end_process(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evertrain: {disk.DiskFull.of(e, Path.cwd())}: free space and run it again",
               file=sys.stderr)
         return exits.DISK_FULL
-    finally:
-        collective.close()
 
 
 def resolve_config(output_dir: Path, overrides: dict, resume: checkpoint.Checkpoint | None) -> TrainConfig:

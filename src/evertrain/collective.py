@@ -9,7 +9,11 @@ others wait forever in the next collective. One process alone: every function he
 
 from __future__ import annotations
 
-import gc
+import atexit
+import os
+import sys
+import threading
+from typing import NoReturn
 
 import torch
 
@@ -32,19 +36,24 @@ def from_main(accelerator, value=None):
     return box[0]
 
 
-def close() -> None:
-    """Leave the launch's process group, if this process joined one: every command ends here.
+def launched() -> bool:
+    """Whether this process joined a launch's process group (accelerate launch, torchrun)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    Each process closes its connections to the others itself, as PyTorch asks, rather than leaving them to the
-    interpreter's exit. A process that fails on its way out would leave `torchrun` on the other machines
-    waiting out their exit barrier (five minutes) before they end too.
 
-    The garbage collected on both sides: the group's last users (a DDP model of a session the run is done with,
-    a rolled-back one's) go first, then the group itself, while the interpreter is whole. Gloo's worker threads
-    keep their last work, tensors included, until their group goes; freed at the interpreter's finalization
-    instead, a tensor takes the GIL of an interpreter going away, and the process dies of SIGABRT in place of
-    its exit code (pytorch/pytorch#179291)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gc.collect()
-        torch.distributed.destroy_process_group()
-        gc.collect()
+def end_process(code: int) -> NoReturn:
+    """End a process of a launch with `code`, as an exit would, but without the interpreter's teardown.
+
+    Its threads are waited for and its exit handlers run (the log's files, the trackers' flushes), while the
+    interpreter is whole; then the process ends at once. In the teardown, the process group would go last: gloo's
+    worker threads keep their last work, tensors included, until then, and a tensor freed with the interpreter
+    half gone aborts the process ("terminate called without an active exception", SIGABRT: pytorch/pytorch#179291)
+    in place of its exit code, which a launcher then reports; or it hangs, and `torchrun` on the other machines
+    waits out its exit barrier. The connections to the other processes are closed by the operating system."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

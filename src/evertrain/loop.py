@@ -433,7 +433,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
                             examples=n_trained, replayed=len(replayed),
                             tokens_per_second=tokens_trained / elapsed if elapsed else 0.0, time=time.time())
         log_step(session, record)
-        if snapshots.due(session, cursor.file_step, total):
+        if snapshots.decide(session, cursor.file_step, total):
             session.degraded.attempt("an evolution snapshot", lambda: snapshots.take(
                 session, data, generations=snapshots.with_generations(cursor.file_step, total)))
         if cfg.eval_steps and progress.global_step % cfg.eval_steps == 0 and cursor.file_step < total:

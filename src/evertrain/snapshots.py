@@ -116,8 +116,9 @@ def with_generations(file_step: int, total: int) -> bool:
     return file_step == total
 
 
-def due(session, file_step: int, total: int) -> bool:
-    """Is a snapshot wanted after this step, and (unless it is a file's last step or a forced one) affordable?"""
+def decide(session, file_step: int, total: int) -> bool:
+    """Whether to take a snapshot after this step: wanted, and (unless it is a file's last step or a forced one)
+    affordable. A wanted one the budget cannot afford is counted in the progress as skipped."""
     cfg, p = session.config, session.progress
     if not session.is_main or session.sharded:  # one process cannot run a sharded model
         return False
