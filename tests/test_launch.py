@@ -418,3 +418,23 @@ def test_a_full_disk_under_two_processes_stops_every_rank_at_once_and_resumes_ex
     _stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and "resumes at its step 2/12" in _stdout + stderr, stderr[-3000:]
     assert dict(next(iter(trace.coverage(out / "trace.jsonl").values()))) == {i: 1 for i in range(24)}
+
+
+def test_a_launched_process_ends_with_its_exit_code_after_its_threads_and_exit_handlers(tmp_path):
+    """collective.end_process, the end of every process of a launch: what an exit would have done first (a
+    thread still writing, an exit handler flushing) is done, and the code is the one asked for."""
+    script = f"""
+import atexit, threading, time
+from pathlib import Path
+from evertrain import collective
+out = Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "exit-handler").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+print("to stdout, buffered", end="")
+collective.end_process(7)
+raise SystemExit("not reached")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=clean_env())
+    assert done.returncode == 7 and done.stdout == "to stdout, buffered", done.stderr
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "exit-handler").read_text() == "ran"
