@@ -131,7 +131,8 @@ def test_sigterm_to_the_launcher_then_2_1_4_2_processes_mid_file_keep_the_global
 
     # 2 processes, SIGTERM to the launcher at a random moment: every rank stops at the same step boundary.
     code, stdout, stderr = interrupt_after(launch(*args), out, rng.randint(1, 3))
-    assert code == 1 and "SignalException" in stderr  # accelerate's launcher itself; the ranks exited 130
+    # accelerate's launcher (>= 1.16) reports the signal it forwarded as 128 + SIGTERM; the ranks exited 130.
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
     assert "checkpointed at the step boundary" in stdout and " done: " not in stdout
     first = checkpoint.newest_complete(out)
     assert first.step == steps_in_trace(out) < 10
@@ -148,7 +149,8 @@ def test_sigterm_to_the_launcher_then_2_1_4_2_processes_mid_file_keep_the_global
     # 4 processes: no accumulation at all; SIGTERM at another random moment.
     resumed = checkpoint.newest_complete(out).step
     code, stdout, _ = interrupt_after(launch(*args, processes=4), out, resumed + rng.randint(1, 2))
-    assert code == 1 and "gradient accumulation 2 -> 1" in stdout and "checkpointed at the step boundary" in stdout
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "gradient accumulation 2 -> 1" in stdout and "checkpointed at the step boundary" in stdout
     assert checkpoint.newest_complete(out).step == steps_in_trace(out) < 10
     assert_no_debris(out)
 
