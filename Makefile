@@ -25,6 +25,7 @@ demo: install
 # PYTEST_JOBS=0 runs the suite in this process (TESTING.md).
 PYTEST_JOBS ?= 2
 test: install
+	$(VENV)/bin/lint-imports --no-cache  # the layers of pyproject.toml's [tool.importlinter]: no arrow back up, no circle
 	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 # The tests that need CUDA (tests/test_gpu.py), on a GPU machine; everywhere else they are skipped with the reason.

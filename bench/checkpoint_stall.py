@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny import make_model_dir  # noqa: E402
 
-from evertrain import checkpoint, cli  # noqa: E402
+from evertrain import cli  # noqa: E402
+from evertrain.train import checkpoint
 
 
 def train(model: Path, data: Path, out: Path, save_steps: int, overlap: str) -> tuple[float, float]:

@@ -36,6 +36,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from evertrain.daemon import ledger  # noqa: E402
 from evertrain.dashboard import sources  # noqa: E402
 from evertrain.dashboard.server import HEAD_TIMEOUT  # noqa: E402
 
@@ -70,7 +71,7 @@ def workspace(root: Path) -> Path:
                                     "after_file_name": files[after][1], "file": files[evaluated][0],
                                     "file_name": files[evaluated][1], "loss": 1.0 + evaluated / 10}) + "\n")
     db = sqlite3.connect(root / "ledger.sqlite")
-    db.execute(f"CREATE TABLE files ({', '.join(sources.LEDGER_COLUMNS)})")
+    db.execute(f"CREATE TABLE files ({', '.join(ledger.columns())})")
     db.executemany(f"INSERT INTO files (id, original_name, sha256, state, steps_trained, expected_steps) "
                    f"VALUES (?, ?, ?, ?, ?, 250)", [(i + 1, n, s, "done" if i < 19 else "training", 250)
                                                     for i, (s, n) in enumerate(files)])

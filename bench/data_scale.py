@@ -18,7 +18,7 @@ cache or page of Python heap leaks from one case to the next):
            ratio = bare seconds / prepare seconds on the same examples (goal >= 0.7).
   train    (tiny model) setup + prepare + exactly one optimizer step, in a fresh output folder ("cold": no
            store, no checkpoint), then again in the same folder ("warm": resuming the file interrupted after one
-           step, its token store present). Time from before `loop.setup` to the first step's record, and
+           step, its token store present). Time from before `setup` to the first step's record, and
            peak RSS; RSS is compared with the same run on a 1,000-example file (goal: +< 300 MB at 1M).
 
 For the tiny tokenizer (byte-level, so ~1 token per byte) and the embedded SmolLM2-135M-Instruct's; TrainConfig
@@ -259,7 +259,10 @@ def case_bare(args) -> dict:
 def case_train(args) -> dict:
     """setup + prepare + one optimizer step; a second call on the same folder resumes (store present)."""
     t_import = time.perf_counter()
-    from evertrain import loop
+    from evertrain.runs import Run
+    from evertrain.train import loop
+    from evertrain.train.session import STOP
+    from evertrain.train.setup import setup
 
     config = config_for("tiny", args.model_dir)
     t_import = time.perf_counter() - t_import
@@ -268,11 +271,11 @@ def case_train(args) -> dict:
     def decide(record) -> str:  # train one step, then stop (fit checkpoints the interruption)
         stamps.setdefault("first_step", time.perf_counter())
         phases.setdefault("first_step", {**rss_now(), "peak": peak_rss_mb()})
-        return loop.STOP
+        return STOP
 
     phases = {"imported": {**rss_now(), "peak": peak_rss_mb()}}
     t0 = time.perf_counter()
-    session = loop.setup(config, Path(args.out))
+    session = setup(config, Run.at(Path(args.out)))
     t_setup = time.perf_counter()
     phases["setup"] = {**rss_now(), "peak": peak_rss_mb()}
     fd = loop.prepare(session, Path(args.file))

@@ -30,10 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny import make_model_dir  # noqa: E402
 
-from evertrain import anchor, checkpoint, models  # noqa: E402
+from evertrain import models  # noqa: E402
+from evertrain.observe import anchor
+from evertrain.train import checkpoint
 from evertrain.cli import main as evertrain  # noqa: E402
 from evertrain.config import TrainConfig  # noqa: E402
-from evertrain.evals import forgetting_matrix, read_evals  # noqa: E402
+from evertrain.observe.evals import forgetting_matrix, read_evals  # noqa: E402
+from evertrain.runs import Run  # noqa: E402
 
 WORDS = "apple river stone cloud maple ember frost harbor lantern meadow".split()
 
@@ -68,7 +71,7 @@ def run(model: Path, files: list[Path], out: Path, replay: float, epochs: int) -
                           str(epochs), "--held-out-fraction", "0.1", "--replay-fraction", str(replay),
                           "--no-anchor-replay", "--snapshot-budget", "0", "--no-packing", "--log-steps", "1000"])
         assert code == 0, f"training {f.name} failed with exit code {code}"
-    return forgetting_matrix(read_evals(out)), time.perf_counter() - t0
+    return forgetting_matrix(read_evals(Run.at(out))), time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------ the realistic case
@@ -147,7 +150,7 @@ def realistic(tmp: Path, only: list[str] | None, dose: float) -> None:
         out, t0 = tmp / name.replace(" ", "-"), time.perf_counter()
         if name != "none":  # the same base model and first file make the same anchor set (tested): made once, copied
             out.mkdir()
-            shutil.copy(anchor.anchor_path(tmp / "none"), anchor.anchor_path(out))
+            shutil.copy(Run.at(tmp / "none").anchor, Run.at(out).anchor)
         codes = [evertrain(["train", "--dataset", str(f), "--output-dir", str(out), "--model", str(model),
                             *REALISTIC, *protections(dose)[name]]) for f in files]
         (out / "bench.json").write_text(json.dumps({"name": name, "codes": codes, "seconds": time.perf_counter() - t0}))
@@ -157,14 +160,14 @@ def realistic(tmp: Path, only: list[str] | None, dose: float) -> None:
 
 def measured(tmp: Path, out: Path) -> dict:
     """What one protection's run did, read back from its output folder."""
-    m, drift = forgetting_matrix(read_evals(out)), anchor.read_log(out)
+    m, drift = forgetting_matrix(read_evals(Run.at(out))), anchor.read_log(Run.at(out))
     state = checkpoint.newest_complete(out).state["evertrain"]
     n = len(m["files"])
     return {
         **json.loads((out / "bench.json").read_text()),
         "rises": [m["rows"][-1]["cells"][j] - m["rows"][j]["cells"][j] for j in range(n - 1)],
         # From the base model: the first run measured the anchor at step 0, before any training.
-        "anchor_rise": drift[-1]["loss"] - anchor.read_log(tmp / "none")[0]["loss"], "anchor_kl": drift[-1]["kl"],
+        "anchor_rise": drift[-1]["loss"] - anchor.read_log(Run.at(tmp / "none"))[0]["loss"], "anchor_kl": drift[-1]["kl"],
         "new_loss": m["rows"][-1]["cells"][-1],
         # The share of the last file's loss (right before its training) that its training removed: its learning,
         # comparable where the losses after training are all near zero and the losses before it differ.

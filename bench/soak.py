@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny import make_model_dir  # noqa: E402
 
-from evertrain import checkpoint, trace  # noqa: E402
+from evertrain.observe import trace  # noqa: E402
+from evertrain.train import checkpoint
 
 SETTINGS = ("--batch-size", "4", "--no-packing", "--trace", "--held-out-fraction", "0", "--stable-seconds", "2",
             "--poll-seconds", "0.1", "--disk-margin-bytes", "0", "--status-interval", "0.2", "--save-steps", "3",

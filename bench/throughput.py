@@ -1,7 +1,7 @@
 """Throughput of `evertrain train` against a bare PyTorch loop, and the padding that packing saves.
 
 Both train the same small Llama (hidden 256, 4 layers, byte tokenizer; built in code) on exactly the same batches:
-the bare loop replays evertrain's own data order (FileData.step_rows) through loop.collate, with every batch
+the bare loop replays evertrain's own data order (FileData.step_rows) through data.packing.collate, with every batch
 built before its clock starts, and does forward, backward, AdamW step, nothing else. evertrain runs through its
 real CLI (`evertrain.cli.main`), its speed read from the per-step times in metrics.jsonl. Both skip the first
 step (allocation warm-up); the two alternate for several rounds, and the median step rates over all rounds are
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny import make_model_dir, make_tokenizer  # noqa: E402  (the byte tokenizer the tests use)
 
-from evertrain import cli, data, loop  # noqa: E402
+from evertrain import cli, data, exits  # noqa: E402
+from evertrain.data.packing import collate  # noqa: E402
 from evertrain.config import TrainConfig  # noqa: E402
 
 WORDS = ("river stone lamp quiet orbit paper seven garden copper window falcon maple signal harbor violet "
@@ -88,7 +89,7 @@ def run_evertrain(dataset: Path, model_dir: Path, work: Path, processes: int = 1
                                "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                                "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "evertrain", *argv],
                               env=env, capture_output=True).returncode
-    if code != cli.EXIT_OK:
+    if code != exits.OK:
         raise SystemExit(f"evertrain train ({processes} process(es)) failed with exit code {code}")
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     tokens, stamps = [r["tokens"] for r in records], [r["time"] for r in records]
@@ -102,7 +103,7 @@ def planned_batches(dataset: Path, tokenizer, config: TrainConfig) -> tuple[data
     for step in range(fd.total_steps(G, config.epochs)):
         rows = fd.step_rows(step, G, config.seed)
         examples = [fd.examples[i] for r in rows for i in fd.rows[r]]
-        batch = loop.collate([[fd.examples[i] for i in fd.rows[r]] for r in rows], tokenizer.pad_token_id, "cpu")
+        batch = collate([[fd.examples[i] for i in fd.rows[r]] for r in rows], tokenizer.pad_token_id, "cpu")
         batches.append((batch, sum(e.target_tokens for e in examples), sum(len(e.input_ids) for e in examples)))
     return fd, batches
 

@@ -48,15 +48,16 @@ def cli(*args) -> int:
 
 def break_weights_at(monkeypatch, file_step: int, sha256: str | None = None) -> list:
     """From now on, the weights turn NaN when the file in training (only `sha256`, if given) reaches `file_step`,
-    as a bad update would leave them. Returns the sessions loop.setup makes (a rollback makes one more)."""
+    as a bad update would leave them. Returns the sessions setup makes (a rollback makes one more)."""
     import torch
 
-    from evertrain import loop
+    from evertrain.train import objectives
+    from evertrain.train import setup as setup_module
 
-    sessions, real_setup, real_collate = [], loop.setup, loop.collate
+    sessions, real_session, real_collate = [], setup_module.Session, objectives.collate
 
-    def setup(*a, **k):
-        sessions.append(real_setup(*a, **k))
+    def session(*a, **k):
+        sessions.append(real_session(*a, **k))
         return sessions[-1]
 
     def collate(batch_rows, pad_id, device):
@@ -68,8 +69,8 @@ def break_weights_at(monkeypatch, file_step: int, sha256: str | None = None) -> 
                     p.fill_(float("nan"))
         return real_collate(batch_rows, pad_id, device)
 
-    monkeypatch.setattr(loop, "setup", setup)
-    monkeypatch.setattr(loop, "collate", collate)
+    monkeypatch.setattr(setup_module, "Session", session)
+    monkeypatch.setattr(objectives, "collate", collate)
     return sessions
 
 

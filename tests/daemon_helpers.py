@@ -93,7 +93,7 @@ class ThreadDaemon:
 def assert_trained_once(ws: Path, lines: dict[str, int]) -> None:
     """Every file named in `lines` (original name -> its number of lines) is done, and trace.jsonl shows each of
     its lines trained exactly once, in one unbroken history of global steps."""
-    from evertrain import trace
+    from evertrain.observe import trace
 
     tr = ws / "current_model" / "trace.jsonl"
     steps = [r["step"] for r in trace.read(tr) if "step" in r]

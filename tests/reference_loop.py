@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from evertrain.data import load_file
-from evertrain.schedule import lr_factor
+from evertrain.train.schedule import lr_factor
 
 
 def train_reference(model, tokenizer, files, config, *, global_batch: int, global_step: int = 0):

@@ -20,7 +20,11 @@ from conftest import cli, text_rows, write_jsonl
 from daemon_helpers import assert_trained_once, drop, make_ws, rows
 from safetensors.torch import load_file as load_tensors
 
-from evertrain import checkpoint, exits, loop, trace
+from evertrain import exits
+from evertrain.observe import trace
+from evertrain.runs import Run
+from evertrain.train import checkpoint, loop, saving
+from evertrain.train.setup import setup
 from evertrain.config import TrainConfig
 from evertrain.daemon.ledger import COPY_NAME
 
@@ -33,18 +37,18 @@ def test_training_goes_on_while_a_thread_writes_the_checkpoint_and_it_is_newest_
     data = write_jsonl(tmp_path / "a.jsonl", text_rows(8))
     config = TrainConfig(model=str(tiny_model), batch_size=1, packing=False, held_out_fraction=0, save_steps=2,
                          keep_checkpoints=10, overlap_checkpoints="on")
-    session = loop.setup(config, tmp_path / "run", cpu=True)
+    session = setup(config, Run.at(tmp_path / "run"), cpu=True)
     file = loop.prepare(session, data)
-    released, real_write = threading.Event(), loop.write_files
+    released, real_write = threading.Event(), saving.write_files
 
     def held_write(*args):
         assert released.wait(120), "the test never released the write"
         real_write(*args)
 
-    monkeypatch.setattr(loop, "write_files", held_write)
+    monkeypatch.setattr(saving, "write_files", held_write)
     steps = loop.fit(session, file)
     assert [next(steps).step for _ in range(2)] == [1, 2]  # step 2's checkpoint went to the thread...
-    write = session.writing
+    write = session.writing.thread
     assert write is not None and write.step == 2 and not write.done()
     at_2 = {k: v.clone() for k, v in session.model.state_dict().items()}
     moments_at_2 = [s["exp_avg"].clone() for s in session.optimizer.state.values()]
@@ -52,14 +56,14 @@ def test_training_goes_on_while_a_thread_writes_the_checkpoint_and_it_is_newest_
     assert checkpoint.newest_complete(tmp_path / "run") is None and session.last_checkpoint is None
     assert checkpoint.temp_path(tmp_path / "run", 2).is_dir()  # the write's folder, not yet a checkpoint
 
-    copies_at_2 = {k: v.data_ptr() for k, v in session.host_copies.items()}
-    assert copies_at_2 and not any(v.is_pinned() for v in session.host_copies.values())  # pinned: for a GPU
+    copies_at_2 = {k: v.data_ptr() for k, v in session.writing.host_copies.items()}
+    assert copies_at_2 and not any(v.is_pinned() for v in session.writing.host_copies.values())  # pinned: GPU
 
     released.set()
     write.thread.join(120)
     assert next(steps).step == 4  # the step boundary takes the finished write: the newest now
     # step 4's checkpoint, copied into the memory step 2's was written from (each save at one write at a time)
-    assert {k: v.data_ptr() for k, v in session.host_copies.items()} == copies_at_2
+    assert {k: v.data_ptr() for k, v in session.writing.host_copies.items()} == copies_at_2
     assert session.last_checkpoint == checkpoint.final_path(tmp_path / "run", 2)
     # what it holds is step 2's, though step 3 changed the weights and moments before it was written
     saved = load_tensors(session.last_checkpoint / "model.safetensors")
@@ -68,7 +72,7 @@ def test_training_goes_on_while_a_thread_writes_the_checkpoint_and_it_is_newest_
     moments = [s["exp_avg"] for s in torch.load(session.last_checkpoint / "optimizer.pt")["state"].values()]
     assert len(moments) == len(moments_at_2) and all(map(torch.equal, moments, moments_at_2))
     result = loop.drive(steps, lambda _record: None)
-    assert result.status == "done" and session.writing is None
+    assert result.status == "done" and session.writing.thread is None
     ckpts = checkpoint.candidates(tmp_path / "run")
     assert sorted(c.step for c in ckpts) == [2, 4, 6, 8] and all(checkpoint.verify(c) is None for c in ckpts)
 
@@ -125,4 +129,4 @@ def test_the_daemon_overlaps_its_checkpoints_with_the_ledger_copy_sealed_in_each
 def test_which_runs_overlap_their_checkpoints(mode, processes, device, overlapped):
     session = SimpleNamespace(config=TrainConfig(overlap_checkpoints=mode), sharded=False, accelerator=SimpleNamespace(
         num_processes=processes, device=SimpleNamespace(type=device)))
-    assert loop.overlaps(session) is overlapped
+    assert saving.overlaps(session) is overlapped

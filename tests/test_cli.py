@@ -18,7 +18,8 @@ import pytest
 from conftest import cli, text_rows, write_jsonl
 from daemon_helpers import drop, make_ws, rows
 
-from evertrain import __version__, checkpoint, exits
+from evertrain import __version__, exits
+from evertrain.train import checkpoint
 
 ROOT = Path(__file__).parent.parent
 

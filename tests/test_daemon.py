@@ -11,7 +11,8 @@ import time
 from conftest import break_weights_at, cli
 from daemon_helpers import ThreadDaemon, by_name, drop, ledger_rows, make_ws, rows, status, wait_for
 
-from evertrain import checkpoint, loop, trace
+from evertrain.observe import trace
+from evertrain.train import checkpoint, objectives
 from evertrain.data import sha256_file
 
 
@@ -172,13 +173,13 @@ def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, tiny_model):
 
 def slow_steps(monkeypatch):
     """At least 10 ms a step, so that a fast machine cannot finish a file before a control lands."""
-    real = loop.collate
+    real = objectives.collate
 
     def collate(*a):
         time.sleep(0.01)
         return real(*a)
 
-    monkeypatch.setattr(loop, "collate", collate)
+    monkeypatch.setattr(objectives, "collate", collate)
 
 
 def test_pause_resume_skip_stop_at_the_next_step(tmp_path, tiny_model, monkeypatch):

@@ -10,7 +10,8 @@ import time
 
 from daemon_helpers import drop, ledger_rows, make_ws, rows
 
-from evertrain import checkpoint, trace
+from evertrain.observe import trace
+from evertrain.train import checkpoint
 
 
 def trained_steps(ws) -> int:

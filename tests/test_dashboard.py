@@ -463,7 +463,7 @@ def step(n, loss=1.0, file="a" * 64, name="a.jsonl"):
 def test_metrics_follow_appends_resumes_and_torn_lines(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
     write_lines(path, [step(1), step(2), step(3)])
-    run = sources.open_run(tmp_path)
+    run = sources.open_view(tmp_path)
     first = sources.metrics(run)
     assert first["columns"]["step"] == [1, 2, 3]
     # The run resumed from the checkpoint of step 1 and trained steps 2.. again: the new lines count.
@@ -482,10 +482,10 @@ def test_metrics_follow_appends_resumes_and_torn_lines(tmp_path):
 
 def test_long_history_is_thinned_but_keeps_the_last_step(tmp_path):
     write_lines(tmp_path / "logs" / "metrics.jsonl", [step(n) for n in range(1, 10_001)])
-    m = sources.metrics(sources.open_run(tmp_path), max_points=1000)
+    m = sources.metrics(sources.open_view(tmp_path), max_points=1000)
     steps = m["columns"]["step"]
     assert len(steps) <= 1001 and steps[0] == 1 and steps[-1] == 10_000 and m["stride"] == 10
-    assert m["last_step"] == 10_000 and sources.metrics(sources.open_run(tmp_path), since=9_990)["stride"] == 1
+    assert m["last_step"] == 10_000 and sources.metrics(sources.open_view(tmp_path), since=9_990)["stride"] == 1
 
 
 def test_forgetting_matrix_rows_columns_and_before(tmp_path):
@@ -498,7 +498,7 @@ def test_forgetting_matrix_rows_columns_and_before(tmp_path):
         {"step": 9, "after_file": b, "after_file_name": "b.jsonl", "file": b, "file_name": "b.jsonl", "loss": 1.5},
         "{torn",
     ])
-    fm = sources.forgetting(sources.open_run(tmp_path))
+    fm = sources.forgetting(sources.open_view(tmp_path))
     assert [f["file_name"] for f in fm["files"]] == ["a.jsonl", "b.jsonl"]
     assert fm["before"] == [5.0, 4.5]
     assert [(r["after_file_name"], r["step"], r["cells"]) for r in fm["rows"]] == [
@@ -516,11 +516,11 @@ def test_ledger_is_read_while_the_daemon_holds_a_write_transaction(tmp_path):
     db.execute("BEGIN IMMEDIATE")
     db.execute("INSERT INTO files VALUES (2, 'two.jsonl', 'y', 'training', 1, 5)")
     t0 = time.monotonic()
-    rows = sources.files(sources.open_run(tmp_path))
+    rows = sources.files(sources.open_view(tmp_path))
     assert time.monotonic() - t0 < 1.5  # not waiting for the writer
     assert [(r["original_name"], r["state"], r["priority"]) for r in rows] == [("one.jsonl", "done", None)]
     db.execute("COMMIT")
-    assert [r["state"] for r in sources.files(sources.open_run(tmp_path))] == ["done", "training"]
+    assert [r["state"] for r in sources.files(sources.open_view(tmp_path))] == ["done", "training"]
     with pytest.raises(sqlite3.OperationalError):  # read-only: the dashboard cannot change the ledger
         ro = sqlite3.connect(f"{(tmp_path / 'ledger.sqlite').as_uri()}?mode=ro", uri=True)
         ro.execute("DELETE FROM files")
@@ -552,7 +552,7 @@ def test_workspace_layout_status_and_non_finite_numbers(tmp_path, run_dir):
                      f"INSERT INTO pins VALUES ('{older['name']}', {older['step']}, 0);")
     db.commit()
     db.close()
-    state = sources.state(sources.open_run(tmp_path))
+    state = sources.state(sources.open_view(tmp_path))
     assert [(f["original_name"], f["state"], f["duplicate_of"]) for f in state["files"]] == [
         ("a.jsonl", "done", None), ("copy-of-a.jsonl", "duplicate", 1)]
     assert [c["pinned"] for c in state["checkpoints"][:2]] == [False, True]

@@ -13,7 +13,7 @@ import pytest
 from dashboard_run import Served, trained_run
 from test_dashboard_browser import Tree, browser, chromium  # noqa: F401  (browser is a fixture)
 
-from evertrain import checkpoint
+from evertrain.train import checkpoint
 from evertrain.dashboard import ask
 
 PROMPT = "The capital of Peru is"

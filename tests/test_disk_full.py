@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import soak  # noqa: E402
 from daemon_helpers import FAST, assert_trained_once, by_name, debris, drop, rows, status, wait_for
 
-from evertrain import checkpoint, exits, trace
+from evertrain import exits
+from evertrain.observe import trace
+from evertrain.train import checkpoint
 
 TRAIN = ("--batch-size", "4", "--no-packing", "--held-out-fraction", "0", "--trace", "--save-steps", "0")
 

@@ -10,7 +10,8 @@ from conftest import cli, free_port, text_rows, write_jsonl
 from test_reference import reference_weights
 from safetensors.torch import load_file as load_tensors
 
-from evertrain import checkpoint, trace
+from evertrain.observe import trace
+from evertrain.train import checkpoint
 from evertrain.config import TrainConfig
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from evertrain import checkpoint, cli, models
+from evertrain import cli, exits, models
+from evertrain.train import checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +33,7 @@ def test_default_model_trains_and_checkpoint_loads(embedded_cache, tmp_path, mon
     # 3 examples, one per row, 2 rows per step: 2 optimizer steps.
     code = cli.main(["train", "--dataset", str(data), "--output-dir", str(out), "--no-packing", "--batch-size", "2",
                      "--max-length", "64", "--learning-rate", "1e-4", "--warmup-steps", "0"])
-    assert code == cli.EXIT_OK
+    assert code == exits.OK
 
     converted = models.embedded_model_dir()
     assert converted.parent == embedded_cache / "models" and (converted / "model.safetensors").is_file()

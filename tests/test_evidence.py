@@ -11,7 +11,10 @@ from collections import Counter
 import pytest
 from conftest import cli, text_rows, write_jsonl
 
-from evertrain import loop, trace
+from evertrain.observe import trace
+from evertrain.train import loop
+from evertrain.train.session import RunMismatch
+from evertrain.train.setup import keep_global_batch
 from evertrain.data import Example
 
 OPTS = ("--batch-size", 2, "--gradient-accumulation", 2, "--no-packing", "--trace", "--held-out-fraction", 0)
@@ -95,50 +98,42 @@ def test_evidence_tells_replayed_examples_from_the_files_own_by_identity():
                   "tokens": sum(len(e.input_ids) for row in rows for e in row)}
 
 
-class _Trace:
-    def __init__(self):
-        self.records = []
-
-    def write(self, record):
-        self.records.append(record)
-
-
-def test_a_steps_trace_line_is_built_from_its_micro_batches_evidence():
-    session = types.SimpleNamespace(accelerator=types.SimpleNamespace(num_processes=1), is_main=True,
-                                    progress=types.SimpleNamespace(global_step=7), trace=_Trace())
+def test_a_steps_trace_line_is_built_from_its_micro_batches_evidence(tmp_path):
+    accelerator = types.SimpleNamespace(num_processes=1, is_main_process=True)
+    log = trace.Trace(tmp_path / "trace.jsonl")
     seen = [{"rank": 0, "index": 0, "examples": [5, 1], "replay": [["b", 3]], "tokens": 9},
             {"rank": 0, "index": 1, "examples": [4], "replay": [["a", 2], ["a", 0]], "tokens": 4}]
-    loop.write_trace(session, "sha", seen)
-    assert session.trace.records == [{
+    log.step(accelerator, 7, "sha", seen)
+    assert trace.read(log.path) == [{
         "step": 7, "file": "sha", "examples": [1, 4, 5],
         "micro_batches": [{"rank": 0, "index": 0, "examples": [5, 1], "tokens": 9},
                           {"rank": 0, "index": 1, "examples": [4], "tokens": 4}],
         "replay": [["a", 0], ["a", 2], ["b", 3]]}]
-    loop.write_trace(session, "sha", [dict(seen[1], replay=[])])  # no replay: no "replay" key
-    assert "replay" not in session.trace.records[-1]
-    session.is_main = False  # only the main process writes
-    loop.write_trace(session, "sha", seen)
-    assert len(session.trace.records) == 2
+    log.step(accelerator, 8, "sha", [dict(seen[1], replay=[])])  # no replay: no "replay" key
+    assert "replay" not in trace.read(log.path)[-1]
+    accelerator.is_main_process = False  # only the main process writes
+    log.step(accelerator, 9, "sha", seen)
+    assert len(trace.read(log.path)) == 2
 
 
 def test_the_global_batch_is_kept_at_another_number_of_processes_or_refused_with_what_would_keep_it(tmp_path):
     config = lambda b: types.SimpleNamespace(batch_size=b)  # noqa: E731
-    assert loop.keep_global_batch(config(2), 2, 8, tmp_path) == 2
-    assert loop.keep_global_batch(config(4), 2, 8, tmp_path) == 1
-    assert loop.keep_global_batch(config(1), 1, 8, tmp_path) == 8
-    with pytest.raises(loop.RunMismatch) as refused:
-        loop.keep_global_batch(config(3), 2, 8, tmp_path)
+    assert keep_global_batch(config(2), 2, 8, tmp_path) == 2
+    assert keep_global_batch(config(4), 2, 8, tmp_path) == 1
+    assert keep_global_batch(config(1), 1, 8, tmp_path) == 8
+    with pytest.raises(RunMismatch) as refused:
+        keep_global_batch(config(3), 2, 8, tmp_path)
     assert str(refused.value) == (
         f"{tmp_path} holds a run with a global batch of 8 rows per optimizer step; 2 process(es) x batch_size 3 = 6 "
         "rows per micro-batch round does not divide it, so no gradient accumulation keeps it. With 2 process(es) "
         "use a batch_size of 1, 2, 4, or another number of processes.")
-    with pytest.raises(loop.RunMismatch) as refused:
-        loop.keep_global_batch(config(1), 3, 8, tmp_path)
+    with pytest.raises(RunMismatch) as refused:
+        keep_global_batch(config(1), 3, 8, tmp_path)
     assert str(refused.value).endswith("8 rows cannot be split over 3 processes; use a number of processes that "
                                        "divides 8.")
-    with pytest.raises(loop.RunMismatch) as refused:  # each choice times the processes divides the global batch
-        loop.keep_global_batch(config(4), 2, 6, tmp_path)
+    with pytest.raises(RunMismatch) as refused:  # each choice times the processes divides the global batch
+        keep_global_batch(config(4), 2, 6, tmp_path)
     assert "use a batch_size of 1, 3, or another" in str(refused.value)
-    with pytest.raises(loop.RunMismatch) as refused:  # only the last four choices are named
-        loop.keep_global_batch(config(7), 1, 48, tmp_path)
+    with pytest.raises(RunMismatch) as refused:  # only the last four choices are named
+        keep_global_batch(config(7), 1, 48, tmp_path)
     assert "use a batch_size of 12, 16, 24, 48," in str(refused.value)

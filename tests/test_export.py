@@ -14,9 +14,11 @@ import torch
 from conftest import cli, text_rows, write_jsonl
 from dashboard_run import trained_workspace
 
-from evertrain import checkpoint, exits
-from evertrain.evals import forgetting_matrix, read_evals
-from evertrain.state import TrainingProgress
+from evertrain import exits
+from evertrain.train import checkpoint
+from evertrain.observe.evals import forgetting_matrix, read_evals
+from evertrain.runs import open_run
+from evertrain.train.state import TrainingProgress
 
 IDS = [[256, 84, 82, 68, 81, 198, 39, 68, 10, 11]]
 
@@ -199,7 +201,7 @@ def test_card_and_lineage_facts_are_the_checkpoints(full_run, tmp_path, capsys):
     assert facts["tokens_seen"] == progress.tokens_seen
     metrics = [json.loads(line) for line in (full_run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert facts["final_train_loss"] == metrics[-1]["loss"] and metrics[-1]["step"] == newest.step
-    assert facts["forgetting_matrix"] == forgetting_matrix(read_evals(full_run))
+    assert facts["forgetting_matrix"] == forgetting_matrix(read_evals(open_run(full_run)))
     assert facts["training"]["kind"] == "full" and facts["learning_rate"]["peak"] == 3e-3
 
     # An older checkpoint's lineage stops at its step: one file, and only the evaluations up to then.

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import cli, write_jsonl
 
-from evertrain import checkpoint, exits
+from evertrain import exits
+from evertrain.train import checkpoint
 from evertrain.export import EMBEDDED_HUB_ID, chat
 
 

@@ -21,7 +21,8 @@ import torch
 from conftest import text_rows, write_jsonl
 from safetensors.torch import load_file as load_tensors
 
-from evertrain import checkpoint, trace
+from evertrain.observe import trace
+from evertrain.train import checkpoint
 
 SETTINGS = ("--batch-size", "2", "--gradient-accumulation", "2", "--max-length", "64", "--packing",
             "--held-out-fraction", "0.1", "--replay-fraction", "0.25", "--lora", "--lora-r", "4",
@@ -131,7 +132,7 @@ def test_a_crash_inside_the_swap_of_a_checkpoint_saved_twice_keeps_it(tmp_path):
     out = tmp_path / "run"
     script = f"""
 import json, pathlib
-from evertrain import checkpoint
+from evertrain.train import checkpoint
 out = pathlib.Path({str(out)!r})
 for version in (1, 2):
     tmp = checkpoint.temp_path(out, 5)
@@ -143,6 +144,7 @@ for version in (1, 2):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (out / "checkpoint-5").exists()  # killed with the old one moved aside, the new one not in place
+    checkpoint.remove_debris(out)  # what `train` and the daemon do first, holding the folder's lock
     ckpt = checkpoint.newest_complete(out)
     assert ckpt is not None and ckpt.step == 5 and (ckpt.path / "weights.bin").read_text() == "version 1"
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from evertrain.data.formats import FORMAT_KEYS, Record, RecordError, parse_columns, parse_record
+from evertrain.config import FORMAT_KEYS, parse_columns
+from evertrain.data.formats import Record, RecordError, parse_record
 
 WEATHER = {"name": "get_weather", "description": "Current weather for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

@@ -18,7 +18,9 @@ from daemon_helpers import by_name, drop, make_ws
 from safetensors.torch import load_file as load_tensors
 from tiny import make_model_dir
 
-from evertrain import checkpoint, models, trace
+from evertrain import models
+from evertrain.observe import trace
+from evertrain.train import checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -15,7 +15,7 @@ import sys
 from conftest import cli, text_rows, write_jsonl
 from daemon_helpers import by_name, drop, make_ws, status, wait_for
 
-from evertrain import checkpoint
+from evertrain.train import checkpoint
 
 FILE_ROWS = 300  # with --batch-size 1: 300 steps, far more than any test lets run
 

@@ -20,7 +20,8 @@ from conftest import cli, free_port, text_rows, write_jsonl
 from daemon_helpers import by_name, drop, make_ws, status, wait_for
 from safetensors.torch import load_file as load_tensors
 
-from evertrain import checkpoint, trace
+from evertrain.observe import trace
+from evertrain.train import checkpoint
 
 pytestmark = pytest.mark.slow
 ACCELERATE = Path(sys.executable).with_name("accelerate")

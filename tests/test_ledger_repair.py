@@ -20,7 +20,7 @@ from conftest import cli, write_jsonl
 from daemon_helpers import drop, ledger_rows, make_ws, rows
 from test_daemon import assert_exactly_once
 
-from evertrain import checkpoint
+from evertrain.train import checkpoint
 from evertrain.daemon.ledger import COPY_NAME
 
 WHY = {"garbage": "is damaged (file is not a database)", "deleted": "is missing, but the workspace has a history",
@@ -214,14 +214,14 @@ def file_row(ws, ledger, sha, state, folder, **values):
 
 
 def progress_record(sha, status="done", **values):
-    from evertrain.state import FileRecord
+    from evertrain.train.state import FileRecord
 
     return FileRecord(**dict(dict(sha256=sha, name=f"{sha}.jsonl", examples=4, tokens=40, steps=2, expected_steps=2,
                                   first_step=3, last_step=4, status=status, replayed=1), **values))
 
 
 def test_reconcile_makes_every_file_agree_with_the_checkpoint(tmp_path):
-    from evertrain.state import FileCursor, TrainingProgress
+    from evertrain.train.state import FileCursor, TrainingProgress
 
     ws, ledger = ledger_ws(tmp_path)
     ids = {

@@ -16,7 +16,8 @@ import pytest
 from conftest import cli
 from safetensors.torch import load_file as load_tensors
 
-from evertrain import checkpoint, trace
+from evertrain.observe import trace
+from evertrain.train import checkpoint
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 

@@ -13,7 +13,7 @@ from conftest import cli, text_rows, write_jsonl
 from daemon_helpers import drop, ledger_rows, make_ws, rows
 from test_daemon import assert_exactly_once
 
-from evertrain import checkpoint
+from evertrain.train import checkpoint
 
 
 def damage_every_checkpoint(out) -> dict[str, str]:

@@ -11,7 +11,8 @@ from conftest import cli, text_rows, write_jsonl
 from daemon_helpers import by_name, drop, make_ws, rows, status, wait_for
 from test_daemon import assert_exactly_once
 
-from evertrain import checkpoint, logs
+from evertrain import logs
+from evertrain.train import checkpoint
 
 
 def test_priority_folders_order_the_queue(tmp_path, tiny_model):

@@ -17,7 +17,10 @@ import torch
 from conftest import cli, run_and_kill_after, text_rows, write_jsonl
 from safetensors.torch import load_file as load_tensors
 
-from evertrain import checkpoint, exits, loop
+from evertrain import exits
+from evertrain.runs import Run
+from evertrain.train import checkpoint
+from evertrain.train.setup import setup
 from evertrain.config import TrainConfig
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: `make install` puts it in .venv "
@@ -37,7 +40,7 @@ def lora_grads(model, batch) -> dict[str, torch.Tensor]:
 def test_a_4bit_base_gives_the_gradients_of_lora_on_its_weights_dequantized_even_after_an_evaluation(
         tmp_path, tiny_model, monkeypatch):
     config = TrainConfig(model=str(tiny_model), lora=True, lora_r=4, load_in_4bit=True, held_out_fraction=0)
-    session = loop.setup(config, tmp_path / "run", cpu=True)
+    session = setup(config, Run.at(tmp_path / "run"), cpu=True)
     model = session.model
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 2 * 7  # every Linear of the base, at 4 bits a weight
@@ -132,7 +135,7 @@ def test_a_resumed_qlora_run_trains_the_same_parameters_in_the_same_dtypes_as_a_
 
     config = TrainConfig(model=str(tiny_model), lora=True, lora_r=4, lora_alpha=8, load_in_4bit=True,
                          dtype="bfloat16", batch_size=2, packing=False, held_out_fraction=0)
-    fresh = kinds(loop.setup(config, tmp_path / "fresh", cpu=True))
-    resumed = loop.setup(config, out, cpu=True)
+    fresh = kinds(setup(config, Run.at(tmp_path / "fresh"), cpu=True))
+    resumed = setup(config, Run.at(out), cpu=True)
     assert resumed.progress.global_step == 2 and kinds(resumed) == fresh
     assert {dtype for dtype, trained in fresh.values() if not trained} >= {torch.float32}  # the cast happened

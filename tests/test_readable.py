@@ -14,7 +14,7 @@ from conftest import cli, write_jsonl
 from dashboard_run import Served
 from test_dashboard_browser import browser  # noqa: F401  (the fixture: chromium, or a skip)
 
-from evertrain import checkpoint
+from evertrain.train import checkpoint
 from evertrain.config import TrainConfig
 from evertrain.dashboard import sources
 
@@ -42,7 +42,7 @@ def test_examples_are_labelled_by_their_user_turn_and_tiny_files_get_a_held_out_
     held = {name: f["held_out"] for name, f in files(out).items()}
     assert len(held["chat.jsonl"]) == 1 and held["few.jsonl"] == []  # 12 >= held_out_min_file (10); 4 < 10
 
-    run = sources.open_run(out)
+    run = sources.open_view(out)
     labels = [e["label"] for e in sources.snapshots_index(run)["examples"]]
     chat_labels = [x for x in labels if x.startswith("chat.jsonl line ")]
     assert len(chat_labels) == 3 and len(set(chat_labels)) == 3

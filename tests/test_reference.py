@@ -13,7 +13,8 @@ from reference_loop import train_reference
 from safetensors.torch import load_file as load_tensors
 from transformers import AutoModelForCausalLM
 
-from evertrain import checkpoint, models
+from evertrain import models
+from evertrain.train import checkpoint
 from evertrain.config import TrainConfig
 
 SETTINGS = {"batch_size": 2, "gradient_accumulation": 3, "max_length": 48, "packing": True,

@@ -21,7 +21,7 @@ import pytest
 from conftest import cli, write_jsonl
 from tiny import make_tokenizer
 
-from evertrain import checkpoint
+from evertrain.train import checkpoint
 from evertrain.config import ConfigError, TrainConfig
 from evertrain.data import IGNORE, DataError, load_file
 from evertrain.data.formats import parse_record

@@ -14,9 +14,10 @@ import torch
 from conftest import run_and_kill_after, text_rows, trained_steps, write_jsonl
 from safetensors.torch import load_file as load_tensors
 
-from evertrain import checkpoint, trace
+from evertrain.observe import trace
+from evertrain.train import checkpoint
 from evertrain.config import TrainConfig
-from evertrain.state import FileCursor, FileRecord, TrainingProgress
+from evertrain.train.state import FileCursor, FileRecord, TrainingProgress
 
 
 def command(data, out, model):
@@ -133,7 +134,8 @@ def test_a_cursor_and_record_saved_before_the_forgetting_gate_load_as_a_first_at
     """A checkpoint written before the gate existed has none of its keys: its open file is a first attempt (a retry
     is still allowed), replayed at the plain dose, with no baseline (the gate then has no verdict), and its
     finished files have no verdict (so weighted replay has nothing to lean on)."""
-    from evertrain import gate, replay
+    from evertrain.observe import gate
+    from evertrain.train import replay
 
     old_cursor = {"sha256": "c", "name": "c.jsonl", "file_step": 2, "total_steps": 5, "first_step": 6,
                   "settings": {}, "replayed": 0}

@@ -12,7 +12,8 @@ import torch
 from conftest import cli, text_rows, write_jsonl
 from safetensors.torch import load_file as load_tensors
 
-from evertrain import checkpoint, models
+from evertrain import models
+from evertrain.train import checkpoint
 from evertrain.data import Example
 from evertrain.data.packing import collate
 
@@ -121,7 +122,7 @@ def test_a_compiled_model_trains_the_same_weights(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_the_chunked_loss_and_its_gradients_equal_the_full_logits_ones(tiny_model, lora):
-    from evertrain import chunked_loss
+    from evertrain.train import chunked_loss
     from evertrain.config import TrainConfig
 
     model = models.load_model(str(tiny_model), "float32", "sdpa")
@@ -154,7 +155,7 @@ def test_the_chunked_loss_trains_the_same_weights(tmp_path, tiny_model):
 
 
 def test_the_chunked_loss_is_refused_where_the_logits_are_more_than_the_output_layer(tmp_path, tiny_model, capsys):
-    from evertrain import chunked_loss
+    from evertrain.train import chunked_loss
     from evertrain.config import ConfigError
 
     model = models.load_model(str(tiny_model), "float32", "sdpa")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import cli, text_rows, write_jsonl
 
-from evertrain import checkpoint
+from evertrain.train import checkpoint
 from evertrain.config import TrainConfig
 from evertrain.data import load_file
 from evertrain.data import prepare as prepare_module

@@ -10,10 +10,14 @@ import pytest
 import torch
 from conftest import break_weights_at, cli, text_rows, write_jsonl
 
-from evertrain import checkpoint, loop, trace
+from evertrain.observe import trace
+from evertrain import files
+from evertrain.runs import Run
+from evertrain.train import checkpoint, loop, objectives
+from evertrain.train.setup import setup
 from evertrain.config import TrainConfig
 from evertrain.data import load_file
-from evertrain.schedule import lr_factor
+from evertrain.train.schedule import lr_factor
 
 
 def metrics(out):
@@ -202,7 +206,7 @@ def test_a_save_cut_short_by_a_crash_is_never_resumed(tmp_path, tiny_model):
 def test_guards_refuse_to_call_a_file_done_without_its_steps_and_checkpoint(tmp_path, tiny_model):
     """The checks home-made systems lacked, on results that really happened, then on broken ones."""
     out = tmp_path / "run"
-    session = loop.setup(TrainConfig(model=str(tiny_model), batch_size=2, packing=False), out)
+    session = setup(TrainConfig(model=str(tiny_model), batch_size=2, packing=False), Run.at(out))
     data = load_file(write_jsonl(tmp_path / "a.jsonl", text_rows(5)), session.tokenizer, session.config)
     result = loop.drive(loop.fit(session, data), lambda _record: None)
     assert loop.guard_problems(session, result) == []
@@ -229,8 +233,8 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model, mo
     b = load_tensors(checkpoint.final_path(tmp_path / "ckpt", 3) / name)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    resumed = loop.setup(TrainConfig.from_dict(json.loads(
-        (checkpoint.final_path(tmp_path / "ckpt", 3) / "evertrain_config.json").read_text())), tmp_path / "ckpt")
+    resumed = setup(TrainConfig.from_dict(json.loads(
+        (checkpoint.final_path(tmp_path / "ckpt", 3) / "evertrain_config.json").read_text())), Run.at(tmp_path / "ckpt"))
     assert resumed.accelerator.unwrap_model(resumed.model).is_gradient_checkpointing  # it really recomputes
 
 
@@ -249,7 +253,7 @@ def test_a_non_finite_loss_in_train_rolls_back_marks_the_file_failed_and_exits_4
               "--held-out-fraction", 0)
     assert train(out, write_jsonl(tmp_path / "good.jsonl", text_rows(4, "good")), *common) == 0  # steps 1-2
     poison = write_jsonl(tmp_path / "poison.jsonl", text_rows(20, "poison"))
-    real_collate = loop.collate
+    real_collate = objectives.collate
     sessions = break_weights_at(monkeypatch, 3)  # the weights break in the file's 4th step
     assert train(out, poison, *common) == 4
     err = capsys.readouterr().err
@@ -260,7 +264,7 @@ def test_a_non_finite_loss_in_train_rolls_back_marks_the_file_failed_and_exits_4
         ("good.jsonl", "done", 2), ("poison.jsonl", "failed", 2)]
     assert not state["cursors"] and state["global_step"] == 4
     assert [r["step"] for r in trace.read(out / "trace.jsonl") if "step" in r] == [1, 2, 3, 4]
-    monkeypatch.setattr(loop, "collate", real_collate)
+    monkeypatch.setattr(objectives, "collate", real_collate)
     # the broken weights were thrown away: the next file trains with finite losses from the good checkpoint
     assert train(out, write_jsonl(tmp_path / "after.jsonl", text_rows(4, "after")), *common) == 0
     assert all(math.isfinite(m["loss"]) for m in metrics(out) if m["file_name"] == "after.jsonl")
@@ -329,6 +333,9 @@ def test_a_failure_inside_commit_leaves_the_old_checkpoint_or_the_new_one(tmp_pa
     with pytest.raises(OSError, match="EVERTRAIN_FAULT at old-swap"):
         saved(out, 4, {"model.safetensors": b"new"})
     assert not (out / "checkpoint-4").exists()
+    assert checkpoint.newest_complete(out) is None  # a reader renames nothing: it is a commit between its renames
+    assert (out / ".old-checkpoint-4").is_dir() and not (out / "checkpoint-4").exists()
+    checkpoint.remove_debris(out)  # the folder's lock holder, at start: the one left by the crash is put back
     found = checkpoint.newest_complete(out)
     assert found.step == 4 and (found.path / "model.safetensors").read_bytes() == b"old"
     monkeypatch.setenv("EVERTRAIN_FAULT", "enospc:after-rename")  # in place, the folder not yet fsync'd
@@ -546,8 +553,8 @@ def test_a_swap_cut_by_a_crash_is_put_back_and_debris_removed(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".keep", ".notes.tmp", ".old-checkpoint-8", "checkpoint-5",
                                                      "checkpoint-6", "checkpoint-7"]
     assert checkpoint.verify(checkpoint.candidates(out)[-1]) is None
-    (out / "checkpoint-6").rename(out / ".old-checkpoint-6")
-    assert checkpoint.newest_complete(out).step == 7 and (out / "checkpoint-6").is_dir()  # resume puts it back too
+    (out / "checkpoint-6").rename(out / ".old-checkpoint-6")  # a commit of step 6 again, between its renames
+    assert checkpoint.newest_complete(out).step == 7 and not (out / "checkpoint-6").exists()  # a reader renames none
 
 
 def test_debris_that_cannot_be_removed_or_is_already_gone_is_no_error(tmp_path, monkeypatch):
@@ -621,9 +628,9 @@ def test_write_text_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypa
     import os
 
     path = tmp_path / "status.json"
-    checkpoint.write_json_atomic(path, {"a": [1, 2]})
+    files.write_json_atomic(path, {"a": [1, 2]})
     assert json.loads(path.read_text()) == {"a": [1, 2]} and "\n" in path.read_text()
-    checkpoint.write_json_atomic(path, {"a": [1, 2]}, indent=None)
+    files.write_json_atomic(path, {"a": [1, 2]}, indent=None)
     assert path.read_text() == '{"a": [1, 2]}'
     real_replace = os.replace
 
@@ -633,27 +640,27 @@ def test_write_text_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "replace", crash_before_rename)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.write_text_atomic(path, "new")
+        files.write_text_atomic(path, "new")
     monkeypatch.setattr(os, "replace", real_replace)
     assert path.read_text() == '{"a": [1, 2]}' and sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
 
     def full_disk(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "open", full_disk, raising=False)  # full before the temp even exists
+    monkeypatch.setattr(files, "open", full_disk, raising=False)  # full before the temp even exists
     with pytest.raises(OSError) as err:
-        checkpoint.write_text_atomic(path, "new")
+        files.write_text_atomic(path, "new")
     assert err.value.errno == errno.ENOSPC
     monkeypatch.undo()
     monkeypatch.setattr(os, "fsync", full_disk)  # full after the temp was created: it is removed
     with pytest.raises(OSError):
-        checkpoint.write_text_atomic(path, "new")
+        files.write_text_atomic(path, "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
 
 
 def test_read_records_passes_over_torn_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    assert checkpoint.read_records(path) == []
+    assert files.read_records(path) == []
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n\n{"step": 4')
-    assert checkpoint.read_records(path) == [{"step": 1}, {"step": 3}]
-    assert checkpoint.read_records(str(path)) == [{"step": 1}, {"step": 3}]
+    assert files.read_records(path) == [{"step": 1}, {"step": 3}]
+    assert files.read_records(str(path)) == [{"step": 1}, {"step": 3}]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -24,6 +23,9 @@ REPLAY_STRATEGIES = ("uniform", "weighted")
 OVERLAP = ("auto", "on", "off")
 FORGETTING_ACTIONS = ("off", "alert", "rollback", "retry")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "none")
+# The keys of the data shapes (data/formats.py) that the `columns` setting may map a dataset's own fields onto.
+FORMAT_KEYS: tuple[str, ...] = ("text", "prompt", "completion", "response", "messages", "conversations", "tools",
+                                "functions", "instruction", "input", "output", "system", "history")
 
 
 class ConfigError(ValueError):
@@ -221,8 +223,6 @@ def validate(config: TrainConfig) -> None:
     if config.load_in_4bit and not config.lora:
         raise ConfigError("load_in_4bit (QLoRA) trains a LoRA adapter on frozen 4-bit weights: add --lora")
     if config.columns:
-        from evertrain.data.formats import parse_columns
-
         try:
             parse_columns(config.columns)
         except ValueError as e:
@@ -266,5 +266,20 @@ def overrides_from_args(args: argparse.Namespace, cls=TrainConfig) -> dict[str, 
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
-def to_json(config: TrainConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+def parse_columns(text: str) -> dict[str, str]:
+    """The `columns` setting: "question=prompt,answer=completion" -> {"question": "prompt", "answer": "completion"}."""
+    columns: dict[str, str] = {}
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue  # tolerate "a=b," and spaces
+        if "=" not in item:
+            raise ValueError(f'column mapping item "{item}" has no "=" (expected source=target, e.g. question=prompt)')
+        source, target = (s.strip() for s in item.split("=", 1))
+        if not source or not target:
+            raise ValueError(f'column mapping item "{item}" has an empty side (expected source=target)')
+        if source in columns:
+            raise ValueError(f'column mapping names "{source}" twice')
+        if target not in FORMAT_KEYS:
+            raise ValueError(f'column mapping target "{target}" is not a format key (known: {", ".join(FORMAT_KEYS)})')
+        columns[source] = target
+    return columns

@@ -18,7 +18,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from evertrain import checkpoint, cli, models
+from evertrain import cli, exits, models
+from evertrain.observe.snapshots import snapshot_budget
+from evertrain.train import checkpoint
 
 FILES = ("1_planet_veltrana.jsonl", "2_brindlewick_labs.jsonl")
 
@@ -99,17 +101,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nevertrain demo: evertrain train --dataset {inbox / name} --output-dir {run} "
                   + " ".join(TRAIN_OPTIONS), flush=True)
             code = cli.main(["train", "--dataset", str(inbox / name), "--output-dir", str(run), *TRAIN_OPTIONS])
-            if code != cli.EXIT_OK:
+            if code != exits.OK:
                 print(f"evertrain demo: training {name} failed (exit code {code})", file=sys.stderr)
                 return code
             newest = checkpoint.newest_complete(run)
             columns[f"after {name} (step {newest.step})"] = ask(newest.path)
         print()
         print_table(columns, time.perf_counter() - t0)
-        p = checkpoint.newest_complete(run).state["evertrain"]
-        print(f"evolution snapshots: {p['snapshots_taken']} taken, {p['snapshots_skipped']} skipped to stay in "
-              f"budget, {p['snapshot_seconds']:.1f} s = {p['snapshot_seconds'] / p['train_seconds']:.1%} of "
-              f"{p['train_seconds']:.0f} s of training (see {run / 'snapshots'} with --keep)")
+        state = checkpoint.newest_complete(run).state
+        p, b = state["evertrain"], snapshot_budget(state)
+        print(f"evolution snapshots: {b['taken']} taken, {b['skipped']} skipped to stay in budget, "
+              f"{b['seconds']:.1f} s = {b['seconds'] / p['train_seconds']:.1%} of {p['train_seconds']:.0f} s of "
+              f"training (see {run / 'snapshots'} with --keep)")
     finally:
         if args.keep is None:
             shutil.rmtree(workspace, ignore_errors=True)

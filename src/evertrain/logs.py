@@ -107,3 +107,47 @@ class _LogFile(logging.handlers.RotatingFileHandler):
                 sys.stderr.write(f"evertrain: disk full: {self.baseFilename} not written until there is room\n")
             except OSError:
                 pass
+
+
+class Bar:
+    """A progress bar (rich) for the file in training when stdout is a terminal: global step, file step, loss,
+    tokens/s (the recent rate) and time left. Without one, the plain progress lines (every log_steps) are what the
+    console gets; the log file gets those lines either way."""
+
+    def __init__(self, enabled: bool):
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+            from rich.text import Text
+
+            class Left(ProgressColumn):
+                """Time left as everywhere else in evertrain ("1h 12m"), not rich's 1:12:00."""
+
+                def render(self, task):
+                    left = task.time_remaining
+                    return Text("" if left is None else f"{duration(left)} left")
+
+            self.progress = Progress(TextColumn("step {task.fields[step]}"), TextColumn("{task.description}"),
+                                     BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                                     TextColumn("{task.fields[speed]} tok/s"), Left(),
+                                     redirect_stdout=True, transient=True)
+            self.progress.start()
+            CONSOLE.bar_showing = True
+        self.task = None
+
+    def start(self, name: str, total: int, done: int) -> None:
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(name, total=total, completed=done, loss="-", speed="-", step="-")
+
+    def update(self, record) -> None:
+        """After an optimizer step (a loop.StepRecord)."""
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=record.file_step, loss=f"{record.loss:.4f}",
+                                 speed=f"{record.tokens_per_second:.0f}", step=record.step)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            CONSOLE.bar_showing = False

@@ -16,8 +16,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from evertrain import checkpoint
-from evertrain.daemon.workspace import Workspace
+from evertrain.files import write_json_atomic
+from evertrain.runs import Workspace
+from evertrain.train import checkpoint
 
 
 @dataclass
@@ -39,7 +40,7 @@ def read(ws: Workspace) -> Requests:
 
 
 def pause(ws: Workspace) -> None:
-    checkpoint.write_json_atomic(ws.status_dir / "paused", {"paused": True})
+    write_json_atomic(ws.status_dir / "paused", {"paused": True})
 
 
 def resume(ws: Workspace) -> bool:
@@ -52,11 +53,11 @@ def resume(ws: Workspace) -> bool:
 
 
 def stop(ws: Workspace) -> None:
-    checkpoint.write_json_atomic(ws.status_dir / "stop.request", {"stop": True})
+    write_json_atomic(ws.status_dir / "stop.request", {"stop": True})
 
 
 def skip(ws: Workspace, file_id: int) -> None:
-    checkpoint.write_json_atomic(ws.status_dir / "skip.request", {"file_id": file_id})
+    write_json_atomic(ws.status_dir / "skip.request", {"file_id": file_id})
 
 
 def clear(ws: Workspace, name: str) -> None:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evertrain import disk, faults
-from evertrain.checkpoint import write_text_atomic
 from evertrain.daemon.ledger import Ledger
-from evertrain.daemon.workspace import PRIORITIES, Workspace, printable, safe_name
-from evertrain.data import sha256_file
+from evertrain.daemon.workspace import PRIORITIES, printable, safe_name
+from evertrain.files import sha256_file, write_text_atomic
+from evertrain.runs import Workspace
 from evertrain.data.containers import accepted_text, kind_of
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")

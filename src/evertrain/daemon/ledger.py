@@ -27,15 +27,19 @@ every checkpoint (`backup`). A damaged ledger, or a missing one in a workspace t
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from evertrain import checkpoint, faults
+from evertrain import faults
 from evertrain.config import ConfigError
-from evertrain.daemon.workspace import PRIORITIES, Workspace
+from evertrain.daemon.workspace import PRIORITIES
+from evertrain.runs import Workspace
+from evertrain.train import checkpoint
 
 STATES = ("queued", "training", "done", "duplicate", "skipped", "failed", "rejected")
 # Where a file of each state lives.
@@ -345,6 +349,53 @@ class Ledger:
                     "queued again")
             place(ws, self.get(row["id"]))
         self.sync_checkpoints(ws.model_dir)
+
+
+# ------------------------------------------------------------------------------------------------- readers
+
+@functools.cache
+def columns() -> tuple[str, ...]:
+    """The files table's columns, as SCHEMA makes them (a ledger of an older version may lack some)."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        return tuple(r[1] for r in db.execute("PRAGMA table_info(files)"))
+    finally:
+        db.close()
+
+
+@contextmanager
+def read_only(path: Path):
+    """The ledger opened read-only: a reader (the dashboard) never takes a lock the daemon would wait for."""
+    db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=2)
+    db.row_factory = sqlite3.Row
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def read_files(path: Path) -> list[dict]:
+    """Every row of the files table, read-only; columns an older ledger lacks come back as None, and the
+    forgetting gate's verdict (JSON text in the ledger) as an object."""
+    with read_only(path) as db:
+        have = {r[1] for r in db.execute("PRAGMA table_info(files)")}
+        cols = ", ".join(c if c in have else f"NULL AS {c}" for c in columns())
+        rows = [dict(r) for r in db.execute(f"SELECT {cols} FROM files ORDER BY id")]
+    for r in rows:
+        try:
+            r["forgetting"] = json.loads(r["forgetting"]) if r["forgetting"] else None
+        except ValueError:
+            r["forgetting"] = None
+    return rows
+
+
+def read_pins(path: Path) -> set[str]:
+    """Checkpoint names a person pinned (`evertrain pin`), read-only."""
+    with read_only(path) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pins'").fetchone():
+            return set()
+        return {r[0] for r in db.execute("SELECT name FROM pins")}
 
 
 def place(ws: Workspace, row: dict) -> Path | None:

@@ -21,12 +21,12 @@ import shutil
 import time
 from pathlib import Path
 
-from evertrain import checkpoint
 from evertrain.daemon import workspace
 from evertrain.daemon.ledger import COPY_NAME, ID_NAME, Ledger, LedgerError
-from evertrain.data import sha256_file
-from evertrain.evals import read_evals
-from evertrain.state import TrainingProgress
+from evertrain.files import sha256_file
+from evertrain.observe.evals import read_evals
+from evertrain.train import checkpoint
+from evertrain.train.state import TrainingProgress
 
 
 def repair(root: Path, say=print) -> int:
@@ -57,7 +57,7 @@ def repair(root: Path, say=print) -> int:
                 say("evertrain: repair: no checkpoint loads: no file counts as trained")
             settle_from_disk(ws, ledger, progress, say)
             ledger.reconcile(ws, progress, say)
-            ledger.sync_evals(read_evals(ws.root))
+            ledger.sync_evals(read_evals(ws.run))
             counts = ", ".join(f"{n} {state}" for state, n in ledger.counts().items() if n)
             ledger.note("repair", f"rebuilt from {copy or 'the disk'} and "
                                   f"{newest.path if newest else 'no checkpoint'}; broken ledger in {aside}")

@@ -10,10 +10,12 @@ import json
 import os
 import time
 
-from evertrain import checkpoint, disk, faults, logs
+from evertrain import disk, faults
 from evertrain.logs import duration
 from evertrain.daemon.ledger import Ledger
-from evertrain.daemon.workspace import Workspace, daemon_pid
+from evertrain.daemon.workspace import daemon_pid
+from evertrain.files import write_json_atomic
+from evertrain.runs import Workspace
 
 STATUS_FILE = "training_status.json"
 
@@ -83,7 +85,7 @@ class Board:
 
         def replace():
             faults.hit("status-write")
-            checkpoint.write_json_atomic(path, d)
+            write_json_atomic(path, d)
 
         self.degraded.attempt(f"the status file {path}", replace)
         self.last_write = time.monotonic()
@@ -157,47 +159,3 @@ def _fmt(key: str, value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-class Bar:
-    """A progress bar for the file in training when stdout is a terminal: global step, file step, loss, tokens/s
-    and ETA. Without one, the loop's plain progress lines (every log_steps) are what the console gets; the log
-    file gets those lines either way."""
-
-    def __init__(self, enabled: bool):
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
-            from rich.text import Text
-
-            class Left(ProgressColumn):
-                """Time left as everywhere else in evertrain ("1h 12m"), not rich's 1:12:00."""
-
-                def render(self, task):
-                    left = task.time_remaining
-                    return Text("" if left is None else f"{duration(left)} left")
-
-            self.progress = Progress(TextColumn("step {task.fields[step]}"), TextColumn("{task.description}"),
-                                     BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                                     TextColumn("{task.fields[speed]} tok/s"), Left(),
-                                     redirect_stdout=True, transient=True)
-            self.progress.start()
-            logs.CONSOLE.bar_showing = True
-        self.task = None
-
-    def start(self, name: str, total: int, done: int) -> None:
-        if self.progress is not None:
-            if self.task is not None:
-                self.progress.remove_task(self.task)
-            self.task = self.progress.add_task(name, total=total, completed=done, loss="-", speed="-", step="-")
-
-    def update(self, record) -> None:
-        """After an optimizer step (a loop.StepRecord)."""
-        if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, completed=record.file_step, loss=f"{record.loss:.4f}",
-                                 speed=f"{record.tokens_per_second:.0f}", step=record.step)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            logs.CONSOLE.bar_showing = False

@@ -26,12 +26,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from evertrain import locks
-from evertrain.checkpoint import write_text_atomic
-from evertrain.locks import AlreadyRunning  # noqa: F401  (raised by lock)
 from evertrain.config import ConfigError, TrainConfig, _opt, check_fields, settings_from_dict
-
-CONFIG_FILE = "evertrain.toml"
-FOLDERS = ("inbox", "queue", "done", "failed", "rejected", "current_model", "status", "logs")
+from evertrain.files import write_text_atomic
+from evertrain.locks import AlreadyRunning  # noqa: F401  (raised by lock)
+from evertrain.runs import CONFIG_FILE, WORKSPACE_FOLDERS, Workspace
 PRIORITIES = ("low", "normal", "high", "urgent")
 
 
@@ -63,26 +61,6 @@ class DaemonConfig:
         check_fields(self)
 
 
-@dataclass
-class Workspace:
-    root: Path
-
-    def __post_init__(self) -> None:
-        self.root = Path(self.root).absolute()
-
-    config_file = property(lambda self: self.root / CONFIG_FILE)
-    inbox = property(lambda self: self.root / "inbox")
-    queue = property(lambda self: self.root / "queue")
-    done = property(lambda self: self.root / "done")
-    failed = property(lambda self: self.root / "failed")
-    rejected = property(lambda self: self.root / "rejected")
-    model_dir = property(lambda self: self.root / "current_model")
-    status_dir = property(lambda self: self.root / "status")
-    logs = property(lambda self: self.root / "logs")
-    ledger_path = property(lambda self: self.root / "ledger.sqlite")
-    lock_path = property(lambda self: self.root / locks.LOCK_NAME)
-
-
 class NotAWorkspace(ConfigError):
     pass
 
@@ -95,7 +73,7 @@ def init(root: Path, train: dict, daemon: dict) -> Workspace:
                           f"(edit {CONFIG_FILE} to change daemon settings)")
     train_cfg = TrainConfig.from_dict(train, source="evertrain init")
     daemon_cfg = settings_from_dict(DaemonConfig, daemon, "evertrain init")
-    for name in FOLDERS:
+    for name in WORKSPACE_FOLDERS:
         (ws.root / name).mkdir(parents=True, exist_ok=True)
     write_text_atomic(ws.config_file, to_toml(train_cfg, daemon_cfg))
     return ws
@@ -110,7 +88,7 @@ def load(root: Path) -> tuple[Workspace, TrainConfig, DaemonConfig]:
     train_values, daemon_values = read_settings(ws.config_file)
     train = TrainConfig.from_dict(train_values, source=f"{ws.config_file} [train]")
     daemon = settings_from_dict(DaemonConfig, daemon_values, f"{ws.config_file} [daemon]")
-    for name in FOLDERS:
+    for name in WORKSPACE_FOLDERS:
         (ws.root / name).mkdir(exist_ok=True)  # a person may have removed an empty one
     return ws, train, daemon
 

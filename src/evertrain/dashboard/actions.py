@@ -27,7 +27,8 @@ from starlette.routing import Route
 
 from evertrain.daemon import controls, status
 from evertrain.daemon.ledger import Ledger
-from evertrain.daemon.workspace import PRIORITIES, Workspace, daemon_pid, safe_name
+from evertrain.daemon.workspace import PRIORITIES, daemon_pid, safe_name
+from evertrain.runs import Workspace
 
 CONTROLS = ("pause", "resume", "stop", "skip")
 

@@ -31,9 +31,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from evertrain import checkpoint
+from evertrain.runs import open_run
+from evertrain.train import checkpoint
 from evertrain.config import ConfigError
-from evertrain.dashboard.server import BadQuery, as_json
+from evertrain.dashboard.answers import BadQuery, as_json
 
 QUEUE = 4              # questions waiting behind the one being answered
 MAX_NEW_TOKENS = 200   # per answer
@@ -110,10 +111,8 @@ class Asker:
 
     def speaker(self, which):
         from evertrain.export import chat
-        from evertrain.dashboard.sources import open_run
-
         if which == NEWEST:  # resolved to a step here, so that a newer checkpoint is a new model, not a stale one
-            found = checkpoint.candidates(open_run(self.root).model_dir)
+            found = checkpoint.candidates(open_run(self.root).run_dir)
             ready = next((c for c in found if checkpoint.verify(c, full=False) is None), None)
             which = ready.step if ready else None
         key = which

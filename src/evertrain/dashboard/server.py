@@ -22,7 +22,6 @@ here, never from the request path.
 from __future__ import annotations
 
 import asyncio
-import math
 import resource
 import socket
 from contextlib import asynccontextmanager
@@ -37,12 +36,13 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from evertrain.dashboard import actions, auth, sources
+from evertrain.dashboard import actions, ask, auth, sources
+from evertrain.dashboard.answers import BadQuery, as_json, step_number
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -63,7 +63,6 @@ HEAD_TIMEOUT = 10        # seconds for a request's line and headers to arrive
 KEEP_ALIVE = 5           # seconds a connection may sit idle between requests
 MAX_HEAD = 16384         # bytes of request line and headers while they arrive (h11): then 400
 MAX_URL = 4096           # bytes of path and query: the page's own are under 100
-MAX_STEP = 10**12        # far past any run: a longer number is a mistake, not a step
 
 
 def static_files() -> dict[str, Path]:
@@ -71,32 +70,7 @@ def static_files() -> dict[str, Path]:
     return {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in CONTENT_TYPES}
 
 
-class BadQuery(ValueError):
-    """A query value the page never sends: answered 400 with this message."""
-
-
-def step_number(text: str, what: str) -> int:
-    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_STEP)) or int(text) > MAX_STEP:
-        raise BadQuery(f"{what} must be a step number from 0 to {MAX_STEP}, not {text[:40]!r}")
-    return int(text)
-
-
-def finite(x):
-    """JSON has no NaN/Infinity (the browser's parser refuses them): send null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    return x
-
-
-def as_json(data, status: int = 200, headers: dict | None = None) -> Response:
-    return JSONResponse(finite(data), status, headers={"Cache-Control": "no-store", **(headers or {})})
-
-
-def build_app(run: sources.Run, access: auth.Access) -> Starlette:
+def build_app(run: sources.View, access: auth.Access) -> Starlette:
     static = static_files()
 
     def static_file(name: str) -> Response:
@@ -129,8 +103,6 @@ def build_app(run: sources.Run, access: auth.Access) -> Starlette:
         ("/api/snapshot/{step}", snapshot),
         ("/api/evolution/{example}", evolution),
     ]] + actions.routes(run)
-    from evertrain.dashboard import ask  # here: ask.py builds on this module's answers
-
     routes.append(ask.route(run.root))
     return Starlette(routes=routes, lifespan=bounded_threads,
                      middleware=[Middleware(Guard), Middleware(auth.AccessMiddleware, access=access)],
@@ -262,7 +234,7 @@ class Listener:
 class DashboardServer(Listener):
     def __init__(self, root: Path, host: str, port: int, token: str | None):
         self.access = auth.Access.for_binding(host, token)  # before binding: a refused token never listens
-        self.run = sources.open_run(root)
+        self.run = sources.open_view(root)
         super().__init__(build_app(self.run, self.access), host, port)
 
     @property

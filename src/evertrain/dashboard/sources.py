@@ -1,11 +1,12 @@
-"""What the dashboard shows, read from the files of a run: the one place that knows the data contract.
+"""What the dashboard shows, read from the files of a run (their places: runs.py).
 
-Every function takes a `Run` (where things are) and returns plain JSON-able dicts. Nothing here writes; the
-ledger is opened read-only, so the dashboard never holds a lock the daemon waits on.
+Every function takes a `View` (a run and what was read of it so far) and returns plain JSON-able dicts. Nothing
+here writes or renames; the ledger is read through daemon/ledger.py read-only, so the dashboard never holds a
+lock the daemon waits on.
 
     python -m evertrain.dashboard.sources DIR      # print what /api/state would answer, as JSON
 
-A *work dir* is a daemon workspace (DIR/evertrain.toml; checkpoints in DIR/current_model/) or the OUTPUT_DIR of
+DIR is a daemon workspace (DIR/evertrain.toml; checkpoints in DIR/current_model/) or the output folder of
 `evertrain train` (checkpoints directly in it).
 """
 
@@ -15,19 +16,18 @@ import bisect
 import json
 import os
 import re
-import sqlite3
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from evertrain import checkpoint
-from evertrain.evals import forgetting_matrix
+from evertrain.daemon.ledger import read_files, read_pins
+from evertrain.files import read_json
+from evertrain.observe.evals import forgetting_matrix
+from evertrain.observe.metrics import add_committed
+from evertrain.observe.snapshots import snapshot_budget
+from evertrain.runs import Run, Workspace, open_run
+from evertrain.train import checkpoint
 
-CONFIG_FILE = "evertrain.toml"          # marks a daemon workspace (see daemon/workspace.py)
-STATUS_FILE = "status/training_status.json"
-LEDGER_FILE = "ledger.sqlite"
 SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.json$")
 MAX_POINTS = 2000                       # metric points sent at once; longer histories are thinned
 SHOWN_CHECKPOINTS = 10
@@ -35,41 +35,23 @@ TRAIN_QUIET_SECONDS = 120               # a `train` run with no metrics line for
 METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_second", "file_step", "file_total_steps", "time")
 
 
-@dataclass
-class Run:
-    root: Path
-    daemon: bool = field(init=False)      # a daemon workspace (else a `train` output dir)
-    model_dir: Path = field(init=False)
-    metrics: "JsonlTail" = field(init=False)
-    evals: "JsonlTail" = field(init=False)
-    drift: "JsonlTail" = field(init=False)
-    snapshots: "SnapshotCache" = field(init=False)
+class View:
+    """One run as the dashboard reads it: where its files are (runs.Run) and what it has read of them so far."""
 
-    def __post_init__(self) -> None:
-        self.root = Path(self.root).absolute()
-        self.daemon = (self.root / CONFIG_FILE).is_file()
-        self.model_dir = self.root / "current_model" if self.daemon else self.root
-        self.metrics = JsonlTail(self, "metrics.jsonl", key="step", keep=METRIC_FIELDS + ("file", "file_name"))
-        self.evals = JsonlTail(self, "evals.jsonl")
-        self.drift = JsonlTail(self, "anchor.jsonl", keep=("step", "after_file_name", "loss", "kl"))
-        self.snapshots = SnapshotCache(self)
-
-    def find(self, *relative: str) -> Path | None:
-        """The first of the places the contract allows for a file (the work dir, then the model folder, where
-        the core writes when the daemon hands it current_model/ as its output dir)."""
-        for base in (self.root, self.model_dir):
-            for rel in relative:
-                p = base / rel
-                if p.exists():
-                    return p
-        return None
+    def __init__(self, run: Run):
+        self.run = run
+        self.root = run.work_dir                # the folder the dashboard was given
+        self.daemon = run.is_workspace           # a daemon workspace (else a `train` output dir)
+        self.model_dir = run.run_dir
+        self.metrics = JsonlTail(run.metrics, key="step", keep=METRIC_FIELDS + ("file", "file_name"))
+        self.evals = JsonlTail(run.evals)
+        self.drift = JsonlTail(run.drift, keep=("step", "after_file_name", "loss", "kl"))
+        self.snapshots = SnapshotCache(run.evolution)
 
 
-def open_run(root: Path) -> Run:
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (give a workspace or the output dir of `evertrain train`)")
-    return Run(root)
+def open_view(root: Path) -> View:
+    """FileNotFoundError when `root` is no folder."""
+    return View(open_run(root))
 
 
 # ------------------------------------------------------------------------------------------------- jsonl
@@ -81,8 +63,8 @@ class JsonlTail:
     resumed from an older checkpoint and trained those steps again: the newer lines replace the older ones,
     as only they are the run's committed history."""
 
-    def __init__(self, run: Run, name: str, key: str | None = None, keep: tuple[str, ...] | None = None):
-        self.run, self.name, self.key, self.keep = run, name, key, keep
+    def __init__(self, path: Path, key: str | None = None, keep: tuple[str, ...] | None = None):
+        self.file, self.key, self.keep = path, key, keep
         self.path: Path | None = None
         self.offset = 0
         self.records: list[dict] = []
@@ -91,10 +73,11 @@ class JsonlTail:
 
     def read(self) -> list[dict]:
         with self.lock:
-            path = self.run.find(f"logs/{self.name}", self.name)
-            if path is None:
+            path = self.file
+            try:
+                size = path.stat().st_size
+            except OSError:
                 return self.records
-            size = path.stat().st_size
             if path != self.path or size < self.offset:  # another file, or rewritten: start over
                 self.path, self.offset, self.records = path, 0, []
                 self.rewrites += 1
@@ -113,21 +96,16 @@ class JsonlTail:
                         continue
                     if self.keep is not None:  # a run that never ends: hold only what is shown
                         rec = {k: rec.get(k) for k in self.keep}
-                    if self.key is not None:
-                        k = rec.get(self.key)
-                        if not isinstance(k, int):
-                            continue
-                        if self.records and self.records[-1][self.key] >= k:
-                            self.rewrites += 1
-                        while self.records and self.records[-1][self.key] >= k:
-                            self.records.pop()
-                    self.records.append(rec)
+                    if self.key is None:
+                        self.records.append(rec)
+                    elif isinstance(rec.get(self.key), int) and add_committed(self.records, rec, self.key):
+                        self.rewrites += 1
             return self.records
 
 
 # ------------------------------------------------------------------------------------------------- metrics
 
-def metrics(run: Run, since: int = 0, max_points: int = MAX_POINTS) -> dict:
+def metrics(run: View, since: int = 0, max_points: int = MAX_POINTS) -> dict:
     """Steps after `since` as columns (thinned to at most `max_points`, the last step always kept), and the
     span of global steps of every file (the chart's file boundaries), from the whole history."""
     records = run.metrics.read()
@@ -150,7 +128,7 @@ def metrics(run: Run, since: int = 0, max_points: int = MAX_POINTS) -> dict:
 
 # ------------------------------------------------------------------------------------------------- evals
 
-def forgetting(run: Run, listed: list[dict] | None = None) -> dict:
+def forgetting(run: View, listed: list[dict] | None = None) -> dict:
     """The forgetting matrix (see evals.forgetting_matrix), from the run's evaluations; `no_slice`: the trained
     files that hold out nothing (too small for a slice), which have no column of their own."""
     fm = forgetting_matrix(run.evals.read())
@@ -180,18 +158,15 @@ SUMMARY_TEXT = 240  # characters of a prediction/generation kept in the per-step
 class SnapshotCache:
     """snapshots/evolution/step-NNNNNNNN.json files, each parsed once (they are written once, atomically)."""
 
-    def __init__(self, run: Run):
-        self.run = run
+    def __init__(self, folder: Path):
+        self.folder = folder
         self.summaries: dict[tuple, dict] = {}  # (path, mtime_ns, size) -> summary
         self.lock = threading.Lock()
 
-    def folder(self) -> Path | None:
-        return self.run.find("snapshots/evolution")
-
     def paths(self) -> dict[int, Path]:
-        folder = self.folder()
+        folder = self.folder
         out = {}
-        if folder is not None and folder.is_dir():
+        if folder.is_dir():
             for p in folder.iterdir():
                 m = SNAPSHOT_NAME.match(p.name)
                 if m:
@@ -225,7 +200,7 @@ class SnapshotCache:
         return summary
 
 
-def snapshots_index(run: Run) -> dict:
+def snapshots_index(run: View) -> dict:
     """Every snapshot step, and every tracked example with its loss/accuracy/outputs at each step."""
     steps, examples = [], {}
     names = {r["file"]: r["file_name"] for r in run.metrics.read()}
@@ -241,7 +216,7 @@ def snapshots_index(run: Run) -> dict:
     return {"steps": steps, "examples": list(examples.values())}
 
 
-def example_evolution(run: Run, ex_id: str) -> dict | None:
+def example_evolution(run: View, ex_id: str) -> dict | None:
     """One tracked example across every snapshot, grouped by the file in training at each: its own file's
     snapshots (what that file taught it, step by step), then each later file's (what they kept or undid)."""
     example, groups = None, []
@@ -262,7 +237,7 @@ def example_evolution(run: Run, ex_id: str) -> dict | None:
     return None if example is None else {**example, "files": groups}
 
 
-def snapshot_counts(run: Run) -> dict[str, dict]:
+def snapshot_counts(run: View) -> dict[str, dict]:
     """Per file (sha256): snapshots taken while it trained, and the ones the budget skipped."""
     counts: dict[str, dict] = {}
     for path in run.snapshots.paths().values():
@@ -270,13 +245,13 @@ def snapshot_counts(run: Run) -> dict[str, dict]:
         if s is not None and s["file"]:
             counts.setdefault(s["file"], {"taken": 0, "skipped": 0})["taken"] += 1
     ckpt = newest(run)
-    skipped = ckpt.state.get("evertrain", {}).get("snapshots_skipped_by_file", {}) if ckpt else {}
+    skipped = snapshot_budget(ckpt.state)["skipped_by_file"] if ckpt else {}
     for sha, n in skipped.items():
         counts.setdefault(sha, {"taken": 0, "skipped": 0})["skipped"] = n
     return counts
 
 
-def snapshot(run: Run, step: int) -> dict | None:
+def snapshot(run: View, step: int) -> dict | None:
     path = run.snapshots.paths().get(step)
     return read_json(path) if path is not None else None
 
@@ -299,13 +274,13 @@ def _clip(text):
 
 # ------------------------------------------------------------------------------------------------- files
 
-def files(run: Run) -> list[dict]:
+def files(run: View) -> list[dict]:
     """Every file of the run with its state, in arrival order: the ledger's files table for a daemon
     workspace; for a `train` output dir, the files recorded in the newest checkpoint (finished ones, then
     part-way ones)."""
-    ledger = run.root / LEDGER_FILE
-    if ledger.is_file():
-        return ledger_files(ledger)
+    ledger = Workspace(run.root).ledger_path
+    if run.daemon and ledger.is_file():
+        return read_files(ledger)
     ckpt = newest(run)
     if ckpt is None:
         return []
@@ -322,55 +297,17 @@ def files(run: Run) -> list[dict]:
     return out
 
 
-LEDGER_COLUMNS = ("id", "original_name", "name", "sha256", "size", "priority", "state", "format", "examples",
-                  "tokens", "expected_steps", "steps_trained", "first_step", "last_step", "duplicate_of",
-                  "arrived_at", "started_at", "finished_at", "error", "held_out", "replayed", "forgetting")
-
-
-def ledger_files(path: Path) -> list[dict]:
-    """The files table of daemon/ledger.py; columns an older ledger lacks come back as None."""
-    with read_only(path) as db:
-        have = {r[1] for r in db.execute("PRAGMA table_info(files)")}
-        cols = ", ".join(c if c in have else f"NULL AS {c}" for c in LEDGER_COLUMNS)
-        rows = [dict(r) for r in db.execute(f"SELECT {cols} FROM files ORDER BY id")]
-    for r in rows:  # the forgetting gate's verdict is JSON text in the ledger, an object in a checkpoint
-        try:
-            r["forgetting"] = json.loads(r["forgetting"]) if r["forgetting"] else None
-        except ValueError:
-            r["forgetting"] = None
-    return rows
-
-
-def ledger_pins(path: Path) -> set[str]:
-    """Checkpoint names a person pinned (`evertrain pin`)."""
-    with read_only(path) as db:
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pins'").fetchone():
-            return set()
-        return {r[0] for r in db.execute("SELECT name FROM pins")}
-
-
-@contextmanager
-def read_only(path: Path):
-    """The ledger opened read-only: the dashboard never takes a lock the daemon would wait for."""
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=2)
-    db.row_factory = sqlite3.Row
-    try:
-        yield db
-    finally:
-        db.close()
-
-
 # ------------------------------------------------------------------------------------------------- checkpoints, status
 
-def newest(run: Run) -> checkpoint.Checkpoint | None:
+def newest(run: View) -> checkpoint.Checkpoint | None:
     """The newest checkpoint whose state parses (not verified: hashing weights every poll would be slow)."""
     found = checkpoint.candidates(run.model_dir)
     return found[0] if found else None
 
 
-def checkpoints(run: Run) -> list[dict]:
-    ledger = run.root / LEDGER_FILE
-    pins = ledger_pins(ledger) if ledger.is_file() else set()
+def checkpoints(run: View) -> list[dict]:
+    ledger = Workspace(run.root).ledger_path
+    pins = read_pins(ledger) if run.daemon and ledger.is_file() else set()
     out = []
     for c in checkpoint.candidates(run.model_dir)[:SHOWN_CHECKPOINTS]:
         try:
@@ -383,10 +320,10 @@ def checkpoints(run: Run) -> list[dict]:
     return out
 
 
-def status(run: Run) -> dict:
+def status(run: View) -> dict:
     """The daemon's status file; for a `train` output dir (no daemon), what the last metrics line says."""
     if run.daemon:
-        st = read_json(run.root / STATUS_FILE)
+        st = read_json(Workspace(run.root).status_file)
         if st is not None:
             return dict(st, source="daemon")
         return {"state": "never ran", "source": "daemon"}
@@ -409,7 +346,7 @@ def status(run: Run) -> dict:
     return st
 
 
-def state(run: Run) -> dict:
+def state(run: View) -> dict:
     """Everything /api/state answers: one poll gives the whole top of the page."""
     counts = snapshot_counts(run)
     listed = [dict(f, snapshots=counts.get(f.get("sha256") or "")) for f in files(run)]
@@ -418,7 +355,7 @@ def state(run: Run) -> dict:
             "forgetting": forgetting(run, listed), "drift": run.drift.read(), "snapshots": snapshot_marker(run)}
 
 
-def snapshot_marker(run: Run) -> dict:
+def snapshot_marker(run: View) -> dict:
     """Enough for the page to know whether to fetch the snapshot index again."""
     paths = run.snapshots.paths()
     last = max(paths) if paths else None
@@ -429,15 +366,7 @@ def snapshot_marker(run: Run) -> dict:
     return {"count": len(paths), "last_step": last, "last_mtime": mtime}
 
 
-def read_json(path: Path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 if __name__ == "__main__":
     import sys
 
-    print(json.dumps(state(open_run(Path(sys.argv[1] if len(sys.argv) > 1 else os.getcwd()))), indent=2))
+    print(json.dumps(state(open_view(Path(sys.argv[1] if len(sys.argv) > 1 else os.getcwd()))), indent=2))

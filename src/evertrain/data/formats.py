@@ -13,9 +13,9 @@ fit, the first one below wins; keys the chosen shape does not use are listed in 
 Loss: text trains every token; prompt/completion the completion only; the chat shapes every assistant turn, except
 OpenAI turns with "weight": 0, Alpaca "history" and the assistant turns inside a TRL prompt (context only).
 Preference (chosen/rejected) and KTO (label) records are refused with the reason. A column mapping renames a
-dataset's own fields first: parse_columns("question=prompt,answer=completion").
+dataset's own fields first (config.parse_columns("question=prompt,answer=completion")).
 
-    python -m evertrain.data FILE          # check a file and print what would be trained
+    evertrain check FILE          # check a file and print what would be trained
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
 CHAT_KEYS = ("tools", "functions")
-FORMAT_KEYS: tuple[str, ...] = ("text", "prompt", "completion", "response", "messages", "conversations", "tools",
-                                "functions", "instruction", "input", "output", "system", "history")
 EXPECTED = ("expected text, prompt+completion (or response), messages, conversations (ShareGPT), "
             "instruction+output (Alpaca), or prompt+completion as message lists")
 
@@ -65,25 +63,6 @@ def label(record: Record) -> str:
         return said[-1] if said else next((m["content"] for m in record.messages
                                            if m["role"] != "system" and (m.get("content") or "").strip()), "")
     return record.prompt if (record.prompt or "").strip() else record.text or record.completion or ""
-
-
-def parse_columns(text: str) -> dict[str, str]:
-    """"question=prompt,answer=completion" -> {"question": "prompt", "answer": "completion"}."""
-    columns: dict[str, str] = {}
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue  # tolerate "a=b," and spaces
-        if "=" not in item:
-            raise ValueError(f'column mapping item "{item}" has no "=" (expected source=target, e.g. question=prompt)')
-        source, target = (s.strip() for s in item.split("=", 1))
-        if not source or not target:
-            raise ValueError(f'column mapping item "{item}" has an empty side (expected source=target)')
-        if source in columns:
-            raise ValueError(f'column mapping names "{source}" twice')
-        if target not in FORMAT_KEYS:
-            raise ValueError(f'column mapping target "{target}" is not a format key (known: {", ".join(FORMAT_KEYS)})')
-        columns[source] = target
-    return columns
 
 
 def parse_record(obj, columns: dict[str, str] | None = None) -> Record:

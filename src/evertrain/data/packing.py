@@ -3,7 +3,7 @@
 Packing works on a numpy array of lengths and returns flat arrays, so a file of a million examples costs a few
 megabytes here, not a Python list per row.
 
-    python -m evertrain.data FILE        # prints the number of packed rows
+    evertrain check FILE        # prints the number of packed rows
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ number); a file with any bad record fails whole, before any of it trains, and le
 else goes wrong inside one file (a RecursionError, a MemoryError, a tokenizer's panic) fails that file alone, as a
 DataError naming the record being read when it happened: a poison file must never take the daemon down.
 
-    python -m evertrain.data FILE --model DIR
+    evertrain check FILE --model DIR
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 
 from evertrain import faults
 from evertrain.disk import is_full as is_disk_full
-from evertrain.data import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
+from evertrain.data.examples import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
 from evertrain.data.containers import BadRecord, ContainerError, open_records
-from evertrain.data.formats import RecordError, parse_columns, parse_record
+from evertrain.config import parse_columns
+from evertrain.data.formats import RecordError, parse_record
 from evertrain.data.render import NoChatTemplate, RecordFailed, Renderer
 from evertrain.data.store import StoreWriter, TokenStore
 

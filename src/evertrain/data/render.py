@@ -8,7 +8,7 @@ rendering each prefix, which any incremental template supports. The loss mask is
 The tokenizer never sees more than CHARS_PER_TOKEN x max_length characters of a text: a longer one is cut first
 (and counted as truncated), since tokenizing a 60 MB text whole costs gigabytes for tokens that are dropped.
 
-    python -m evertrain.data FILE --model DIR     # prints the first example with its trained tokens marked
+    evertrain check FILE --model DIR     # prints the first example with its trained tokens marked
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evertrain.config import ConfigError
 from evertrain.data.formats import Record
 
 CHATML = (
@@ -49,8 +50,6 @@ def apply_chat_template_option(tokenizer, option: str) -> None:
         return
     path = Path(option)
     if not path.is_file():
-        from evertrain.config import ConfigError
-
         raise ConfigError(f"chat_template: {option}: no such file (give chatml or a .jinja file)")
     tokenizer.chat_template = path.read_text(encoding="utf-8")
 

@@ -6,7 +6,7 @@ renamed into place, so a crash leaves nothing that looks complete; one whose siz
 rebuilt, never trained from. Arrays are memory-mapped: a file of millions of examples costs page cache, not RSS.
 Later runs, resumes and evaluations of the same file reuse the store; `prune` keeps the ones still in use.
 
-    python -m evertrain.data FILE --model DIR      # builds (or reuses) the store, prints its summary
+    evertrain check FILE --model DIR      # builds a store (in a temporary folder), prints its summary
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from array import array
 from pathlib import Path
 
 import numpy as np
+
+from evertrain.data.examples import Example
+from evertrain.data.packing import IGNORE
+from evertrain.files import fsync_dir, write_text_atomic
 
 STORE_VERSION = 2
 ARRAYS = {"ids.bin": np.int32, "mask.bin": np.uint8}
@@ -65,9 +69,7 @@ class TokenStore:
     def tokens(self, indexes: np.ndarray) -> int:
         return int(self.lengths[indexes].sum())
 
-    def example(self, i: int):
-        from evertrain.data import IGNORE, Example
-
+    def example(self, i: int) -> Example:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         ids = self.ids[a:b]
         labels = np.where(self.mask[a:b] == 1, ids, IGNORE)
@@ -149,8 +151,6 @@ class StoreWriter:
             files[f"{name}.npy"] = _crc32(self.tmp / f"{name}.npy")
         meta = {**meta, "version": STORE_VERSION, "kinds": self.kind_names, "truncated": self.truncated,
                 "examples": len(self.records), "tokens": int(self.offsets[-1]), "files": files}
-        from evertrain.checkpoint import fsync_dir, write_text_atomic
-
         write_text_atomic(self.tmp / "meta.json", json.dumps(meta, indent=1))
         shutil.rmtree(self.path, ignore_errors=True)
         os.rename(self.tmp, self.path)

@@ -1,7 +1,6 @@
 """What a file will teach: its summary and one example with the trained tokens marked.
 
     evertrain check FILE [--model DIR] [--chat-template chatml] [--columns a=prompt,b=completion]
-    python -m evertrain.data FILE ...            # the same
 """
 
 from __future__ import annotations

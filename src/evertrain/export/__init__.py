@@ -10,14 +10,13 @@ RUN is a workspace or the --output-dir of `evertrain train`. Everything here onl
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from evertrain import checkpoint
 from evertrain.config import ConfigError, TrainConfig
-from evertrain.dashboard.sources import Run, open_run
+from evertrain.runs import Run, open_run, saved_settings
+from evertrain.train import checkpoint
 
 # The embedded default model (models.EMBEDDED_NAME) is this model of the hub, converted from its GGUF file.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -46,18 +45,18 @@ def open_source(root: Path, step: int | None = None) -> Source:
     if not root.is_dir():
         raise ExportError(f"{root}: no such folder (give a workspace or the --output-dir of `evertrain train`)")
     run = open_run(root)
-    found = checkpoint.candidates(run.model_dir)
+    found = checkpoint.candidates(run.run_dir)
     if step is None:
-        ckpt = checkpoint.newest_complete(run.model_dir, warn=lambda text: print(text, file=sys.stderr))
+        ckpt = checkpoint.newest_complete(run.run_dir, warn=lambda text: print(text, file=sys.stderr))
         if ckpt is None:
-            raise ExportError(f"{run.model_dir}: no complete checkpoint" + (
+            raise ExportError(f"{run.run_dir}: no complete checkpoint" + (
                 " (" + "; ".join(f"{c.name}: {checkpoint.verify(c, full=False) or 'does not verify'}"
                                  for c in found) + ")" if found else ""))
         return Source(run, ckpt, saved_config(ckpt))
     ckpt = next((c for c in found if c.step == step), None)
     if ckpt is None:
         have = ", ".join(str(c.step) for c in reversed(found)) or "none"
-        raise ExportError(f"{run.model_dir}: no checkpoint of global step {step} (steps there: {have})")
+        raise ExportError(f"{run.run_dir}: no checkpoint of global step {step} (steps there: {have})")
     problem = checkpoint.verify(ckpt)
     if problem is not None:
         raise ExportError(f"{ckpt.path}: incomplete or damaged checkpoint ({problem}); nothing was read from it")
@@ -65,11 +64,11 @@ def open_source(root: Path, step: int | None = None) -> Source:
 
 
 def saved_config(ckpt: checkpoint.Checkpoint) -> TrainConfig:
-    path = ckpt.path / "evertrain_config.json"
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text()), source=str(path))
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: unreadable ({e})") from None
+    """The settings the checkpoint was written with; refused when it has none (every checkpoint has them)."""
+    values = saved_settings(ckpt.path)
+    if not values:
+        raise ExportError(f"{ckpt.path}: its settings (evertrain_config.json) are missing or unreadable")
+    return TrainConfig.from_dict(values, source=str(ckpt.path))
 
 
 def hub_id(config: TrainConfig) -> str | None:

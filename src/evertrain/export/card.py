@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 
 from evertrain import __version__
-from evertrain.evals import forgetting_matrix
+from evertrain.observe.evals import forgetting_matrix, read_evals
+from evertrain.observe.metrics import read_committed
 from evertrain.export import Source, hub_id
-from evertrain.schedule import lr_factor
-from evertrain.state import TrainingProgress
+from evertrain.train.schedule import lr_factor
+from evertrain.train.state import TrainingProgress
 
 LINEAGE_FILE = "evertrain_lineage.json"
 
@@ -25,10 +26,10 @@ def lineage(source: Source, *, base_model: str | None = None, export: dict | Non
     progress = TrainingProgress.from_state_dict(ckpt.state["evertrain"])
     step = ckpt.step
     trained = {f.sha256 for f in progress.files} | set(progress.cursors)
-    # A log may run past this checkpoint (training went on) or hold steps trained again after a resume: the
-    # metrics tail keeps the committed history, and only what happened up to this step belongs to it.
-    metrics = [m for m in source.run.metrics.read() if m["step"] <= step]
-    evals = [e for e in source.run.evals.read() if isinstance(e.get("step"), int) and e["step"] <= step
+    # A log may run past this checkpoint (training went on) or hold steps trained again after a resume: only the
+    # committed history, up to this step, belongs to it.
+    metrics = [m for m in read_committed(source.run.metrics) if m["step"] <= step]
+    evals = [e for e in read_evals(source.run) if isinstance(e.get("step"), int) and e["step"] <= step
              and (e.get("before_file") is None or e["before_file"] in trained)]
     matrix = forgetting_matrix(evals)
     last_eval = matrix["rows"][-1] if matrix["rows"] else None

@@ -1,13 +1,13 @@
 """trace.jsonl: which records of which file every optimizer step trained (the proof of exactly-once coverage).
 
 One line per optimizer step, written from the evidence each process takes after a micro-batch's backward pass
-(so a micro-batch that never reached the model is missing from it):
+(train/loop.py `evidence`: a micro-batch that never reached the model is missing from it):
   {"step": N, "file": "<sha256>", "examples": [0-based record numbers, all micro-batches],
    "micro_batches": [{"rank": R, "index": M, "examples": [...], "tokens": T}, ...], "replay": [[sha256, n], ...]}
 plus one line per file with held-out examples: {"file": "<sha256>", "held_out": [...]}.
 A resume rewrites the trace to hold only committed history: steps after the resumed checkpoint are dropped.
 
-    python -m evertrain.trace OUTPUT_DIR/trace.jsonl    # summarise coverage per file
+    python -m evertrain.observe.trace OUTPUT_DIR/trace.jsonl    # summarise coverage per file
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from evertrain.checkpoint import read_records, write_text_atomic
+from evertrain import faults
+from evertrain.files import append_json_line, read_records, write_text_atomic
 
 
 class Trace:
@@ -33,8 +34,29 @@ class Trace:
         write_text_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_json_line(self.path, record)
+
+    def held_out(self, sha256: str, lines: list[int]) -> None:
+        if lines:
+            self.write({"file": sha256, "held_out": sorted(lines)})
+
+    def step(self, accelerator, global_step: int, sha256: str, seen: list[dict]) -> None:
+        """One trace line for an optimizer step, built from every process's micro-batch evidence (every process
+        calls it; the main one writes)."""
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            seen = gather_object(seen)
+        if not accelerator.is_main_process:
+            return
+        record = {"step": global_step, "file": sha256,
+                  "examples": sorted(line for mb in seen for line in mb["examples"]),
+                  "micro_batches": [{k: mb[k] for k in ("rank", "index", "examples", "tokens")} for mb in seen]}
+        replay_lines = sorted(pair for mb in seen for pair in mb["replay"])
+        if replay_lines:
+            record["replay"] = replay_lines
+        faults.hit("trace-write")
+        self.write(record)
 
 
 def read(path: Path) -> list[dict]:

@@ -3,12 +3,15 @@
 It is written into `checkpoint-N/trainer_state.json` under the key "evertrain" (beside "global_step", the key
 other tools read). Nothing about the run is ever parsed back out of folder names.
 
-    python -c "from evertrain.state import TrainingProgress; print(TrainingProgress().state_dict())"
+What the observers keep (the snapshot budget) is theirs and saved beside it ("observers" in the same file); a
+checkpoint written before that held it here, and `from_state_dict` passes over such keys.
+
+    python -c "from evertrain.train.state import TrainingProgress; print(TrainingProgress().state_dict())"
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -55,14 +58,7 @@ class TrainingProgress:
     current: str | None = None                                     # sha256 of the file in training, if any
     cursors: dict[str, FileCursor] = field(default_factory=dict)   # files part-way through, by sha256
     files: list[FileRecord] = field(default_factory=list)          # finished files, in order
-    evals: int = 0             # held-out evaluations done (one per evaluated file)
     train_seconds: float = 0.0     # wall time inside optimizer steps: the base of the snapshot budget
-    snapshot_seconds: float = 0.0  # wall time spent taking snapshots
-    snapshots_taken: int = 0
-    snapshots_skipped: int = 0     # wanted but skipped to stay within the snapshot budget
-    snapshots_skipped_by_file: dict[str, int] = field(default_factory=dict)  # the same, by file sha256
-    snapshot_pass_cost: float = 0.0      # seconds of the last snapshot's forward pass: the next one's estimate
-    snapshot_generate_cost: float = 0.0  # seconds of the last snapshot's generations
     decay_start: int | None = None   # wsd: global step where the decay began (None: not decaying)
     decay_steps: int = 0
 
@@ -74,7 +70,10 @@ class TrainingProgress:
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "TrainingProgress":
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in _FIELDS}  # what an older checkpoint kept here and no longer is
         d["cursors"] = {k: FileCursor(**v) for k, v in d.get("cursors", {}).items()}
         d["files"] = [FileRecord(**f) for f in d.get("files", [])]
         return cls(**d)
+
+
+_FIELDS = {f.name for f in fields(TrainingProgress)}

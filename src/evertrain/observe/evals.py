@@ -1,8 +1,8 @@
 """Held-out evaluation and forgetting: is the model still good at what earlier files taught it?
 
-Each file's held-out slice (`held_out_fraction`, never trained) is kept tokenized in OUTPUT_DIR/held_out/<sha256>.json.
+Each file's held-out slice (`held_out_fraction`, never trained) is kept tokenized in RUN/held_out/<sha256>.json.
 Before a file trains, its own slice is evaluated ("before"); at the end of every file (and every `eval_steps`)
-the slice of every file seen so far is evaluated. Each result is one line of WORKDIR/logs/evals.jsonl.
+the slice of every file seen so far is evaluated. Each result is one line of WORK/logs/evals.jsonl.
 Row i of the forgetting matrix is the evaluation after file i; column j is file j's held-out loss.
 
     evertrain report DIR        # print the forgetting matrix and each file's loss before/after its training
@@ -14,28 +14,19 @@ import json
 import time
 from pathlib import Path
 
-from evertrain.checkpoint import read_records, write_json_atomic
 from evertrain.data import Example, FileData
+from evertrain.files import append_json_line, read_records, write_json_atomic
+from evertrain.runs import Run, open_run
 
 EVAL_ROWS = 16  # held-out examples per forward pass
 
 
-def held_out_path(output_dir: Path, sha256: str) -> Path:
-    return Path(output_dir) / "held_out" / f"{sha256}.json"
+def held_out_path(run: Run, sha256: str) -> Path:
+    return run.held_out / f"{sha256}.json"
 
 
-def store_held_out(session, data: FileData) -> None:
-    """Keep a file's held-out slice with the run, so later files (and later processes) can evaluate it."""
-    path = held_out_path(session.output_dir, data.sha256)
-    if not data.held_out or path.exists() or not session.is_main:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"name": data.name, "examples": [
-        {"line": e.line, "input_ids": e.input_ids, "labels": e.labels} for e in data.held_out]}, indent=None)
-
-
-def load_held_out(output_dir: Path, sha256: str) -> tuple[str, list[Example]] | None:
-    path = held_out_path(output_dir, sha256)
+def load_held_out(run: Run, sha256: str) -> tuple[str, list[Example]] | None:
+    path = held_out_path(run, sha256)
     if not path.exists():
         return None
     d = json.loads(path.read_text())
@@ -43,71 +34,77 @@ def load_held_out(output_dir: Path, sha256: str) -> tuple[str, list[Example]] | 
                        for e in d["examples"]]
 
 
-def mean_loss(session, examples: list[Example]) -> tuple[float, int]:
-    """Mean token loss over examples (each its own row), and the number of target tokens."""
-    import torch  # here, not at the top: the dashboard reads evaluations without loading torch
-
-    from evertrain.data.packing import collate
-
-    model, device = session.model, session.accelerator.device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), EVAL_ROWS):
-        chunk = examples[i:i + EVAL_ROWS]
-        n = sum(e.target_tokens for e in chunk)
-        if n == 0:
-            continue
-        batch = collate([[e] for e in chunk], session.tokenizer.pad_token_id, device)
-        with torch.no_grad():
-            total += model(**batch, use_cache=False, num_items_in_batch=n).loss.item() * n
-        count += n
-    model.train(was_training)
-    return (total / count if count else float("nan")), count
-
-
-def evaluate(session, shas: list[str], *, after_file: FileData | None = None,
-             before_file: FileData | None = None) -> list[dict]:
-    """Evaluate the held-out slices of `shas` now; append the results to logs/evals.jsonl."""
-    results = measure(session, shas, after_file=after_file, before_file=before_file)
-    if results and session.is_main:
-        with open(session.logs_dir / "evals.jsonl", "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
-    session.progress.evals += len(results)
-    return results
-
-
-def measure(session, shas: list[str], *, after_file: FileData | None = None,
-            before_file: FileData | None = None) -> list[dict]:
-    """The held-out loss of each of `shas` that has a slice, as the model stands; recorded nowhere."""
-    results = []
-    for sha in shas:
-        found = load_held_out(session.output_dir, sha)
-        if found is None:
-            continue
-        name, examples = found
-        loss, tokens = mean_loss(session, examples)
-        results.append({"step": session.progress.global_step,
-                        "after_file": after_file.sha256 if after_file else None,
-                        "after_file_name": after_file.name if after_file else None,
-                        "before_file": before_file.sha256 if before_file else None,
-                        "file": sha, "file_name": name, "loss": loss, "tokens": tokens,
-                        "examples": len(examples), "time": time.time()})
-    return results
-
-
-def seen_files(session) -> list[str]:
+def seen_files(progress) -> list[str]:
     """Every file of the run so far, finished or part-way, in training order (not those the forgetting gate
     rejected: their steps were undone)."""
-    progress = session.progress
     done = [f.sha256 for f in progress.files if f.status != "rejected"]
     return done + [s for s in progress.cursors if s not in done]
 
 
+class Evals:
+    """The held-out slices of one run, measured with the model a session trains."""
+
+    def __init__(self, run: Run, accelerator, tokenizer):
+        self.run, self.acc, self.tokenizer = run, accelerator, tokenizer
+
+    def store_held_out(self, data: FileData) -> None:
+        """Keep a file's held-out slice with the run, so later files (and later processes) can evaluate it."""
+        path = held_out_path(self.run, data.sha256)
+        if not data.held_out or path.exists() or not self.acc.is_main_process:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"name": data.name, "examples": [
+            {"line": e.line, "input_ids": e.input_ids, "labels": e.labels} for e in data.held_out]}, indent=None)
+
+    def measure(self, model, shas: list[str], step: int, *, after_file: FileData | None = None,
+                before_file: FileData | None = None) -> list[dict]:
+        """The held-out loss of each of `shas` that has a slice, as the model stands at global step `step`."""
+        results = []
+        for sha in shas:
+            found = load_held_out(self.run, sha)
+            if found is None:
+                continue
+            name, examples = found
+            loss, tokens = self.mean_loss(model, examples)
+            results.append({"step": step, "after_file": after_file.sha256 if after_file else None,
+                            "after_file_name": after_file.name if after_file else None,
+                            "before_file": before_file.sha256 if before_file else None,
+                            "file": sha, "file_name": name, "loss": loss, "tokens": tokens,
+                            "examples": len(examples), "time": time.time()})
+        return results
+
+    def record(self, results: list[dict]) -> None:
+        """Append results to logs/evals.jsonl (the main process)."""
+        if self.acc.is_main_process:
+            for r in results:
+                append_json_line(self.run.evals, r)
+
+    def mean_loss(self, model, examples: list[Example]) -> tuple[float, int]:
+        """Mean token loss over examples (each its own row), and the number of target tokens."""
+        import torch  # here, not at the top: the dashboard reads evaluations without loading torch
+
+        from evertrain.data.packing import collate
+
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(examples), EVAL_ROWS):
+            chunk = examples[i:i + EVAL_ROWS]
+            n = sum(e.target_tokens for e in chunk)
+            if n == 0:
+                continue
+            batch = collate([[e] for e in chunk], self.tokenizer.pad_token_id, self.acc.device)
+            with torch.no_grad():
+                total += model(**batch, use_cache=False, num_items_in_batch=n).loss.item() * n
+            count += n
+        model.train(was_training)
+        return (total / count if count else float("nan")), count
+
+
 # ------------------------------------------------------------------------------------------------- report
 
-def read_evals(workdir: Path) -> list[dict]:
-    return read_records(Path(workdir) / "logs" / "evals.jsonl")
+def read_evals(run: Run) -> list[dict]:
+    return read_records(run.evals)
 
 
 def forgetting_matrix(evals: list[dict]) -> dict:
@@ -141,8 +138,8 @@ def forgetting_matrix(evals: list[dict]) -> dict:
                      for r in sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0))]}
 
 
-def report(workdir: Path) -> str:
-    m = forgetting_matrix(read_evals(workdir))
+def report(root: Path) -> str:
+    m = forgetting_matrix(read_evals(open_run(root)))
     if not m["rows"]:
         return ("no evaluations yet: set held_out_fraction > 0 (e.g. 0.02) so each file keeps a held-out slice, "
                 "then train files")

@@ -8,7 +8,7 @@ exist and none verifies, resume refuses (NoUsableCheckpoint) rather than start t
 `--from-base` moves the damaged ones into OUTPUT_DIR/damaged/ and starts again.
 Checkpoints are ordered by the global step recorded inside them, never by folder name or mtime.
 
-    python -m evertrain.checkpoint OUTPUT_DIR      # list checkpoints and whether each verifies
+    python -m evertrain.train.checkpoint OUTPUT_DIR      # list checkpoints and whether each verifies
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from evertrain import faults
 from evertrain.config import ConfigError
-from evertrain.data import sha256_file
+from evertrain.files import folder_size, fsync_dir, fsync_tree, sha256_file
 
 STATE_FILE = "trainer_state.json"
 FORMAT = 1
@@ -33,11 +33,14 @@ class NoUsableCheckpoint(ConfigError):
     """Checkpoints exist and none of them loads: starting from the base model would silently drop the run."""
 
     def __init__(self, output_dir: Path, problems: list[tuple[Path, str]]):
-        self.problems = problems
+        self.output_dir, self.problems = output_dir, problems
         lines = "".join(f"\n  {path}: {why}" for path, why in problems)
         super().__init__(f"no checkpoint in {output_dir} loads; nothing was trained or changed:{lines}\n"
                          f"Restore a checkpoint, or start the run again from the base model with --from-base "
                          f"(the damaged checkpoints are then moved to {Path(output_dir) / DAMAGED_DIR}/)")
+
+    def __reduce__(self):  # the main process of a launch sends it to the others (collective.from_main)
+        return type(self), (self.output_dir, self.problems)
 
 
 @dataclass
@@ -49,55 +52,6 @@ class Checkpoint:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new file, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk: a half-written temp would only take more of it
-        raise
-
-
-def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
-    write_text_atomic(path, json.dumps(data, indent=indent))
-
-
-def read_records(path: Path) -> list[dict]:
-    """The records of a JSONL log (metrics, evals, trace); a line torn by a crash mid-write is passed over."""
-    records = []
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
 
 
 def manifest(folder: Path) -> dict[str, dict]:
@@ -205,16 +159,15 @@ def candidates(output_dir: Path) -> list[Checkpoint]:
 
 
 def recover_swap(output_dir: Path) -> None:
-    """A crash in the middle of `commit`'s swap left checkpoint-N moved aside and nothing in its place: put it back."""
+    """A crash in the middle of `commit`'s swap left checkpoint-N moved aside and nothing in its place: put it back.
+    Only for the holder of the folder's lock (`remove_debris`): in a live run the same state is a commit between
+    its two renames, which a reader's rename would break."""
     if not output_dir.is_dir():
         return
     for old in output_dir.glob(".old-checkpoint-*"):
         final = output_dir / old.name[len(".old-"):]
         if not final.exists() and read_state(old) is not None:
-            try:
-                old.rename(final)
-            except OSError:  # another process of the same launch put it back first
-                pass
+            old.rename(final)
 
 
 def remove_debris(folder: Path) -> list[Path]:
@@ -250,13 +203,13 @@ def unreadable(output_dir: Path) -> list[tuple[Path, str]]:
 def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip") -> Checkpoint | None:
     """The newest checkpoint that verifies; broken newer ones are reported and passed over.
 
-    When checkpoints exist but none verifies, `damaged` decides: "skip" returns None (the caller's business),
-    "refuse" raises NoUsableCheckpoint naming each one's problem, "set-aside" moves them into damaged/ (so that
-    a run started again from the base model neither prunes its own good checkpoints for them nor trips on them)
-    and returns None.
+    It only reads (export, chat, the page and `status` call it beside a live daemon), unless `damaged` says
+    otherwise. When checkpoints exist but none verifies, `damaged` decides: "skip" returns None (the caller's
+    business), "refuse" raises NoUsableCheckpoint naming each one's problem, "set-aside" moves them into damaged/
+    (so that a run started again from the base model neither prunes its own good checkpoints for them nor trips
+    on them) and returns None: that is for the holder of the folder's lock alone.
     """
     output_dir = Path(output_dir)
-    recover_swap(output_dir)
     problems, found = [], None
     for ckpt in candidates(output_dir):
         problem = verify(ckpt)
@@ -355,10 +308,6 @@ def prune(output_dir: Path, keep: int, *, protected: set[str] = frozenset(), bud
     for p in Path(output_dir).glob(".tmp-checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
     return deleted
-
-
-def folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 if __name__ == "__main__":

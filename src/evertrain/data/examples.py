@@ -1,0 +1,107 @@
+"""What the data package hands to training: a file's examples (each with its tokens and loss mask), the FileData of a
+whole file, and the errors that refuse one. Every module of data/ and its callers use these; data/__init__.py
+makes them (load_file).
+
+    evertrain check FILE        # a FileData, summarised
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evertrain.data.order import row_order
+from evertrain.data.packing import IGNORE
+
+MAX_REPORTED_ERRORS = 20
+BATCH_RECORDS = 512  # records tokenized per call: the fast tokenizer's own threads work on a batch
+BATCH_CHARS = 1 << 20  # ... or fewer, when they hold this many characters: a batch's memory stays bounded
+
+class DataError(ValueError):
+    """A file that cannot be trained, with every reason and record number we found."""
+
+    def __init__(self, path: Path, problems: list[str], total: int | None = None):
+        self.path, self.problems = Path(path), problems
+        total = self.total = len(problems) if total is None else total
+        shown = problems[:MAX_REPORTED_ERRORS]
+        text = f"{self.path}: not trained, {total} problem(s):\n" + "\n".join(f"  {p}" for p in shown)
+        if total > len(shown):
+            text += f"\n  ... and {total - len(shown)} more"
+        super().__init__(text)
+
+    def __reduce__(self):  # the main process of a launch sends it to the others (collective.from_main)
+        return type(self), (self.path, self.problems, self.total)
+
+
+class Cancelled(Exception):
+    """Preparation was asked to stop (the daemon is stopping or pausing)."""
+
+
+@dataclass
+class Example:
+    line: int              # 0-based record number in the file (what the trace records)
+    format: str            # the shape it came in: text, prompt_completion, messages, alpaca, sharegpt, ...
+    input_ids: list[int]
+    labels: list[int]      # IGNORE where no loss is taken; labels[0] is always IGNORE
+    truncated: bool = False
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+class Examples(Sequence):
+    """Some of a store's examples, read from disk when asked for."""
+
+    def __init__(self, store, indexes: np.ndarray):
+        self.store, self.indexes = store, indexes
+
+    def __len__(self) -> int:
+        return len(self.indexes)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.store.example(int(self.indexes[i]))
+
+
+@dataclass
+class FileData:
+    """A validated, tokenized file, ready to train."""
+
+    path: Path
+    sha256: str
+    examples: Sequence[Example]      # the trained examples (held-out ones are not here)
+    held_out: list[Example] = field(default_factory=list)
+    rows: Sequence = field(default_factory=list)   # indices into examples, one list per row
+    formats: Counter = field(default_factory=Counter)
+    ignored: Counter = field(default_factory=Counter)  # keys outside every format, per key: counted, not trained
+    name: str = ""                   # what people call the file (logs, metrics, snapshots); default: its file name
+    tokens: int = 0                  # tokens of the trained examples
+    truncated: int = 0               # examples cut to max_length
+    unit: str = "line"               # how the container counts records: line, item or row
+    warnings: list[str] = field(default_factory=list)  # what trains, but probably not as the person meant
+    store: object = None             # the TokenStore the examples are read from
+    scratch: object = None           # a temporary folder holding the store, removed with this object
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.path.name
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        # A file smaller than one global batch still trains one (partial) step.
+        return max(1, math.ceil(len(self.rows) / global_batch))
+
+    def total_steps(self, global_batch: int, epochs: int) -> int:
+        return self.steps_per_epoch(global_batch) * epochs
+
+    def step_rows(self, file_step: int, global_batch: int, seed: int) -> list[int]:
+        """Row indices trained at optimizer step `file_step` of this file: a pure function of the cursor."""
+        per_epoch = self.steps_per_epoch(global_batch)
+        epoch, k = divmod(file_step, per_epoch)
+        order = row_order(self.sha256, seed, epoch, len(self.rows))
+        return order[k * global_batch:(k + 1) * global_batch].tolist()
