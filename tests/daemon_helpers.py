@@ -13,7 +13,7 @@ from conftest import cli
 
 FAST = ("--batch-size", "4", "--no-packing", "--trace", "--held-out-fraction", "0", "--stable-seconds", "0", "--poll-seconds", "0.05",
         "--disk-margin-bytes", "0", "--status-interval", "0.1", "--save-steps", "0", "--learning-rate", "1e-3",
-        "--warmup-steps", "0", "--incomplete-timeout", "0")  # a bad last line fails at once, not in 10 minutes
+        "--warmup-steps", "0", "--incomplete-timeout", "0")  # a cut last line fails at once, not in 10 minutes
 
 
 def make_ws(tmp_path: Path, model: Path, *extra) -> Path:

@@ -150,7 +150,9 @@ def test_lora_export_is_portable_and_merge_equals_the_adapter(lora_run, tiny_mod
     adapter = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "someone/tiny-llama" and adapter["r"] == 4
     assert not (tmp_path / "a" / "model.safetensors").exists()
-    assert "base_model: someone/tiny-llama" in (tmp_path / "a" / "README.md").read_text()
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "base_model: someone/tiny-llama" in card
+    assert f"Base model: `someone/tiny-llama` (trained from its copy in the local folder `{tiny_model}`)" in card
 
     assert cli("export", lora_run, tmp_path / "m", "--merge", "--base-id", "someone/tiny-llama") == exits.OK
     merged = load(tmp_path / "m")
@@ -160,6 +162,23 @@ def test_lora_export_is_portable_and_merge_equals_the_adapter(lora_run, tiny_mod
     assert not torch.allclose(logits(applied), base, atol=1e-4), "the adapter changed nothing: a useless test"
     torch.testing.assert_close(logits(merged), logits(applied), atol=1e-5, rtol=1e-5)
     assert merged.config.dtype == load(tiny_model).config.dtype
+
+
+def test_merge_of_a_local_base_needs_no_hub_id_and_the_card_names_the_folder(lora_run, tiny_model, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "m"
+    assert cli("export", lora_run, out, "--merge") == exits.OK  # a merged model stands alone: no --base-id
+    assert not (out / "adapter_config.json").exists()
+    newest = checkpoint.newest_complete(lora_run)
+    applied = PeftModel.from_pretrained(load(tiny_model), newest.path).eval()
+    torch.testing.assert_close(logits(load(out)), logits(applied), atol=1e-5, rtol=1e-5)
+    facts = json.loads((out / "evertrain_lineage.json").read_text())
+    assert facts["base_model"] is None and facts["base_model_local_folder"] == str(tiny_model)
+    assert facts["export"]["kind"] == "merged"
+    card = (out / "README.md").read_text()
+    assert "base_model:" not in card  # the hub's front matter takes hub ids only
+    assert f"Base model: the local folder `{tiny_model}`" in card and "no hub id is known" in card
 
 
 @pytest.mark.parametrize("quant,tolerance", [("f16", 2e-3), ("q8_0", 3e-2)])

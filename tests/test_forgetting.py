@@ -122,6 +122,26 @@ def test_rollback_restores_the_checkpoint_before_the_file_bitwise_and_rejects_it
     assert "## Forgetting gate" in card and "new.jsonl: rejected: rolled back; forgetting: raised old.jsonl" in card
 
 
+def test_the_anchor_alone_trips_the_gate(tmp_path, tiny_model, capsys):
+    """No held-out slices, so no earlier file's loss exists: only the anchor (the base model's own answers to the
+    first file's prompts) can tell that the second file wrecked what the base model knew."""
+    run, none_held_out = tmp_path / "run", ("--held-out-fraction", "0")
+    # The first file barely moves the model: the anchor stays where the base model left it.
+    assert train(tmp_path, tiny_model, "old.jsonl", OLD, *none_held_out, "--learning-rate", "1e-5") == exits.OK
+    sources = {item["source"] for item in json.loads((run / "anchor.json").read_text())["items"]}
+    assert sources == {progress(run).files[0].sha256}  # none from the file judged next: the gate keeps them all
+    capsys.readouterr()
+    assert train(tmp_path, tiny_model, "new.jsonl", CONTRADICTING, *none_held_out,
+                 "--forgetting-action", "rollback") == exits.REJECTED
+    assert "raised the anchor's loss" in capsys.readouterr().err
+    rec = progress(run).files[-1]
+    assert (rec.name, rec.status, rec.steps) == ("new.jsonl", "rejected", 0)
+    verdict = rec.forgetting
+    assert verdict["tripped"] and verdict["files"] == []
+    assert verdict["anchor"]["over"] and verdict["anchor"]["rise"] > verdict["tolerance"]
+    assert verdict["reason"].startswith("forgetting: raised the anchor's loss")
+
+
 def test_retry_trains_again_once_then_rejects(tmp_path, tiny_model):
     run = tmp_path / "run"
     assert train(tmp_path, tiny_model, "old.jsonl", OLD, "--forgetting-action", "retry") == exits.OK

@@ -117,6 +117,57 @@ def test_a_broken_ledger_is_refused_then_repaired_with_its_ids_and_nothing_train
     assert (files[5]["first_step"], files[6]["last_step"]) == (newest.step + 1, newest.step + 2 + 2)
 
 
+def files_leaf_pages(db_path) -> tuple[int, list[int]]:
+    """The page size and the pages that hold the files table's rows (dbstat: SQLite's own map of its pages)."""
+    db = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)
+    try:
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        return size, [p for (p,) in db.execute("SELECT pageno FROM dbstat WHERE name = 'files' AND pagetype = 'leaf' "
+                                               "ORDER BY pageno")]
+    finally:
+        db.close()
+
+
+def test_a_damaged_page_inside_a_ledger_that_still_opens_is_refused_then_repaired(tmp_path, tiny_model, capsys):
+    """The damage the open's quick check is there for: one page of rows torn, the header and the schema whole, so
+    SQLite opens the file and reads its schema as if nothing were wrong."""
+    ws = make_ws(tmp_path, tiny_model)
+    for i in range(120):  # failed files: rows with long errors, over several pages
+        drop(ws, f"bad-{i:03d}.jsonl", f'{{"text": "ok"}}\n{{"text": broken {i}\n')
+    assert cli("run", ws, "--once") == 5
+    drop(ws, "a.jsonl", rows(10, "a"))
+    assert cli("run", ws, "--once") == 0  # its checkpoint holds a copy of every row
+    db = ws / "ledger.sqlite"
+    assert not os.path.exists(f"{db}-wal") or os.path.getsize(f"{db}-wal") == 0  # every page in the file itself
+    before = [{k: r[k] for k in KEEP} for r in ledger_rows(ws)]
+    assert len(before) == 121 and before[-1]["state"] == "done"
+    page_size, leaves = files_leaf_pages(db)
+    assert len(leaves) >= 4 and 1 not in leaves
+    torn = leaves[len(leaves) // 2]  # neither the first nor the last: the highest id is still found
+    with open(db, "r+b") as f:
+        f.seek((torn - 1) * page_size)
+        f.write(b"\xff" * page_size)
+    look = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    assert look.execute("SELECT MAX(id) FROM files").fetchone() == (121,)  # it opens, and looks sound at a glance
+    look.close()
+    broken = db.read_bytes()
+
+    capsys.readouterr()
+    for args in (("status", ws), ("run", ws, "--once")):
+        assert cli(*args) == 2, args
+        err = capsys.readouterr().err
+        assert f"{db} is damaged (" in err and f"repair it with: evertrain repair {ws}\n" in err, err
+        assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert db.read_bytes() == broken  # refused means untouched
+
+    assert cli("repair", ws) == 0
+    out = capsys.readouterr().out
+    assert "moved the broken ledger" in out and "restored the ledger copy of" in out
+    assert [p.read_bytes() for p in ws.glob("ledger-broken-*/ledger.sqlite")] == [broken]
+    assert [{k: r[k] for k in KEEP} for r in ledger_rows(ws)] == before
+    assert cli("status", ws) == 0
+
+
 def test_a_new_workspace_gets_its_ledger_silently_and_a_lost_one_is_told_from_it(tmp_path, tiny_model, capsys):
     ws = make_ws(tmp_path, tiny_model)
     drop(ws, "waiting.jsonl", rows(4, "w"))  # the inbox is not history: nothing was taken yet

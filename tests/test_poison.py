@@ -302,8 +302,8 @@ def test_the_daemon_fails_each_poison_file_alone_and_trains_the_good_ones(tmp_pa
 
 
 def test_a_last_line_nested_too_deep_to_parse_is_a_whole_line_for_the_inbox(tmp_path, tiny_model):
-    """The inbox reads a file's last line to tell a finished writer from one still writing; a line nested deeper
-    than the JSON parser's recursion limit must not bring the daemon down there (found by bench/soak.py)."""
+    """A last line nested deeper than the JSON parser's recursion limit ends with its newline: a whole line, taken
+    without waiting, that fails validation with its number and brings nothing down (found by bench/soak.py)."""
     from evertrain.daemon.inbox import looks_complete
 
     deep = b'{"text": "ok"}\n' + nested(100_000) + b"\n"

@@ -1,5 +1,6 @@
-"""Intake waits for slow writers: a file cut short (no final newline, a last line that does not parse, no Parquet
-footer) is waited for until it ends cleanly, or until `incomplete_timeout` after its last change.
+"""Intake waits for slow writers: a file cut short (no final newline, a .json array without its `]`, no Parquet
+footer) is waited for until it ends cleanly, or until `incomplete_timeout` after its last change; a whole last line
+that does not parse is bad data, failed once the file is stable.
 
     pytest -q tests/test_slow_writers.py
 """
@@ -7,6 +8,7 @@ footer) is waited for until it ends cleanly, or until `incomplete_timeout` after
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from conftest import cli
@@ -55,13 +57,50 @@ def test_a_file_that_stays_cut_is_validated_as_it_is_after_the_timeout(tmp_path,
     assert files["cut.jsonl"]["state"] == "failed" and "line 2: invalid JSON" in files["cut.jsonl"]["error"]
 
 
+BROKEN = '{"text": "fine"}\n{"text": \n'  # its last line ends with its newline: whole, and bad
+
+
+def test_a_broken_last_line_that_ends_with_its_newline_fails_without_the_timeout(tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--stable-seconds", "0.5", "--incomplete-timeout", "600")
+    daemon = ThreadDaemon(ws)
+    try:
+        cut = drop(ws, "cut.jsonl", '{"text": "fine"}\n{"text": "cut sho')  # no final newline: still written
+        dropped = time.monotonic()
+        drop(ws, "bad.jsonl", BROKEN)
+        row = wait_for(lambda: by_name(ws).get("bad.jsonl", {}).get("state") == "failed" and by_name(ws)["bad.jsonl"],
+                       60, "bad.jsonl to fail")
+        assert time.monotonic() - dropped < 30  # stable_seconds and a scan, not incomplete_timeout's 600 s
+        error = (ws / "failed" / f"{row['name']}.error.txt").read_text()
+        assert "bad.jsonl" in error and "line 2: invalid JSON" in error
+        note = f"waiting for cut.jsonl ({cut.stat().st_size} bytes so far) to finish"
+        wait_for(lambda: status(ws).get("intake") == note, 30, f"the status to say {note!r}")
+        assert "cut.jsonl" not in by_name(ws) and cut.exists()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_run_once_fails_a_broken_last_line_without_the_timeout(tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--incomplete-timeout", "600")
+    drop(ws, "bad.jsonl", BROKEN)
+    drop(ws, "ok.jsonl", rows(3, "ok"))
+    started = time.monotonic()
+    assert cli("run", ws, "--once") == 5
+    assert time.monotonic() - started < 300  # the old wait was the whole incomplete_timeout: 600 s
+    files = by_name(ws)
+    assert files["ok.jsonl"]["state"] == "done"
+    assert files["bad.jsonl"]["state"] == "failed" and "line 2: invalid JSON" in files["bad.jsonl"]["error"]
+    assert (ws / "failed" / files["bad.jsonl"]["name"]).is_file()
+
+
 @pytest.mark.parametrize("name,content,complete", [
     ("a.jsonl", b'{"a": 1}\n{"a": 2}\n', True),
     ("a.jsonl", b'{"a": 1}\n{"a": 2}\n\n', True),
     ("a.jsonl", b'{"a": 1}\n{"a": 2}', False),
-    ("a.jsonl", b'{"a": 1}\n{"a": \n', False),
+    ("a.jsonl", b'{"a": 1}\n{"a": \n', True),  # a whole line, though it does not parse: validation fails it
     ("a.json", b'[{"a": 1},\n', False),
     ("a.json", b'[{"a": 1}]\n', True),
+    ("a.json", b'[{"a": 1}]', True),  # json.dump writes no final newline
+    ("a.json", b'[{"a": 1}]\n  \n', True),
     ("a.csv", b"q,a\nx,y", False),
     ("a.csv", b"q,a\nx,y\n", True),
     ("a.parquet", b"PAR1....", False),

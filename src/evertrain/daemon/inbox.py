@@ -1,9 +1,11 @@
 """Intake: take complete files from inbox/ (or `evertrain add`) into queue/, each under a unique name.
 
 A file is taken once its size and mtime have not changed for `stable_seconds`, and, if it looks cut short (a
-line-based file whose last byte is not a newline or whose last record does not parse, a Parquet file without its
-footer), once it ends cleanly or has not changed for `incomplete_timeout` (a slow writer pausing mid-line is
-waited for; a file that stays cut is then validated as it is). Hidden names, `*.tmp` and `*.part` are never taken (the safe way to drop a file: write it elsewhere, then `mv` it into inbox/).
+line-based file whose last byte is not a newline, a .json array without its closing `]`, a Parquet file without
+its footer), once it ends cleanly or has not changed for `incomplete_timeout` (a slow writer pausing mid-line is
+waited for; a file that stays cut is then validated as it is). A whole last line that does not parse is bad data,
+not a writer still at work: it fails validation once the file is stable. Hidden names, `*.tmp` and `*.part` are
+never taken (the safe way to drop a file: write it elsewhere, then `mv` it into inbox/).
 Sub-folders are walked; a top folder named low, normal, high or urgent gives its files that priority.
 Symbolic links, fifos and other non-regular entries are moved (not followed) to failed/ with the reason.
 Watchdog events only wake the intake thread up; the scan decides. The daemon's `Intake` scans in its own thread
@@ -14,7 +16,6 @@ with its own ledger connection, so hashing a big file never delays an optimizer 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -182,8 +183,11 @@ class Intake:
 
 
 def looks_complete(path: Path) -> bool:
-    """Whether a file's end says its writer finished: cheap, from its last bytes only. Compressed files have no
-    cheap check (their stream is checked in full at validation); stability alone decides for them."""
+    """Whether a file's end says its writer finished: cheap, from its last bytes only. A line-based file is whole
+    once it ends with a newline (a writer never leaves one after half a record, so a whole line that does not
+    parse is bad data, failed by validation with its number, not waited for); a .json array once it ends with its
+    `]`; a Parquet file once it has its footer. Compressed files have no cheap check (their stream is checked in
+    full at validation); stability alone decides for them."""
     kind = kind_of(path.name)
     try:
         with open(path, "rb") as f:
@@ -193,41 +197,27 @@ def looks_complete(path: Path) -> bool:
             if kind == "parquet":
                 f.seek(max(0, size - 4))
                 return f.read(4) == b"PAR1"
-            if kind not in ("jsonl", "json", "csv", "tsv"):
-                return True
-            last = _last_line(f, size)
+            if kind == "json":
+                return _last_solid_byte(f, size) == b"]"
+            if kind in ("jsonl", "csv", "tsv"):
+                f.seek(size - 1)
+                return f.read(1) == b"\n"
+            return True
     except OSError:
         return True  # let validation say what is wrong with it
-    if last is None:
-        return False  # no final newline
-    if kind == "jsonl":
-        try:
-            json.loads(last.decode("utf-8").lstrip("\ufeff"))
-        except ValueError:
-            return False
-        except RecursionError:
-            return True  # a whole line, nested too deeply to parse: validation fails it, with its number
-    elif kind == "json":
-        return last.rstrip().endswith(b"]")
-    return True
 
 
-def _last_line(f, size: int, limit: int = 16 << 20) -> bytes | None:
-    """The last non-blank line of a file that ends with a newline (None when it does not), read backwards."""
-    f.seek(size - 1)
-    if f.read(1) != b"\n":
-        return None
-    tail, pos = b"", size
-    while pos > 0 and len(tail) < limit:
+def _last_solid_byte(f, size: int) -> bytes:
+    """The last byte of a file that is not white space (b"" when there is none), read backwards."""
+    pos = size
+    while pos > 0:
         step = min(65536, pos)
         pos -= step
         f.seek(pos)
-        tail = f.read(step) + tail
-        body = tail.rstrip(b"\r\n\t ")
-        cut = body.rfind(b"\n")
-        if cut >= 0 or pos == 0:
-            return body[cut + 1:]
-    return tail.rstrip()
+        body = f.read(step).rstrip(b"\r\n\t ")
+        if body:
+            return body[-1:]
+    return b""
 
 
 def walk(root: Path, depth: int = 0, priority: str = "normal"):

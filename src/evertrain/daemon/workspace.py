@@ -40,9 +40,10 @@ class DaemonConfig:
     stable_seconds: float = _opt(2.0, "take an inbox file only after its size and mtime were unchanged this long",
                                  low=0.0, high=3600.0)
     incomplete_timeout: float = _opt(
-        600.0, "an inbox .jsonl/.json/.csv/.tsv that looks cut short (no final newline, a last record that does not "
-        "parse; a .parquet without its footer) is still being written: wait this many seconds after its last "
-        "change, then validate it as it is", low=0.0, high=86400.0)
+        600.0, "an inbox file that looks cut short (a .jsonl/.csv/.tsv without its final newline, a .json array "
+        "without its closing ], a .parquet without its footer) is still being written: wait this many seconds after "
+        "its last change, then validate it as it is (a whole last line that does not parse is not waited for)",
+        low=0.0, high=86400.0)
     poll_seconds: float = _opt(1.0, "rescan the inbox at least this often (file events wake it sooner)",
                                low=0.05, high=60.0)
     watch: bool = _opt(True, "use file-system events (watchdog) to notice files at once; --no-watch only polls")

@@ -42,8 +42,8 @@ def lineage(source: Source, *, base_model: str | None = None, export: dict | Non
         "evertrain_version": __version__,
         "checkpoint": ckpt.name,
         "global_step": step,
-        "base_model": base_model or hub_id(config) or config.model,
-        "base_model_on_hub": bool(base_model or hub_id(config)),
+        "base_model": base_model or hub_id(config),  # its hub id; None: none is known
+        "base_model_local_folder": None if hub_id(config) else config.model,  # where it was trained from
         "training": {"kind": "lora" if config.lora else "full", "dtype": config.dtype,
                      **({"lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                                   "target_modules": config.lora_target_modules}} if config.lora else {}),
@@ -77,6 +77,15 @@ def gate_summary(verdict: dict | None) -> dict | None:
             | ({"anchor": round(verdict["anchor"]["rise"], 4)} if verdict.get("anchor") else {})}
 
 
+def base_line(facts: dict) -> str:
+    """The card's word on the base model: its hub id, and the local folder it was trained from, if any."""
+    hub, folder = facts["base_model"], facts["base_model_local_folder"]
+    if hub is None:
+        return (f"Base model: the local folder `{folder}` of the machine it was trained on; no hub id is known for "
+                "it (`evertrain export --base-id ORG/NAME` names it).")
+    return f"Base model: `{hub}`" + (f" (trained from its copy in the local folder `{folder}`)." if folder else ".")
+
+
 def fmt(x, spec: str = ".4f") -> str:
     return "–" if x is None else format(x, spec)
 
@@ -90,14 +99,14 @@ def model_card(facts: dict) -> str:
             "merged": "the LoRA adapter merged into the base model: a full model",
             "full": "a full model"}.get(export.get("kind"))
     # The hub reads base_model from the front matter: only a hub id belongs there, never a local folder.
-    lines = ["---", *([f"base_model: {facts['base_model']}"] if facts["base_model_on_hub"] else []),
+    lines = ["---", *([f"base_model: {facts['base_model']}"] if facts["base_model"] else []),
              *(["library_name: peft"] if export.get("kind") == "adapter" else []),
              "tags:", "- evertrain", "---", "",
              f"# {facts['checkpoint']} of an evertrain run", "",
              (f"This is {what}, trained" if export else "This checkpoint was trained")
-             + f" by evertrain {facts['evertrain_version']} from "
-             f"`{facts['base_model']}` ({shape}, {t['dtype']}), global step {facts['global_step']}, "
-             f"{facts['tokens_seen']} tokens, {facts['examples_seen']} example passes.", "",
+             + f" by evertrain {facts['evertrain_version']} ({shape}, {t['dtype']}), global step "
+             f"{facts['global_step']}, {facts['tokens_seen']} tokens, {facts['examples_seen']} example passes.", "",
+             base_line(facts), "",
              "## Files trained, in order", "",
              "| # | file | sha256 | status | examples | tokens | steps | global steps |",
              "|---|---|---|---|---|---|---|---|"]

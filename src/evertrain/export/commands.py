@@ -25,7 +25,7 @@ def add_commands(sub) -> None:
     p.add_argument("--gguf", action="store_true", help="also write OUT/model-QUANT.gguf (Llama architecture)")
     p.add_argument("--quant", choices=QUANTS, default="f16", help="GGUF tensor type (default: f16)")
     p.add_argument("--base-id", help="the base model's hub id, written into a LoRA adapter and the card "
-                                     "(needed when the run's base is a local folder)")
+                                     "(needed for an adapter, not with --merge, when the run's base is a local folder)")
     p.add_argument("--max-shard-size", default="5GB", help="weights are split into files of at most this size")
     p.add_argument("--force", action="store_true", help="replace OUT when it exists and is not empty")
     p.set_defaults(func=cmd_export)

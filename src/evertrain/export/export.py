@@ -6,7 +6,8 @@
 
 Full run: config, safetensors weights (sharded above --max-shard-size), tokenizer with its chat template,
 generation config. LoRA run: the adapter, with the base's hub id as `base_model_name_or_path` (never a path of
-this machine), or with --merge the full model in the base's dtype. Never optimizer, scheduler or RNG state.
+this machine), or with --merge the full model in the base's dtype (which needs no hub id: a base that is a local
+folder is named so on the card). Never optimizer, scheduler or RNG state.
 Everything is written into OUT's parent as a hidden temporary folder, then renamed to OUT: a reader never sees
 half an export, and the checkpoint is only read (a daemon may go on training the same run).
 """
@@ -40,17 +41,19 @@ def export(source: Source, out: Path, *, merge: bool = False, gguf: bool = False
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(f"{out}: exists and is not empty; choose another folder or pass --force to replace it")
     config = source.config
-    base = portable_base(source, base_id) if config.lora or base_id else hub_id(config)
-    if gguf and config.lora and not merge:
+    # Only an adapter needs a base that others can find: a merged or full model stands alone.
+    adapter = config.lora and not merge
+    if gguf and adapter:
         raise ExportError(f"{source.ckpt.path}: a GGUF file holds a whole model; add --merge to export this LoRA "
                           "run's adapter merged into its base")
+    base = portable_base(source, base_id) if adapter or base_id else hub_id(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 is for secrets; an export is meant to be shared
     try:
-        if config.lora and not merge:
+        if adapter:
             write_adapter(source, tmp, base)
         else:
             write_full(source, tmp, max_shard_size)
@@ -62,7 +65,7 @@ def export(source: Source, out: Path, *, merge: bool = False, gguf: bool = False
             gguf_writer.write(tmp, tmp / name, quant, name=Path(out).name, pre=gguf_writer.known_pre(config))
             files["gguf"] = name
         facts = card.lineage(source, base_model=base, export={
-            "kind": "adapter" if config.lora and not merge else "merged" if config.lora else "full",
+            "kind": "adapter" if adapter else "merged" if config.lora else "full",
             "command": command, **files})
         (tmp / card.LINEAGE_FILE).write_text(json.dumps(facts, indent=2))
         (tmp / "README.md").write_text(card.model_card(facts))
