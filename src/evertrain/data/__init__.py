@@ -2,13 +2,15 @@
 
     containers.py   the file as dropped (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet, .csv, .tsv) -> records
     formats.py      one record of any common shape -> a Record (text, prompt/completion or a conversation)
+    columns.py      the column mapping suggested for a record that fits no shape
     render.py       Records -> token ids and loss masks, in batches through the fast tokenizer
     store.py        the tokens on disk, keyed by content and tokenizer, reused by every later run and resume
     packing.py      examples -> rows (best-fit decreasing), on arrays
     order.py        the row order of each epoch and the held-out choice: pure functions of content and seed
 
 A file is read, checked and tokenized in one streaming pass before any of it trains; every bad record is
-reported with its number ("line 12", "item 12", "row 12"); the file's memory cost stays flat in its size.
+counted, each distinct problem reported once with its records' numbers ("line 12", "items 3 and 7", "row 12");
+the file's memory cost stays flat in its size.
 
     python -m evertrain.data FILE [--model DIR]     # check a file and print what would be trained
     evertrain check FILE [--model DIR]              # the same, from the CLI
@@ -38,19 +40,23 @@ __all__ = ["IGNORE", "DataError", "Example", "FileData", "load_file", "sha256_fi
 
 
 class DataError(ValueError):
-    """A file that cannot be trained, with every reason and record number we found."""
+    """A file that cannot be trained, with every reason and record number we found. `total` counts the bad
+    records, `covered` those the problems shown stand for (one problem may name many records)."""
 
-    def __init__(self, path: Path, problems: list[str], total: int | None = None):
+    def __init__(self, path: Path, problems: list[str], total: int | None = None, covered: int | None = None):
         self.path, self.problems = Path(path), problems
         total = self.total = len(problems) if total is None else total
         shown = problems[:MAX_REPORTED_ERRORS]
-        text = f"{self.path}: not trained, {total} problem(s):\n" + "\n".join(f"  {p}" for p in shown)
-        if total > len(shown):
-            text += f"\n  ... and {total - len(shown)} more"
+        self.covered = len(shown) if covered is None else covered
+        # A problem's further lines (a suggested evertrain.toml table) are indented under it.
+        text = f"{self.path}: not trained, {total} problem(s):\n" + "\n".join(
+            "  " + p.replace("\n", "\n    ") for p in shown)
+        if total > self.covered:
+            text += f"\n  ... and {total - self.covered} more"
         super().__init__(text)
 
     def __reduce__(self):  # the main process of a launch sends it to the others (collective.from_main)
-        return type(self), (self.path, self.problems, self.total)
+        return type(self), (self.path, self.problems, self.total, self.covered)
 
 
 class Cancelled(Exception):
