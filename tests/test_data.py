@@ -1,5 +1,6 @@
 """The data formats, their labels, packing, and every kind of bad input (library and CLI)."""
 
+import json
 
 import pytest
 import torch
@@ -118,3 +119,74 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok, tiny_model):
         n0 = len(data.examples[0].input_ids)
         alone = model(input_ids=torch.tensor([data.examples[1].input_ids])).logits[0]
     torch.testing.assert_close(packed[n0:n0 + alone.shape[0]], alone)
+
+
+# LLaMA-Factory's data/mllm_demo.json and data/kto_en_demo.json, one record each, as those .json arrays hold them
+MLLM_DEMO = {"messages": [{"content": "<image>Who are they?", "role": "user"},
+                          {"content": "They're Kane and Gretzka from Bayern Munich.", "role": "assistant"},
+                          {"content": "What are they doing?", "role": "user"},
+                          {"content": "They are celebrating on the soccer field.", "role": "assistant"}],
+             "images": ["mllm_demo_data/1.jpg"]}
+KTO_DEMO = {"messages": [{"content": "How would you identify potential customers for a new product?\n",
+                          "role": "user"},
+                         {"content": "Ooh ooh ah ah! *giggle* Customers are like bananas!", "role": "assistant"}],
+            "label": False}
+
+
+@pytest.mark.parametrize("record, reason", [
+    (MLLM_DEMO, 'item 1: "images" lists media for this record: evertrain trains text only (images, video and '
+                "audio are not supported)"),
+    (KTO_DEMO, 'item 1: KTO data (examples with a true/false "label") is for KTO preference training'),
+])
+def test_llama_factory_multimodal_and_kto_files_are_refused(tmp_path, tiny_model, capsys, record, reason):
+    f = tmp_path / "demo.json"
+    f.write_text(json.dumps([record], ensure_ascii=False, indent=2))
+    assert cli("check", f, "--model", tiny_model) == 2
+    assert reason in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert cli("train", "--dataset", f, "--output-dir", out, "--model", tiny_model) == 2
+    assert reason in capsys.readouterr().err
+    assert not list(out.glob("checkpoint-*"))
+
+
+def dolly_rows(n: int) -> list[dict]:
+    """databricks-dolly-15k's shape."""
+    return [{"instruction": f"When did airline {i} start operating?", "context": f"Airline {i} began in {1990 + i}.",
+             "response": f"In {1990 + i}.", "category": "closed_qa"} for i in range(n)]
+
+
+def test_a_dolly_file_is_told_its_problem_once_and_the_columns_that_fit(tmp_path, tiny_model, capsys):
+    f = write_jsonl(tmp_path / "dolly.jsonl", dolly_rows(175))
+    said = (f"{f}: not trained, 175 problem(s):\n"
+            "  lines 1, 2, 3, 4, 5 and 170 more (175 records): fits no format (keys: ['category', 'context', "
+            "'instruction', 'response']); expected text, prompt+completion (or response), messages, conversations "
+            "(ShareGPT), instruction+output (Alpaca), or prompt+completion as message lists; it fits as alpaca "
+            "with --columns context=input,response=output, or in evertrain.toml:\n"
+            "    [data.columns]\n"
+            '    context = "input"\n'
+            '    response = "output"\n')
+    assert cli("check", f, "--model", tiny_model) == 2
+    assert capsys.readouterr().err == f"evertrain: {said}"
+    out = tmp_path / "run"
+    assert cli("train", "--dataset", f, "--output-dir", out, "--model", tiny_model) == 2
+    assert capsys.readouterr().err == f"evertrain: {said}"
+    # What it suggests trains: the option, and the table as a settings file
+    assert cli("check", f, "--model", tiny_model, "--columns", "context=input,response=output") == 0
+    assert "175 examples (alpaca 175)" in capsys.readouterr().out
+    (tmp_path / "evertrain.toml").write_text(said.split("evertrain.toml:\n")[1])
+    assert cli("train", "--dataset", f, "--output-dir", out, "--model", tiny_model,
+               "--config", tmp_path / "evertrain.toml") == 0
+    assert list(out.glob("checkpoint-*"))
+
+
+def test_each_distinct_problem_once_at_most_twenty_and_every_bad_record_counted(tmp_path, tok, tiny_model):
+    rows = [{"text": 1}] * 3 + [{f"key{i}": "x"} for i in range(25)] + [{"text": "good"}, "nope", {"text": 2}]
+    f = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_file(f, tok, TrainConfig(model=str(tiny_model)))
+    e = err.value
+    assert e.total == 30  # the bad records, all of them
+    assert e.problems[0] == 'lines 1, 2, 3 and 31: "text" must be a string, got int'
+    assert e.problems[1].startswith("line 4: fits no format (keys: ['key0'])")
+    assert len(e.problems) == 20 and e.covered == 23  # the 20 first distinct problems; 7 records beyond them
+    assert str(e).endswith("\n  ... and 7 more")

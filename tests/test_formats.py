@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from evertrain.config import FORMAT_KEYS, parse_columns
-from evertrain.data.formats import Record, RecordError, parse_record
+from evertrain.data.columns import hint, suggest
+from evertrain.data.formats import FitsNoFormat, Record, RecordError, parse_record
 
 WEATHER = {"name": "get_weather", "description": "Current weather for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -255,6 +256,8 @@ def test_parse_columns_errors(text, message):
 # ---------------------------------------------------------------- every refusal
 
 U, A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+KTO = ('KTO data (examples with a true/false "label") is for KTO preference training; evertrain trains '
+       'supervised examples only: keep the examples labelled true, without "label"')
 
 
 @pytest.mark.parametrize("obj, message", [
@@ -268,9 +271,7 @@ U, A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hell
     ({"chosen": "good", "rejected": "bad", "prompt": "Q"},
      'preference data (chosen/rejected) is for preference training such as DPO; evertrain trains supervised '
      'examples only: keep the chosen answer as "completion" or "messages"'),
-    ({"prompt": "Q", "completion": "A", "label": False},
-     'KTO data (prompt/completion with a true/false "label") is for KTO preference training; evertrain trains '
-     'supervised examples only: keep the examples labelled true, without "label"'),
+    ({"prompt": "Q", "completion": "A", "label": False}, KTO),
     # text, prompt/completion
     ({"text": 5}, '"text" must be a string, got int'),
     ({"text": "  \n"}, '"text" is empty'),
@@ -292,9 +293,9 @@ U, A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hell
     ({"messages": [U, {"role": "assistant"}]}, 'messages[1] has no "content"'),
     ({"messages": [U, A, {"role": "user", "content": [
         {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]}, A]},
-     "messages[2] has a image_url part: evertrain trains text only (images and audio are not supported)"),
+     "messages[2] has a image_url part: evertrain trains text only (images, video and audio are not supported)"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, A]},
-     "messages[0] has a input_audio part: evertrain trains text only (images and audio are not supported)"),
+     "messages[0] has a input_audio part: evertrain trains text only (images, video and audio are not supported)"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}, A]},
      'messages[0].content[0] must be a part {"type": "text", "text": "..."}, got {"type": "text", "text": 1}'),
     ({"messages": [U, {"role": "assistant", "content": "x", "weight": 0.5}]},
@@ -361,3 +362,99 @@ def test_preference_data_trains_once_its_chosen_answer_is_mapped():
 def test_a_non_boolean_label_is_just_ignored():
     r = parse_record({"prompt": "Q", "completion": "A", "label": 3})
     assert (r.kind, r.ignored) == ("prompt_completion", ("label",))
+
+
+# ---------------------------------------------------------------- multimodal and KTO records
+
+TEXT_ONLY = "evertrain trains text only (images, video and audio are not supported)"
+# LLaMA-Factory's data/mllm_demo.json, first record
+MLLM_DEMO = {"messages": [{"role": "user", "content": "<image>Who are they?"},
+                          {"role": "assistant", "content": "They're Kane and Gretzka from Bayern Munich."}],
+             "images": ["mllm_demo_data/1.jpg"]}
+
+
+@pytest.mark.parametrize("obj, columns, message", [
+    (MLLM_DEMO, None, f'"images" lists media for this record: {TEXT_ONLY}'),
+    ({"conversations": [{"from": "human", "value": "<image>Who are they?"}, {"from": "gpt", "value": "Kane."}],
+      "images": ["1.jpg"]}, None, f'"images" lists media for this record: {TEXT_ONLY}'),
+    ({"instruction": "<video>What happens?", "output": "A goal.", "videos": ["1.mp4"]}, None,
+     f'"videos" lists media for this record: {TEXT_ONLY}'),
+    ({"text": "a caption", "audios": "1.wav"}, None, f'"audios" lists media for this record: {TEXT_ONLY}'),
+    # the placeholders, when the media went under another name (or nowhere)
+    ({"messages": [U, A, {"role": "user", "content": "And <image>?"}, A]}, None,
+     f"messages[2].content holds the placeholder <image>: {TEXT_ONLY}"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "<audio>"}]}, A]}, None,
+     f"messages[0].content[0].text holds the placeholder <audio>: {TEXT_ONLY}"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "<video>"}],
+      "image_paths": ["1.jpg"]}, None, f"conversations[1].value holds the placeholder <video>: {TEXT_ONLY}"),
+    ({"instruction": "Describe it", "input": "<image>", "output": "A cat."}, None,
+     f'"input" holds the placeholder <image>: {TEXT_ONLY}'),
+    ({"instruction": "Next?", "output": "x", "history": [["<image>What is it?", "A cat."]]}, None,
+     f"history[0][0] holds the placeholder <image>: {TEXT_ONLY}"),
+    ({"prompt": "<audio>Transcribe:", "completion": "Hello."}, None,
+     f'"prompt" holds the placeholder <audio>: {TEXT_ONLY}'),
+    ({"prompt": [U], "completion": [{"role": "assistant", "content": "<image>"}]}, None,
+     f"completion[0].content holds the placeholder <image>: {TEXT_ONLY}"),
+    ({"q": "<image>What is it?", "a": "A cat."}, {"q": "prompt", "a": "completion"},
+     f'"q" holds the placeholder <image>: {TEXT_ONLY}'),
+])
+def test_multimodal_records_are_refused(obj, columns, message):
+    assert err(obj, columns) == message
+
+
+def test_text_with_media_tags_and_empty_media_lists_train():
+    # An HTML page's <video> tag is text; an empty or null media list is what a mixed file gives text-only records.
+    assert parse_record({"text": "<video><audio>src</audio></video>"}).kind == "text"
+    chat = {"messages": [U, A], "images": [], "videos": None, "audios": ""}
+    assert parse_record(chat).kind == "messages"
+
+
+@pytest.mark.parametrize("obj", [
+    # LLaMA-Factory's data/kto_en_demo.json shape
+    {"messages": [{"role": "user", "content": "Is the sky green?"}, {"role": "assistant", "content": "Yes."}],
+     "label": False},
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away."}], "label": False},
+    {"instruction": "Say hi", "output": "hi", "label": True},
+    {"prompt": [U], "completion": [A], "label": True},
+    {"text": "a good one", "label": True},
+])
+def test_kto_label_is_refused_in_every_shape(obj):
+    assert err(obj) == KTO
+
+
+# ---------------------------------------------------------------- the mapping suggested for a record that fits none
+
+DOLLY = {"instruction": "When did Virgin Australia start operating?", "context": "Virgin Australia ... 2000.",
+         "response": "Virgin Australia commenced services on 31 August 2000.", "category": "closed_qa"}
+
+
+@pytest.mark.parametrize("obj, columns, mapping, kind", [
+    (DOLLY, {}, {"context": "input", "response": "output"}, "alpaca"),  # 3 keys used, not prompt+response's 2
+    ({"question": "2+2?", "answer": "4", "id": 1}, {}, {"question": "prompt", "answer": "completion"},
+     "prompt_completion"),
+    ({"Query": "2+2?", "Reply": "4"}, {}, {"Query": "prompt", "Reply": "completion"}, "prompt_completion"),
+    ({"title": "T", "content": "Body", "url": None}, {}, {"content": "text"}, "text"),
+    ({"dialog": [U, A]}, {}, {"dialog": "messages"}, "messages"),
+    # the person's own mapping is kept, and completed
+    ({"q": "2+2?", "answer": "4"}, {"q": "prompt"}, {"q": "prompt", "answer": "completion"}, "prompt_completion"),
+])
+def test_suggest(obj, columns, mapping, kind):
+    with pytest.raises(FitsNoFormat):
+        parse_record(obj, columns)
+    assert suggest(obj, columns) == (mapping, kind)
+    assert parse_record(obj, mapping).kind == kind
+
+
+@pytest.mark.parametrize("obj", [{"foo": "x", "bar": "y"}, {"answer": "4"}, {"question": "2+2?", "answer": ""}])
+def test_nothing_to_suggest(obj):
+    assert suggest(obj, {}) is None and hint(obj, {}) is None
+
+
+def test_hint_as_printed_reads_back_as_the_same_columns(tmp_path):
+    from evertrain.daemon.workspace import read_settings
+
+    text = hint(DOLLY, {})
+    first, toml = text.split("\n", 1)
+    assert first == "it fits as alpaca with --columns context=input,response=output, or in evertrain.toml:"
+    (tmp_path / "evertrain.toml").write_text(toml)
+    assert read_settings(tmp_path / "evertrain.toml")[0] == {"columns": "context=input,response=output"}

@@ -27,9 +27,11 @@ from pathlib import Path
 
 from evertrain import locks
 from evertrain.config import ConfigError, TrainConfig, _opt, check_fields, settings_from_dict
+from evertrain.data.columns import toml_lines
 from evertrain.files import write_text_atomic
 from evertrain.locks import AlreadyRunning  # noqa: F401  (raised by lock)
 from evertrain.runs import CONFIG_FILE, WORKSPACE_FOLDERS, Workspace
+
 PRIORITIES = ("low", "normal", "high", "urgent")
 
 
@@ -140,8 +142,7 @@ def to_toml(train: TrainConfig, daemon: DaemonConfig) -> str:
            "# Settings marked (identity) define the run: they are fixed at the first step.", "",
            "# Map a dataset's own field names onto a format's keys, e.g. question = \"prompt\"",
            "[data.columns]"]
-    out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in
-            (item.split("=", 1) for item in train.columns.split(",") if item)]
+    out += toml_lines(dict(item.split("=", 1) for item in train.columns.split(",") if item))
     out.append("")
     for section, obj in (("train", train), ("daemon", daemon)):
         out.append(f"[{section}]")
@@ -154,10 +155,6 @@ def to_toml(train: TrainConfig, daemon: DaemonConfig) -> str:
             out.append(f"# {f.name} =  (not set)" if value is None else f"{f.name} = {_toml_value(value)}")
         out.append("")
     return "\n".join(out)
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def _toml_value(value) -> str:

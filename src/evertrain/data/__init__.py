@@ -2,6 +2,7 @@
 
     containers.py   the file as dropped (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet, .csv, .tsv) -> records
     formats.py      one record of any common shape -> a Record (text, prompt/completion or a conversation)
+    columns.py      the column mapping suggested for a record that fits no shape
     render.py       Records -> token ids and loss masks, in batches through the fast tokenizer
     store.py        the tokens on disk, keyed by content and tokenizer, reused by every later run and resume
     packing.py      examples -> rows (best-fit decreasing), on arrays
@@ -9,7 +10,8 @@
     examples.py     what this package hands to training: Example, FileData, DataError
 
 A file is read, checked and tokenized in one streaming pass before any of it trains; every bad record is
-reported with its number ("line 12", "item 12", "row 12"); the file's memory cost stays flat in its size.
+counted, each distinct problem reported once with its records' numbers ("line 12", "items 3 and 7", "row 12");
+the file's memory cost stays flat in its size.
 
     evertrain check FILE [--model DIR]              # check a file and print what would be trained
 """

@@ -23,19 +23,23 @@ BATCH_RECORDS = 512  # records tokenized per call: the fast tokenizer's own thre
 BATCH_CHARS = 1 << 20  # ... or fewer, when they hold this many characters: a batch's memory stays bounded
 
 class DataError(ValueError):
-    """A file that cannot be trained, with every reason and record number we found."""
+    """A file that cannot be trained, with every reason and record number we found. `total` counts the bad
+    records, `covered` those the problems shown stand for (one problem may name many records)."""
 
-    def __init__(self, path: Path, problems: list[str], total: int | None = None):
+    def __init__(self, path: Path, problems: list[str], total: int | None = None, covered: int | None = None):
         self.path, self.problems = Path(path), problems
         total = self.total = len(problems) if total is None else total
         shown = problems[:MAX_REPORTED_ERRORS]
-        text = f"{self.path}: not trained, {total} problem(s):\n" + "\n".join(f"  {p}" for p in shown)
-        if total > len(shown):
-            text += f"\n  ... and {total - len(shown)} more"
+        self.covered = len(shown) if covered is None else covered
+        # A problem's further lines (a suggested evertrain.toml table) are indented under it.
+        text = f"{self.path}: not trained, {total} problem(s):\n" + "\n".join(
+            "  " + p.replace("\n", "\n    ") for p in shown)
+        if total > self.covered:
+            text += f"\n  ... and {total - self.covered} more"
         super().__init__(text)
 
     def __reduce__(self):  # the main process of a launch sends it to the others (collective.from_main)
-        return type(self), (self.path, self.problems, self.total)
+        return type(self), (self.path, self.problems, self.total, self.covered)
 
 
 class Cancelled(Exception):

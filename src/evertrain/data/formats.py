@@ -12,8 +12,10 @@ fit, the first one below wins; keys the chosen shape does not use are listed in 
 
 Loss: text trains every token; prompt/completion the completion only; the chat shapes every assistant turn, except
 OpenAI turns with "weight": 0, Alpaca "history" and the assistant turns inside a TRL prompt (context only).
-Preference (chosen/rejected) and KTO (label) records are refused with the reason. A column mapping renames a
-dataset's own fields first (config.parse_columns("question=prompt,answer=completion")).
+Preference (chosen/rejected), KTO (a true/false "label") and multimodal records (media parts, "images"/"videos"/
+"audios" lists, <image>/<video>/<audio> placeholders) are refused with the reason. A column mapping renames a
+dataset's own fields first (config.parse_columns("question=prompt,answer=completion")); columns.py suggests one for a
+record that fits no shape.
 
     evertrain check FILE          # check a file and print what would be trained
 """
@@ -21,10 +23,14 @@ dataset's own fields first (config.parse_columns("question=prompt,answer=complet
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant", "tool")
 MEDIA_PARTS = ("image_url", "image", "input_audio", "audio", "file")
+MEDIA_KEYS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal files: the media beside the text
+PLACEHOLDER = re.compile(r"<(?:image|video|audio)>")  # where LLaMA-Factory puts each of those media in the text
+TEXT_ONLY = "evertrain trains text only (images, video and audio are not supported)"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
@@ -35,6 +41,10 @@ EXPECTED = ("expected text, prompt+completion (or response), messages, conversat
 
 class RecordError(ValueError):
     """Why one record cannot be trained, in one line (the caller says where the record is)."""
+
+
+class FitsNoFormat(RecordError):
+    """A record none of the shapes fits (columns.suggest may find the mapping that would)."""
 
 
 @dataclass
@@ -70,11 +80,24 @@ def parse_record(obj, columns: dict[str, str] | None = None) -> Record:
     if not isinstance(obj, dict):
         raise RecordError(f"expected a JSON object, got {_tname(obj)}")
     r, origin, displaced = _rename(obj, columns or {})
+    for key in MEDIA_KEYS:
+        if r.get(key) not in (None, [], "", {}):  # an empty list is what mixed files give their text-only records
+            raise RecordError(f'"{key}" lists media for this record: {TEXT_ONLY}')
     record, used = _detect(r)
     if record is None:
         nulls = sorted(k for k, v in obj.items() if v is None)
-        raise RecordError(f"fits no format (keys: {sorted(origin.values())}"
-                          + (f", null: {nulls}" if nulls else "") + f"); {EXPECTED}")
+        raise FitsNoFormat(f"fits no format (keys: {sorted(origin.values())}"
+                           + (f", null: {nulls}" if nulls else "") + f"); {EXPECTED}")
+    if isinstance(r.get("label"), bool):
+        # Training on every KTO example would also teach the answers labelled bad. The one place to start KTO.
+        raise RecordError('KTO data (examples with a true/false "label") is for KTO preference training; evertrain '
+                          'trains supervised examples only: keep the examples labelled true, without "label"')
+    if record.kind != "text":
+        # Not in plain text: HTML and XML corpora hold <audio> and <video> tags that are just text.
+        for key in used:
+            if key in r and key not in CHAT_KEYS and (found := _placeholder(r[key], origin[key])):
+                where = f'"{found[1]}"' if found[1] == origin[key] else found[1]  # "prompt", but messages[0]
+                raise RecordError(f"{where} holds the placeholder {found[0]}: {TEXT_ONLY}")
     record.ignored = tuple(sorted([origin[k] for k in r if k not in used] + displaced))
     return record
 
@@ -109,10 +132,6 @@ def _detect(r: dict) -> tuple[Record | None, tuple[str, ...]]:
         raise RecordError('preference data (chosen/rejected) is for preference training such as DPO; evertrain '
                           'trains supervised examples only: keep the chosen answer as "completion" or "messages"')
     answer = "completion" if "completion" in r else "response" if "response" in r else None
-    if "prompt" in r and answer and isinstance(r.get("label"), bool):
-        # Training on every KTO example would also teach the answers labelled bad.
-        raise RecordError('KTO data (prompt/completion with a true/false "label") is for KTO preference training; '
-                          'evertrain trains supervised examples only: keep the examples labelled true, without "label"')
     if "instruction" in r and "output" in r:
         return _alpaca(r), ("instruction", "input", "output", "system", "history")
     if "prompt" in r and answer:
@@ -252,8 +271,7 @@ def _content(content, where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in MEDIA_PARTS:
-            raise RecordError(f"{where} has a {kind} part: evertrain trains text only "
-                              "(images and audio are not supported)")
+            raise RecordError(f"{where} has a {kind} part: {TEXT_ONLY}")
         if kind != "text" or not isinstance(part.get("text"), str):
             raise RecordError(f'{where}.content[{j}] must be a part {{"type": "text", "text": "..."}}, '
                               f"got {json.dumps(part, default=str)[:80]}")
@@ -308,6 +326,20 @@ def _tools(r: dict) -> list[dict] | None:
     # Bare function schemas (LLaMA-Factory, legacy "functions") get the OpenAI wrapper templates expect.
     out = [t if "function" in t else {"type": "function", "function": t} for t in tools]
     return out + [{"type": "function", "function": f} for f in functions] or None
+
+
+def _placeholder(value, where: str) -> tuple[str, str] | None:
+    """The first media placeholder in a record's value and where it is (messages[0].content), or None."""
+    if isinstance(value, str):
+        found = PLACEHOLDER.search(value)
+        return (found[0], where) if found else None
+    if isinstance(value, dict):
+        items = ((f"{where}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for w, v in items if (found := _placeholder(v, w))), None)
 
 
 def _str(r: dict, key: str, default: str | None = None) -> str:

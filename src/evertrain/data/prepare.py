@@ -1,10 +1,12 @@
 """Building a token store: read, check and tokenize a file in one streaming pass.
 
 Records are read one at a time, checked, and tokenized in batches of BATCH_RECORDS; the tokens go straight to
-the store's files on disk. Every bad record is counted (the first MAX_REPORTED_ERRORS are kept with their
-number); a file with any bad record fails whole, before any of it trains, and leaves no store behind. Whatever
-else goes wrong inside one file (a RecursionError, a MemoryError, a tokenizer's panic) fails that file alone, as a
-DataError naming the record being read when it happened: a poison file must never take the daemon down.
+the store's files on disk. Every bad record is counted, and each distinct problem told once with how many
+records it applies to and the first of their numbers (at most MAX_REPORTED_ERRORS problems; a record that fits no
+shape gets the --columns it would fit with, when there is one). A file with any bad record fails whole, before
+any of it trains, and leaves no store behind. Whatever else goes wrong inside one file (a RecursionError, a
+MemoryError, a tokenizer's panic) fails that file alone, as a DataError naming the record being read when it
+happened: a poison file must never take the daemon down.
 
     evertrain check FILE --model DIR
 """
@@ -17,23 +19,56 @@ from pathlib import Path
 
 from evertrain import faults
 from evertrain.disk import is_full as is_disk_full
-from evertrain.data.examples import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
-from evertrain.data.containers import BadRecord, ContainerError, open_records
 from evertrain.config import parse_columns
-from evertrain.data.formats import RecordError, parse_record
+from evertrain.data import columns as suggestions
+from evertrain.data.containers import BadRecord, ContainerError, open_records
+from evertrain.data.examples import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
+from evertrain.data.formats import FitsNoFormat, RecordError, parse_record
 from evertrain.data.render import NoChatTemplate, RecordFailed, Renderer
 from evertrain.data.store import StoreWriter, TokenStore
 
 
-class Problems:
-    def __init__(self):
-        self.shown: list[str] = []
-        self.total = 0
+SHOWN_NUMBERS = 5  # record numbers named for one problem; the rest are counted
 
-    def add(self, text: str) -> None:
+
+class Problems:
+    """The file's bad records, grouped by their reason: 175 records with one problem are one line."""
+
+    def __init__(self, unit: str):
+        self.unit, self.total = unit, 0
+        self.numbers: dict[str, list[int]] = {}  # reason -> its first SHOWN_NUMBERS record numbers (1-based)
+        self.counts: dict[str, int] = {}
+        self.hints: dict[str, str] = {}
+
+    def add(self, reason: str, index: int | None = None, hint=None) -> None:
+        """One bad record (`index`, 0-based) or a problem of the whole file (None). `hint()`: advice for the
+        reason, asked once, when the reason is first seen."""
         self.total += 1
-        if len(self.shown) < MAX_REPORTED_ERRORS:
-            self.shown.append(text)
+        if reason not in self.counts:
+            if len(self.counts) >= MAX_REPORTED_ERRORS:
+                return  # counted in total only
+            self.counts[reason], self.numbers[reason] = 0, []
+            if hint and (advice := hint()):
+                self.hints[reason] = advice
+        self.counts[reason] += 1
+        if index is not None and len(self.numbers[reason]) < SHOWN_NUMBERS:
+            self.numbers[reason].append(index + 1)
+
+    def error(self, path: Path) -> DataError:
+        lines = []
+        for reason, count in self.counts.items():
+            line = f"{self.where(self.numbers[reason], count)}: {reason}" if self.numbers[reason] else reason
+            lines.append(line + (f"; {self.hints[reason]}" if reason in self.hints else ""))
+        return DataError(path, lines, self.total, sum(self.counts.values()))
+
+    def where(self, numbers: list[int], count: int) -> str:
+        """line 4 / lines 2, 5 and 9 / lines 1, 2, 3, 4, 5 and 170 more (175 records)"""
+        if count == 1:
+            return f"{self.unit} {numbers[0]}"
+        shown = ", ".join(map(str, numbers))
+        if count == len(numbers):
+            return f"{self.unit}s {shown.rpartition(', ')[0]} and {numbers[-1]}"
+        return f"{self.unit}s {shown} and {count - len(numbers)} more ({count} records)"
 
 
 def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, should_stop=None) -> TokenStore:
@@ -44,8 +79,8 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
         raise DataError(path, [str(e)]) from None
     faults.hit("prepare")
     renderer = Renderer(tokenizer, config.max_length)
-    problems, formats, ignored = Problems(), Counter(), Counter()
     unit = records.unit
+    problems, formats, ignored = Problems(unit), Counter(), Counter()
     last = -1  # the last record read: where an unexpected failure is reported
     batch: list = []
     numbers: list[int] = []
@@ -70,14 +105,14 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
                     try:
                         write([rec], [number], renderer.encode([rec]))
                     except Exception as e1:
-                        problems.add(f"{unit} {number + 1}: {e1 or e}")
+                        problems.add(str(e1 or e), number)
                 continue
             if not problems.total:
                 write(recs, nums, encoded)
 
     def flush() -> None:
         if batch and not problems.total:  # once the file has failed, only checking goes on
-            for recs, nums, rendered in _render(renderer, batch, numbers, unit, problems):
+            for recs, nums, rendered in _render(renderer, batch, numbers, problems):
                 pending.append((recs, nums, pool.submit(renderer.tokenize, rendered)))
                 drain(keep=1)
         batch.clear()
@@ -94,15 +129,18 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
             for index, value in records:
                 last = index
                 if isinstance(value, BadRecord):
-                    problems.add(f"{unit} {index + 1}: {value.reason}")
+                    problems.add(value.reason, index)
                     continue
                 try:
                     rec = parse_record(value, columns)
+                except FitsNoFormat as e:
+                    problems.add(str(e), index, lambda: suggestions.hint(value, columns))
+                    continue
                 except RecordError as e:
-                    problems.add(f"{unit} {index + 1}: {e}")
+                    problems.add(str(e), index)
                     continue
                 except Exception as e:  # e.g. a RecursionError in a nested JSON string: this record alone
-                    problems.add(f"{unit} {index + 1}: {one_line(e)}")
+                    problems.add(one_line(e), index)
                     continue
                 if rec.messages is not None and renderer.template is None:
                     raise DataError(path, [f"{unit} {index + 1} is a conversation, but the model's tokenizer has "
@@ -126,7 +164,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
         if not problems.total and not writer.records:
             problems.add("the file holds no examples (it is empty or only blank lines)")
         if problems.total:
-            raise DataError(path, problems.shown, problems.total)
+            raise problems.error(path)
         return writer.commit({"source": path.name, "unit": unit, "formats": dict(formats), "ignored": dict(ignored),
                               "max_length": config.max_length,
                               "unrendered_tool_calls": renderer.unrendered_tool_calls})
@@ -143,7 +181,7 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
-def _render(renderer: Renderer, batch: list, numbers: list[int], unit: str, problems: Problems):
+def _render(renderer: Renderer, batch: list, numbers: list[int], problems: Problems):
     """Yield (records, numbers, rendered) for the batch; a record the template rejects is a problem."""
     try:
         yield list(batch), list(numbers), renderer.render(batch)
@@ -158,7 +196,7 @@ def _render(renderer: Renderer, batch: list, numbers: list[int], unit: str, prob
         except NoChatTemplate:
             raise
         except Exception as e:
-            problems.add(f"{unit} {number + 1}: {e}")
+            problems.add(str(e), number)
             continue
         if not problems.total:
             yield [rec], [number], rendered
