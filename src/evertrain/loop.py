@@ -37,7 +37,7 @@ from evertrain.data.packing import collate
 from evertrain.data import store as token_store
 from evertrain.schedule import lr_factor
 from evertrain.state import FileCursor, FileRecord, TrainingProgress
-from evertrain.trace import Trace
+from evertrain.trace import Trace, in_file_order
 
 
 # The caller's answer to a step (None means GO).
@@ -180,10 +180,15 @@ def setup(config: TrainConfig, output_dir: Path, *, resume: checkpoint.Checkpoin
     if resume == "newest":
         newest = checkpoint.newest_complete(output_dir, warn=logs.say if accelerator.is_main_process else _quiet,
                                             damaged=checkpoint.resume_policy(from_base, accelerator.is_main_process))
-    if newest is not None and "held_out_min_file" not in _saved_config(newest.path):
+    saved_config = _saved_config(newest.path) if newest is not None else None
+    if saved_config is not None and "held_out_min_file" not in saved_config:
         # A run begun before tiny files got a held-out slice keeps choosing as it did: a file interrupted part-way
         # must find the same held-out examples (its cursor's settings), and later files the same rule.
         config = dataclasses.replace(config, held_out_min_file=0)
+    if saved_config is not None and "long_text" not in saved_config:
+        # A run begun before long texts were windowed keeps truncating them, for the same reason: a file
+        # interrupted part-way must find the same rows.
+        config = dataclasses.replace(config, long_text="truncate", window_overlap=0)
     world = accelerator.num_processes
     asked = config.batch_size * world * config.gradient_accumulation
     precision = accelerator.mixed_precision
@@ -536,14 +541,15 @@ def micro_batches(rows: list[list[Example]], accum: int, world: int, rank: int):
 
 
 def evidence(rank: int, m: int, rows: list[list[Example]], replayed: dict[int, str]) -> dict:
-    """One micro-batch as it reached the model: the file's lines, the replayed [sha256, line]s and the tokens.
+    """One micro-batch as it reached the model: the file's examples (by Example.id: a line, or "line/window" for a
+    window of a long text), the replayed [sha256, id]s and the tokens.
 
     A replayed example is told apart from the file's own by identity (the same line number can be both);
-    identities stay in this process, only lines travel to the main one.
+    identities stay in this process, only ids travel to the main one.
     """
     examples = [e for row in rows for e in row]
-    return {"rank": rank, "index": m, "examples": [e.line for e in examples if id(e) not in replayed],
-            "replay": [[replayed[id(e)], e.line] for e in examples if id(e) in replayed],
+    return {"rank": rank, "index": m, "examples": [e.id for e in examples if id(e) not in replayed],
+            "replay": [[replayed[id(e)], e.id] for e in examples if id(e) in replayed],
             "tokens": sum(len(e.input_ids) for e in examples)}
 
 
@@ -556,9 +562,10 @@ def write_trace(session: Session, sha256: str, seen: list[dict]) -> None:
     if not session.is_main:
         return
     record = {"step": session.progress.global_step, "file": sha256,
-              "examples": sorted(line for mb in seen for line in mb["examples"]),
+              "examples": sorted((x for mb in seen for x in mb["examples"]), key=in_file_order),
               "micro_batches": [{k: mb[k] for k in ("rank", "index", "examples", "tokens")} for mb in seen]}
-    replay_lines = sorted(pair for mb in seen for pair in mb["replay"])
+    replay_lines = sorted((pair for mb in seen for pair in mb["replay"]),
+                          key=lambda pair: (pair[0], in_file_order(pair[1])))
     if replay_lines:
         record["replay"] = replay_lines
     faults.hit("trace-write")
@@ -569,7 +576,7 @@ def begin_file(session: Session, data: FileData, total: int) -> tuple[FileCursor
     """Where a file's life begins: its cursor (new, or the one it was interrupted at) and whether it is new."""
     progress, cfg = session.progress, session.config
     settings = {"global_batch": session.global_batch, "epochs": cfg.epochs, "packing": cfg.packing,
-                "max_length": cfg.max_length, "seed": cfg.seed, "held_out": len(data.held_out)}
+                "max_length": cfg.max_length, "seed": cfg.seed, "held_out": len(data.held_out), **data.layout}
     cursor = progress.cursors.get(data.sha256)
     first_time = cursor is None
     if cursor is None:
@@ -588,7 +595,7 @@ def begin_file(session: Session, data: FileData, total: int) -> tuple[FileCursor
 
 def trace_held_out(session: Session, data: FileData) -> None:
     if session.trace and session.is_main and data.held_out:
-        session.trace.write({"file": data.sha256, "held_out": sorted(e.line for e in data.held_out)})
+        session.trace.write({"file": data.sha256, "held_out": data.held_out_lines})
 
 
 def end_file(session: Session, data: FileData, status: str, forgetting: dict | None = None) -> FileRecord:
@@ -602,7 +609,7 @@ def end_file(session: Session, data: FileData, status: str, forgetting: dict | N
         steps=cursor.file_step if cursor else 0, expected_steps=data.total_steps(session.global_batch,
                                                                                  session.config.epochs),
         first_step=cursor.first_step if cursor else progress.global_step + 1, last_step=progress.global_step,
-        status=status, held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed if cursor else 0,
+        status=status, held_out=data.held_out_lines, replayed=cursor.replayed if cursor else 0,
         forgetting=forgetting)
     progress.files.append(record)
     return record

@@ -59,9 +59,13 @@ def add_file(session, data: FileData) -> None:
     picks = rng.permutation(len(data.examples))[:cfg.replay_buffer].tolist()
     path = sample_path(session.output_dir, data.sha256)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, [{"line": data.examples[i].line, "input_ids": data.examples[i].input_ids,
-                              "labels": data.examples[i].labels} for i in picks], indent=None)
+    write_json_atomic(path, [_kept(data.examples[i]) for i in picks], indent=None)
     session.replay_pool = None  # rebuilt at the next draw
+
+
+def _kept(e: Example) -> dict:
+    kept = {"line": e.line, "input_ids": e.input_ids, "labels": e.labels}
+    return kept if e.part is None else {**kept, "part": e.part}   # a window: the trace names it "line/part"
 
 
 def trim(session) -> None:
@@ -89,8 +93,8 @@ def pool(session) -> list[tuple[str, Example]]:
         for sha in done:
             p = sample_path(session.output_dir, sha)
             if p.exists():
-                items += [(sha, Example(line=e["line"], format="", input_ids=e["input_ids"], labels=e["labels"]))
-                          for e in json.loads(p.read_text())[:share]]
+                items += [(sha, Example(line=e["line"], format="", input_ids=e["input_ids"], labels=e["labels"],
+                                        part=e.get("part"))) for e in json.loads(p.read_text())[:share]]
         session.replay_pool = items
     return session.replay_pool
 

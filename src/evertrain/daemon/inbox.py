@@ -183,7 +183,8 @@ class Intake:
 
 def looks_complete(path: Path) -> bool:
     """Whether a file's end says its writer finished: cheap, from its last bytes only. Compressed files have no
-    cheap check (their stream is checked in full at validation); stability alone decides for them."""
+    cheap check (their stream is checked in full at validation), nor have plain text files (.txt, .md: editors
+    often leave no final newline); stability alone decides for them."""
     kind = kind_of(path.name)
     try:
         with open(path, "rb") as f:

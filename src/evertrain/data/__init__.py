@@ -1,8 +1,9 @@
 """Data: a dataset file -> a validated, tokenized FileData whose tokens live on disk, ready to train.
 
     containers.py   the file as dropped (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet, .csv, .tsv) -> records
+    plaintext.py    a .txt or .md file -> text records, by line, paragraph or document
     formats.py      one record of any common shape -> a Record (text, prompt/completion or a conversation)
-    render.py       Records -> token ids and loss masks, in batches through the fast tokenizer
+    render.py       Records -> token ids and loss masks, in batches through the fast tokenizer; long texts in windows
     store.py        the tokens on disk, keyed by content and tokenizer, reused by every later run and resume
     packing.py      examples -> rows (best-fit decreasing), on arrays
     order.py        the row order of each epoch and the held-out choice: pure functions of content and seed
@@ -64,10 +65,27 @@ class Example:
     input_ids: list[int]
     labels: list[int]      # IGNORE where no loss is taken; labels[0] is always IGNORE
     truncated: bool = False
+    part: int | None = None  # the window of a long text this is (0, 1, ...); None for a whole example
 
     @property
     def target_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+    @property
+    def id(self) -> int | str:
+        """What the trace calls it: its line, or "line/window" for a window of a long text."""
+        return self.line if self.part is None else f"{self.line}/{self.part}"
+
+
+def layout(config, path: Path) -> dict:
+    """The settings besides max_length and columns that change a file's tokens: how long texts are treated and
+    how a text file splits. Empty for what every version before them did (truncation, no text file)."""
+    from evertrain.data.containers import TEXT_KINDS, kind_of
+
+    out = {"long_text": "window", "window_overlap": config.window_overlap} if config.long_text == "window" else {}
+    if kind_of(path) in TEXT_KINDS:
+        out["text_sample_by"] = config.text_sample_by
+    return out
 
 
 class Examples(Sequence):
@@ -99,6 +117,9 @@ class FileData:
     name: str = ""                   # what people call the file (logs, metrics, snapshots); default: its file name
     tokens: int = 0                  # tokens of the trained examples
     truncated: int = 0               # examples cut to max_length
+    records: int = 0                 # the file's trained records (a text in windows counts once)
+    windows: int = 0                 # examples that are windows of a long text (held-out ones included)
+    layout: dict = field(default_factory=dict)  # how the tokens were made (data.layout): the cursor keeps it
     unit: str = "line"               # how the container counts records: line, item or row
     warnings: list[str] = field(default_factory=list)  # what trains, but probably not as the person meant
     store: object = None             # the TokenStore the examples are read from
@@ -106,6 +127,11 @@ class FileData:
 
     def __post_init__(self) -> None:
         self.name = self.name or self.path.name
+
+    @property
+    def held_out_lines(self) -> list[int]:
+        """The held-out records' numbers (all the windows of a held-out text are held out with it)."""
+        return sorted({e.line for e in self.held_out})
 
     def steps_per_epoch(self, global_batch: int) -> int:
         # A file smaller than one global batch still trains one (partial) step.
@@ -168,7 +194,8 @@ def _load_file(path: Path, tokenizer, config, store_dir, progress, should_stop) 
 
         scratch = tempfile.TemporaryDirectory(prefix="evertrain-tokens-")
         store_dir = Path(scratch.name)
-    key = stores.store_key(sha, stores.tokenizer_fingerprint(tokenizer), config.max_length, config.columns)
+    key = stores.store_key(sha, stores.tokenizer_fingerprint(tokenizer), config.max_length, config.columns,
+                           layout(config, path))
     target = Path(store_dir) / key
     try:
         store = stores.open_store(target)
@@ -187,12 +214,15 @@ def _load_file(path: Path, tokenizer, config, store_dir, progress, should_stop) 
 
 
 def file_data(path: Path, sha: str, store, config) -> FileData:
-    """Held-out choice and packing on the store's arrays (cheap: both are pure functions of content and seed)."""
-    n = len(store)
+    """Held-out choice and packing on the store's arrays (cheap: both are pure functions of content and seed).
+
+    Records are held out, not examples: every window of a held-out text is held out with it (a window trained
+    while its neighbour is evaluated would leak). Without windows, records and examples are the same indices."""
+    record_of = np.cumsum(store.starts_of_records()) - 1   # each example's record, counted 0, 1, ... in the file
+    n = int(record_of[-1]) + 1 if len(record_of) else 0
     held = held_out_lines(sha, config.seed, n, config.held_out_fraction, config.held_out_max,
                           config.held_out_min_file)
-    is_held = np.zeros(n, dtype=bool)
-    is_held[list(held)] = True
+    is_held = np.isin(record_of, np.fromiter(held, dtype=np.int64, count=len(held)))
     train_idx = np.flatnonzero(~is_held)
     lengths = store.lengths[train_idx]
     formats, ignored = Counter(store.meta["formats"]), Counter(store.meta["ignored"])
@@ -200,7 +230,8 @@ def file_data(path: Path, sha: str, store, config) -> FileData:
                     held_out=[store.example(int(i)) for i in np.flatnonzero(is_held)],
                     rows=pack(lengths, config.max_length) if config.packing else Rows.one_per_example(len(train_idx)),
                     formats=formats, ignored=ignored, tokens=int(lengths.sum()), truncated=store.meta["truncated"],
-                    unit=store.meta["unit"], store=store, warnings=_warnings(store.meta))
+                    unit=store.meta["unit"], store=store, warnings=_warnings(store.meta), records=n - len(held),
+                    windows=store.meta.get("windows", 0), layout=store.meta.get("layout", {}))
 
 
 def _warnings(meta: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """Containers: the files datasets come in, read one record at a time without loading the file into memory.
 
-open_records(path) yields (index, value) per record: a decoded JSON value / Parquet row / CSV row as a dict, or a
+open_records(path) yields (index, value) per record: a decoded JSON value / Parquet row / CSV row as a dict, a
+{"text": ...} of a plain text file (.txt, .md: split by line, paragraph or document, see plaintext.py), or a
 BadRecord for one broken record (iteration goes on, so every bad one can be listed). A problem with the whole file
 (truncated archive, wrong encoding, corrupt Parquet) raises ContainerError. Memory stays bounded by one chunk
 (1 MiB of text, one Parquet batch) plus the largest single record, whatever the file size; and a record is bounded
@@ -27,7 +28,8 @@ import zstandard
 
 from evertrain.config import MAX_JSON_DEPTH, MAX_LINE_BYTES
 
-ACCEPTED = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet", ".csv", ".tsv")
+ACCEPTED = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet", ".csv", ".tsv", ".txt", ".md")
+TEXT_KINDS = ("txt", "md")   # plain text: every example is a {"text": ...} record
 CHUNK = 1 << 20
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CSV_FIELD_LIMIT = 256 << 20   # csv's default (128 KiB) rejects long documents; bounded so a broken quote can't eat RAM
@@ -63,9 +65,10 @@ def unit_of(kind: str) -> str:
 class Records:
     """The records of one file, in order; iterate once. fraction() says how far the reading has got."""
 
-    def __init__(self, path, kind: str, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH):
+    def __init__(self, path, kind: str, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH,
+                 sample_by: str = "line"):
         self.path, self.kind, self.unit = Path(path), kind, unit_of(kind)
-        self.max_line_bytes, self.max_depth = max_line_bytes, max_depth
+        self.max_line_bytes, self.max_depth, self.sample_by = max_line_bytes, max_depth, sample_by
         self._size = self.path.stat().st_size
         self._progress: Callable[[], float] = lambda: 0.0
 
@@ -82,6 +85,11 @@ class Records:
                 self._progress = lambda: f.tell() / self._size if self._size else 0.0
                 if self.kind in ("csv", "tsv"):
                     yield from _csv(f, "\t" if self.kind == "tsv" else ",", self.max_line_bytes)
+                    return
+                if self.kind in TEXT_KINDS:
+                    from evertrain.data.plaintext import plain_text
+
+                    yield from plain_text(f, self.sample_by, self.max_line_bytes)
                     return
                 source = {"jsonl.gz": _gunzip, "jsonl.zst": _unzstd}.get(self.kind, _plain)
                 chunks = _text(source(f))
@@ -107,11 +115,13 @@ class Records:
             raise ContainerError(f"not a readable Parquet file ({e})") from None
 
 
-def open_records(path, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Records:
+def open_records(path, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH,
+                 sample_by: str = "line") -> Records:
+    """`sample_by` splits a .txt or .md file: line, paragraph or document (other kinds ignore it)."""
     kind = kind_of(path)
     if kind is None:
         raise ContainerError(f"not a dataset file: accepted are {accepted_text()}")
-    return Records(path, kind, max_line_bytes, max_depth)
+    return Records(path, kind, max_line_bytes, max_depth, sample_by)
 
 
 # ---------------------------------------------------------------- byte streams

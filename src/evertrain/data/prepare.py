@@ -17,7 +17,7 @@ from pathlib import Path
 
 from evertrain import faults
 from evertrain.disk import is_full as is_disk_full
-from evertrain.data import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
+from evertrain.data import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError, layout
 from evertrain.data.containers import BadRecord, ContainerError, open_records
 from evertrain.data.formats import RecordError, parse_columns, parse_record
 from evertrain.data.render import NoChatTemplate, RecordFailed, Renderer
@@ -38,11 +38,13 @@ class Problems:
 def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, should_stop=None) -> TokenStore:
     try:
         columns = parse_columns(config.columns)
-        records = open_records(path, config.max_line_bytes, config.max_json_depth)
+        records = open_records(path, config.max_line_bytes, config.max_json_depth, config.text_sample_by)
     except (ContainerError, ValueError) as e:
         raise DataError(path, [str(e)]) from None
     faults.hit("prepare")
-    renderer = Renderer(tokenizer, config.max_length)
+    windowed = config.long_text == "window"
+    renderer = Renderer(tokenizer, config.max_length, window_overlap=config.window_overlap if windowed else None,
+                        max_text_chars=config.max_line_bytes)
     problems, formats, ignored = Problems(), Counter(), Counter()
     unit = records.unit
     last = -1  # the last record read: where an unexpected failure is reported
@@ -127,7 +129,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
         if problems.total:
             raise DataError(path, problems.shown, problems.total)
         return writer.commit({"source": path.name, "unit": unit, "formats": dict(formats), "ignored": dict(ignored),
-                              "max_length": config.max_length,
+                              "max_length": config.max_length, "layout": layout(config, path),
                               "unrendered_tool_calls": renderer.unrendered_tool_calls})
     except BaseException:
         writer.abort()
