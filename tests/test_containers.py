@@ -57,10 +57,11 @@ def test_kind_of_and_units():
     assert kind_of("x.jsonl.zst") == "jsonl.zst"
     assert kind_of("x.jsonl") == "jsonl" and kind_of("x.json") == "json"
     assert kind_of("x.Parquet") == "parquet" and kind_of("x.csv") == "csv" and kind_of("x.tsv") == "tsv"
-    for name in ("x.txt", "x.gz", "x.json.gz", "x.zst", "jsonl", "x", ".jsonl"):
+    assert kind_of("notes.TXT") == "txt" and kind_of("README.md") == "md"
+    for name in ("x.docx", "x.gz", "x.json.gz", "x.zst", "jsonl", "x", ".jsonl", ".txt"):
         assert kind_of(name) is None, name
-    assert accepted_text() == ".jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet, .csv, .tsv"
-    assert [unit_of(s[1:]) for s in ACCEPTED] == ["line", "line", "line", "item", "row", "row", "row"]
+    assert accepted_text() == ".jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet, .csv, .tsv, .txt, .md"
+    assert [unit_of(s[1:]) for s in ACCEPTED] == ["line", "line", "line", "item", "row", "row", "row", "line", "line"]
 
 
 def test_unaccepted_suffix_names_the_accepted_ones(tmp_path):

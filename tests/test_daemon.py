@@ -13,7 +13,7 @@ from daemon_helpers import ThreadDaemon, by_name, drop, ledger_rows, make_ws, ro
 
 from evertrain.observe import trace
 from evertrain.train import checkpoint, objectives
-from evertrain.data import sha256_file
+from evertrain.files import sha256_file
 
 
 def coverage_by_sha(ws) -> dict:
@@ -142,7 +142,7 @@ def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, tiny_model):
     (ws / "inbox" / ".hidden.jsonl").write_text("{}\n")
     (ws / "inbox" / "11-upload.jsonl.part").write_text("{}\n")
     (ws / "inbox" / "12-upload.tmp").write_text("{}\n")
-    (ws / "inbox" / "13-notes.txt").write_text("not data\n")
+    (ws / "inbox" / "13-notes.docx").write_text("not data\n")
 
     assert cli("run", ws, "--once") == 5  # files failed
     rows_ = {r["original_name"]: r for r in ledger_rows(ws)}
@@ -154,7 +154,7 @@ def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, tiny_model):
         "05-noassistant.jsonl": "line 1: no assistant turn",
         "06-link.jsonl": "symbolic link",
         "07-fifo.jsonl": "not a regular file",
-        "13-notes.txt": "not a dataset file; evertrain takes .jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet",
+        "13-notes.docx": "not a dataset file; evertrain takes .jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet",
     }
     for name, why in reasons.items():
         r = rows_[name]

@@ -43,10 +43,14 @@ def test_formats_and_loss_masks(tmp_path, tok, tiny_model):
 
 
 def test_truncation_is_counted_not_dropped(tmp_path, tok, tiny_model):
-    f = write_jsonl(tmp_path / "long.jsonl", [{"text": "y" * 100}, {"text": "short"}])
-    data = load_file(f, tok, TrainConfig(model=str(tiny_model), max_length=16, packing=False))
-    assert len(data.examples) == 2 and data.truncated == 1
+    f = write_jsonl(tmp_path / "long.jsonl", [{"text": "y" * 100}, {"text": "short"},
+                                              {"prompt": "p" * 20, "completion": "c"}])
+    data = load_file(f, tok, TrainConfig(model=str(tiny_model), max_length=16, packing=False, long_text="truncate"))
+    assert len(data.examples) == 3 and data.truncated == 2
     assert len(data.examples[0].input_ids) == 16
+    windowed = load_file(f, tok, TrainConfig(model=str(tiny_model), max_length=16, packing=False))
+    assert windowed.truncated == 1 and windowed.records == 3   # the text is windowed; the prompt is still cut
+    assert [e.id for e in windowed.examples] == [f"0/{k}" for k in range(7)] + [1, 2]
 
 
 BAD = {

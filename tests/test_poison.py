@@ -212,7 +212,8 @@ def test_a_cut_text_counts_as_truncated_even_when_its_tokens_fit(tok):
 
 def test_load_file_counts_cut_texts(tmp_path, tok, tiny_model):
     f = write_jsonl(tmp_path / "cut.jsonl", [{"text": "v" * 300}, {"text": "short"}])
-    data = load_file(f, tok, TrainConfig(model=str(tiny_model), max_length=8, packing=False, held_out_fraction=0))
+    data = load_file(f, tok, TrainConfig(model=str(tiny_model), max_length=8, packing=False, held_out_fraction=0,
+                                         long_text="truncate"))
     assert data.truncated == 1 and [len(e.input_ids) for e in data.examples] == [8, 6]
 
 
@@ -429,12 +430,12 @@ import resource, subprocess, sys, time
 t = time.monotonic()
 p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.monotonic() - t, p.returncode)
-sys.stderr.write(p.stderr)
+sys.stderr.write(p.stdout + p.stderr)
 """
 
 
 def measured(*args):
-    """(peak RSS in bytes, seconds, exit code, stderr) of `evertrain ARGS` in a fresh process."""
+    """(peak RSS in bytes, seconds, exit code, stdout and stderr) of `evertrain ARGS` in a fresh process."""
     done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "evertrain", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
     rss, seconds, rc = done.stdout.split()
@@ -470,8 +471,20 @@ def test_peak_memory_stays_flat_in_a_poison_line_and_a_sparse_file(tmp_path, tin
         assert rss - base < 40 << 20, f"{path.name}: peak RSS {rss >> 20} MB, {base >> 20} MB for a small file"
         assert seconds < 60
 
-    # allowed by the limit, the 60 MB text trains: the tokenizer sees only its first 32 x max_length characters
-    train = ("--model", tiny_model, "--held-out-fraction", "0", "--max-line-bytes", str(100 << 20))
+    # a 15 MB text (under the limit) in windows: tokenized whole, in pieces, its 15 million tokens all kept
+    long = tmp_path / "long.jsonl"
+    long.write_bytes(b'{"text": "' + b"a" * (15 << 20) + b'"}\n')
+    rss, seconds, rc, err = measured("check", long, "--model", tiny_model)
+    print(f"check {long.name} in windows: peak RSS {rss >> 20} MB (+{(rss - base) >> 20} MB over a 5-line file), "
+          f"{seconds:.1f} s")
+    assert rc == 0 and "1 examples in 15,376 windows" in err, err
+    # the line, its text, its tokens (4 bytes each) and the store's arrays; tokenized whole it took gigabytes
+    assert rss - base < 400 << 20 and seconds < 120
+
+    # allowed by the limit and truncated, the 60 MB text trains: the tokenizer sees only its first 32 x max_length
+    # characters
+    train = ("--model", tiny_model, "--held-out-fraction", "0", "--max-line-bytes", str(100 << 20),
+             "--long-text", "truncate")
     base, _, rc, err = measured("train", "--dataset", small, "--output-dir", tmp_path / "small-run", *train)
     assert rc == 0, err
     rss, seconds, rc, err = measured("train", "--dataset", line, "--output-dir", tmp_path / "run", *train)

@@ -58,6 +58,24 @@ def test_a_store_is_built_once_and_reused(tmp_path, tok, tiny_model, builds):
     assert len([p for p in (tmp_path / "tokens").iterdir()]) == 2
 
 
+def test_a_store_from_before_windows_keeps_its_key_and_reads_as_whole_examples(tmp_path, tok, tiny_model, builds):
+    import hashlib
+
+    f = write_jsonl(tmp_path / "a.jsonl", text_rows(20))
+    cfg = TrainConfig(model=str(tiny_model), long_text="truncate")   # a run from before windows truncates
+    first = load_file(f, tok, cfg, store_dir=tmp_path / "tokens")
+    (store,) = (tmp_path / "tokens").iterdir()
+    settings = json.dumps([2, first.sha256, stores.tokenizer_fingerprint(tok), cfg.max_length, cfg.columns])
+    assert store.name == f"{first.sha256[:16]}-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"  # as before
+    meta = json.loads((store / "meta.json").read_text())   # as the version before windows wrote it: no parts
+    (store / "parts.npy").unlink()
+    del meta["files"]["parts.npy"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    again = load_file(f, tok, cfg, store_dir=tmp_path / "tokens")
+    assert builds == ["a.jsonl"] and examples(again) == examples(first)
+    assert {e.part for e in again.examples} == {None} and again.records == 19 and len(again.held_out) == 1
+
+
 @pytest.mark.parametrize("damage", ["flipped_token", "truncated_ids", "bad_meta", "missing_index"])
 def test_a_damaged_store_is_rebuilt_never_trained_from(tmp_path, tok, tiny_model, builds, damage, capsys):
     f = write_jsonl(tmp_path / "a.jsonl", text_rows(30))

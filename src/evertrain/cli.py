@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from evertrain import __version__, collective, disk, exits, logs
-from evertrain.config import ConfigError, TrainConfig, add_arguments, overrides_from_args
+from evertrain.config import LONG_TEXT, SAMPLE_BY, ConfigError, TrainConfig, add_arguments, overrides_from_args
 from evertrain.daemon.commands import add_commands as add_daemon_commands, add_from_base
 from evertrain.export.commands import add_commands as add_export_commands
 from evertrain.files import not_a_regular_file
@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat-template", default="", help="chatml, or a FILE.jinja (default: the model's own)")
     p.add_argument("--columns", default="", help="map field names onto a format, e.g. question=prompt,answer=completion")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per row (default: 1024)")
+    p.add_argument("--long-text", default="window", choices=LONG_TEXT,
+                   help="a text longer than max_length: window (split, every token trained once) or truncate")
+    p.add_argument("--window-overlap", type=int, default=0, help="tokens a window repeats from the one before")
+    p.add_argument("--text-sample-by", default="line", choices=SAMPLE_BY,
+                   help="a .txt or .md file's examples: line, paragraph or document (default: line)")
     p.add_argument("--examples", type=int, default=1, help="how many examples to show marked (default: 1)")
     p.set_defaults(func=cmd_check)
 
@@ -199,6 +204,7 @@ def refused(path: Path, outcome) -> int:
 
 def _train_file(session, args, data) -> int:
     """Train the file, stopping at the step boundary after SIGINT/SIGTERM; its outcome as an exit code."""
+    from evertrain.data.summary import counted
     from evertrain.logs import Bar, duration
     from evertrain.train import driver
     from evertrain.train.session import STOP
@@ -207,7 +213,8 @@ def _train_file(session, args, data) -> int:
     for warning in data.warnings:
         session.say(f"evertrain: {args.dataset.name}: warning: {warning}")
     G = session.global_batch
-    session.say(f"evertrain: {args.dataset.name}: {len(data.examples)} examples {dict(data.formats)}, "
+    session.say(f"evertrain: {args.dataset.name}: {counted(data.records, len(data.examples), data)} "
+                f"{dict(data.formats)}, "
                 f"{data.tokens} tokens, {data.truncated} truncated to {config.max_length}, "
                 f"{len(data.held_out)} held out, {len(data.rows)} rows, global batch {G}, "
                 f"{data.total_steps(G, config.epochs)} steps")
@@ -284,7 +291,8 @@ def cmd_check(args) -> int:
     if not readable_file(args.file):
         return exits.BAD_INPUT
     config = TrainConfig(model=args.model, chat_template=args.chat_template, columns=args.columns,
-                         max_length=args.max_length, held_out_fraction=0.0)
+                         max_length=args.max_length, long_text=args.long_text, window_overlap=args.window_overlap,
+                         text_sample_by=args.text_sample_by, held_out_fraction=0.0)
     tokenizer = models.load_tokenizer(config.model, config.chat_template)
     try:
         data = load_file(args.file, tokenizer, config)
@@ -293,7 +301,8 @@ def cmd_check(args) -> int:
         return exits.BAD_INPUT
     print(describe(data, config.max_length))
     for e in data.examples[:args.examples]:
-        print(f"\n{data.unit} {e.line + 1} ({e.format}), trained tokens between {OPEN} and {CLOSE}:")
+        window = "" if e.part is None else f", window {e.part + 1}"
+        print(f"\n{data.unit} {e.line + 1} ({e.format}{window}), trained tokens between {OPEN} and {CLOSE}:")
         print(marked(e, tokenizer))
     return exits.OK
 

@@ -26,6 +26,8 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "none")
 # The keys of the data shapes (data/formats.py) that the `columns` setting may map a dataset's own fields onto.
 FORMAT_KEYS: tuple[str, ...] = ("text", "prompt", "completion", "response", "messages", "conversations", "tools",
                                 "functions", "instruction", "input", "output", "system", "history")
+LONG_TEXT = ("window", "truncate")
+SAMPLE_BY = ("line", "paragraph", "document")
 
 
 class ConfigError(ValueError):
@@ -65,12 +67,21 @@ class TrainConfig:
                                low=1024)
     max_json_depth: int = _opt(MAX_JSON_DEPTH, "a record nested deeper than this many arrays/objects is a bad record "
                                "(checked before it is parsed)", low=2, high=10000)
+    long_text: str = _opt("window", "a text example longer than max_length: window (split into consecutive windows "
+                          "of max_length tokens, every token trained once) or truncate (its first max_length tokens); "
+                          "conversations and prompt/completion examples are always truncated", choices=LONG_TEXT)
+    window_overlap: int = _opt(0, "long_text = window: tokens each window after the first repeats from the one "
+                               "before as context (not trained again), below half of max_length", low=0)
+    text_sample_by: str = _opt("line", "how a .txt or .md file splits into text examples, as the datasets library's "
+                               "text builder does: line (each non-blank line), paragraph (text between empty "
+                               "lines) or document (the whole file)", choices=SAMPLE_BY)
 
     # --- batches and steps ---
     batch_size: int = _opt(8, "rows per micro-batch on each process", low=1)
     gradient_accumulation: int = _opt(1, "micro-batches per optimizer step on each process", low=1)
     epochs: int = _opt(1, "times every example of a file is trained", low=1)
-    max_length: int = _opt(1024, "tokens per row; longer examples are truncated (and counted)", low=8)
+    max_length: int = _opt(1024, "tokens per row; longer texts are split into windows (long_text), other longer "
+                           "examples are truncated (and counted)", low=8)
     packing: bool = _opt(True, "pack several examples into one row to avoid padding", flag="packing/no-packing")
     held_out_fraction: float = _opt(
         0.02, "fraction of each file's examples held out from training, to measure forgetting", low=0.0, high=0.5)
@@ -220,6 +231,12 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"report_to {', '.join(unknown)}: not a tracker; choose from {', '.join(REPORT_TO)}")
     if config.decay_steps and config.lr_schedule != "wsd":
         raise ConfigError("decay_steps only applies to lr_schedule = wsd")
+    if config.window_overlap and config.long_text != "window":
+        raise ConfigError("window_overlap only applies to long_text = window")
+    if config.window_overlap * 2 >= config.max_length:
+        # each window must bring more new tokens than it repeats: the store stays under twice the text's tokens
+        raise ConfigError(f"window_overlap must be below half of max_length ({config.max_length}), "
+                          f"got {config.window_overlap}")
     if config.load_in_4bit and not config.lora:
         raise ConfigError("load_in_4bit (QLoRA) trains a LoRA adapter on frozen 4-bit weights: add --lora")
     if config.columns:

@@ -187,7 +187,8 @@ def looks_complete(path: Path) -> bool:
     once it ends with a newline (a writer never leaves one after half a record, so a whole line that does not
     parse is bad data, failed by validation with its number, not waited for); a .json array once it ends with its
     `]`; a Parquet file once it has its footer. Compressed files have no cheap check (their stream is checked in
-    full at validation); stability alone decides for them."""
+    full at validation), nor have plain text files (.txt, .md: editors often leave no final newline); stability
+    alone decides for them."""
     kind = kind_of(path.name)
     try:
         with open(path, "rb") as f:

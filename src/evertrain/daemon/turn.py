@@ -13,6 +13,7 @@ from pathlib import Path
 from evertrain import disk
 from evertrain.daemon import controls, outcomes, room
 from evertrain.daemon.outcomes import checkpoint_name
+from evertrain.data.summary import counted
 from evertrain.observe.evals import read_evals
 from evertrain.train import driver
 from evertrain.train.session import SKIP, STOP, StepRecord
@@ -60,13 +61,13 @@ def _train_file(svc, row: dict) -> bool:
     cursor = progress.cursors.get(data.sha256)
     ledger.update(row["id"], state="training", sha256=data.sha256, format="+".join(sorted(data.formats)),
                   examples=len(data.examples), tokens=data.tokens, expected_steps=expected,
-                  held_out=json.dumps(sorted(e.line for e in data.held_out)),
+                  held_out=json.dumps(data.held_out_lines),
                   started_at=row["started_at"] or time.time(),
                   progress_index=row["progress_index"] if row["progress_index"] is not None else len(progress.files))
     board.start_file(row, progress.global_step, expected, cursor.file_step if cursor else 0)
     svc.bar.start(row["original_name"], expected, cursor.file_step if cursor else 0)
     svc.say(f"evertrain: training {row['original_name']} (id {row['id']}, {row['priority']}): "
-            f"{len(data.examples)} examples, {data.tokens} tokens, {expected} steps"
+            f"{counted(data.records, len(data.examples), data)}, {data.tokens} tokens, {expected} steps"
             + (f", resuming at step {cursor.file_step}" if cursor and cursor.file_step else ""))
 
     svc.prefetch.start(_next_path(svc, row))

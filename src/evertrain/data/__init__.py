@@ -1,9 +1,10 @@
 """Data: a dataset file -> a validated, tokenized FileData whose tokens live on disk, ready to train.
 
     containers.py   the file as dropped (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet, .csv, .tsv) -> records
+    plaintext.py    a .txt or .md file -> text records, by line, paragraph or document
     formats.py      one record of any common shape -> a Record (text, prompt/completion or a conversation)
     columns.py      the column mapping suggested for a record that fits no shape
-    render.py       Records -> token ids and loss masks, in batches through the fast tokenizer
+    render.py       Records -> token ids and loss masks, in batches through the fast tokenizer; long texts in windows
     store.py        the tokens on disk, keyed by content and tokenizer, reused by every later run and resume
     packing.py      examples -> rows (best-fit decreasing), on arrays
     order.py        the row order of each epoch and the held-out choice: pure functions of content and seed
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from evertrain.data.examples import (BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled,  # noqa: F401
-                                     DataError, Example, Examples, FileData)
+                                     DataError, Example, Examples, FileData, layout)
 from evertrain.data.order import held_out_lines, row_order  # noqa: F401
 from evertrain.data.packing import IGNORE, Rows, pack, padding_fraction  # noqa: F401
 from evertrain.files import sha256_file
@@ -74,7 +75,8 @@ def _load_file(path: Path, tokenizer, config, store_dir, progress, should_stop) 
 
         scratch = tempfile.TemporaryDirectory(prefix="evertrain-tokens-")
         store_dir = Path(scratch.name)
-    key = stores.store_key(sha, stores.tokenizer_fingerprint(tokenizer), config.max_length, config.columns)
+    key = stores.store_key(sha, stores.tokenizer_fingerprint(tokenizer), config.max_length, config.columns,
+                           layout(config, path))
     target = Path(store_dir) / key
     try:
         store = stores.open_store(target)
@@ -93,12 +95,15 @@ def _load_file(path: Path, tokenizer, config, store_dir, progress, should_stop) 
 
 
 def file_data(path: Path, sha: str, store, config) -> FileData:
-    """Held-out choice and packing on the store's arrays (cheap: both are pure functions of content and seed)."""
-    n = len(store)
+    """Held-out choice and packing on the store's arrays (cheap: both are pure functions of content and seed).
+
+    Records are held out, not examples: every window of a held-out text is held out with it (a window trained
+    while its neighbour is evaluated would leak). Without windows, records and examples are the same indices."""
+    record_of = np.cumsum(store.starts_of_records()) - 1   # each example's record, counted 0, 1, ... in the file
+    n = int(record_of[-1]) + 1 if len(record_of) else 0
     held = held_out_lines(sha, config.seed, n, config.held_out_fraction, config.held_out_max,
                           config.held_out_min_file)
-    is_held = np.zeros(n, dtype=bool)
-    is_held[list(held)] = True
+    is_held = np.isin(record_of, np.fromiter(held, dtype=np.int64, count=len(held)))
     train_idx = np.flatnonzero(~is_held)
     lengths = store.lengths[train_idx]
     formats, ignored = Counter(store.meta["formats"]), Counter(store.meta["ignored"])
@@ -106,7 +111,8 @@ def file_data(path: Path, sha: str, store, config) -> FileData:
                     held_out=[store.example(int(i)) for i in np.flatnonzero(is_held)],
                     rows=pack(lengths, config.max_length) if config.packing else Rows.one_per_example(len(train_idx)),
                     formats=formats, ignored=ignored, tokens=int(lengths.sum()), truncated=store.meta["truncated"],
-                    unit=store.meta["unit"], store=store, warnings=_warnings(store.meta))
+                    unit=store.meta["unit"], store=store, warnings=_warnings(store.meta), records=n - len(held),
+                    windows=store.meta.get("windows", 0), layout=store.meta.get("layout", {}))
 
 
 def _warnings(meta: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """Containers: the files datasets come in, read one record at a time without loading the file into memory.
 
-open_records(path) yields (index, value) per record: a decoded JSON value / Parquet row / CSV row as a dict, or a
+open_records(path) yields (index, value) per record: a decoded JSON value / Parquet row / CSV row as a dict, a
+{"text": ...} of a plain text file (.txt, .md: split by line, paragraph or document, see plaintext.py), or a
 BadRecord for one broken record (iteration goes on, so every bad one can be listed). A problem with the whole file
 (truncated archive, wrong encoding, corrupt Parquet) raises ContainerError. Memory stays bounded by one chunk
 (1 MiB of text, one Parquet batch) plus the largest single record, whatever the file size; and a record is bounded
@@ -17,7 +18,6 @@ import gzip
 import io
 import json
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -26,23 +26,15 @@ import numpy as np
 import zstandard
 
 from evertrain.config import MAX_JSON_DEPTH, MAX_LINE_BYTES
+from evertrain.data.plaintext import plain_text
+from evertrain.data.reading import CHUNK, BadRecord, ContainerError, bad_utf8, check_encoding  # noqa: F401
 
-ACCEPTED = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet", ".csv", ".tsv")
-CHUNK = 1 << 20
+ACCEPTED = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet", ".csv", ".tsv", ".txt", ".md")
+TEXT_KINDS = ("txt", "md")   # plain text: every example is a {"text": ...} record
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CSV_FIELD_LIMIT = 256 << 20   # csv's default (128 KiB) rejects long documents; bounded so a broken quote can't eat RAM
 PARQUET_BATCH = 256
 MUST_BE_ARRAY = "a .json file must hold an array of examples ([{...}, {...}]); for one example per line use .jsonl"
-BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
-
-
-class ContainerError(ValueError):
-    """A problem with the whole file; the message has no path prefix (the caller adds it)."""
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    reason: str   # one record's problem, e.g. 'invalid JSON (Expecting value at column 11)'
 
 
 def kind_of(path) -> str | None:
@@ -63,9 +55,10 @@ def unit_of(kind: str) -> str:
 class Records:
     """The records of one file, in order; iterate once. fraction() says how far the reading has got."""
 
-    def __init__(self, path, kind: str, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH):
+    def __init__(self, path, kind: str, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH,
+                 sample_by: str = "line"):
         self.path, self.kind, self.unit = Path(path), kind, unit_of(kind)
-        self.max_line_bytes, self.max_depth = max_line_bytes, max_depth
+        self.max_line_bytes, self.max_depth, self.sample_by = max_line_bytes, max_depth, sample_by
         self._size = self.path.stat().st_size
         self._progress: Callable[[], float] = lambda: 0.0
 
@@ -82,6 +75,9 @@ class Records:
                 self._progress = lambda: f.tell() / self._size if self._size else 0.0
                 if self.kind in ("csv", "tsv"):
                     yield from _csv(f, "\t" if self.kind == "tsv" else ",", self.max_line_bytes)
+                    return
+                if self.kind in TEXT_KINDS:
+                    yield from plain_text(f, self.sample_by, self.max_line_bytes)
                     return
                 source = {"jsonl.gz": _gunzip, "jsonl.zst": _unzstd}.get(self.kind, _plain)
                 chunks = _text(source(f))
@@ -107,11 +103,13 @@ class Records:
             raise ContainerError(f"not a readable Parquet file ({e})") from None
 
 
-def open_records(path, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Records:
+def open_records(path, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH,
+                 sample_by: str = "line") -> Records:
+    """`sample_by` splits a .txt or .md file: line, paragraph or document (other kinds ignore it)."""
     kind = kind_of(path)
     if kind is None:
         raise ContainerError(f"not a dataset file: accepted are {accepted_text()}")
-    return Records(path, kind, max_line_bytes, max_depth)
+    return Records(path, kind, max_line_bytes, max_depth, sample_by)
 
 
 # ---------------------------------------------------------------- byte streams
@@ -165,15 +163,6 @@ def _unzstd(f) -> Iterator[bytes]:
                              "was the file copied completely?")
 
 
-def _check_encoding(head: bytes) -> None:
-    for bom, name in BOMS:
-        if head.startswith(bom):
-            raise ContainerError(f"the file is {name} (it starts with a {name} byte-order mark); save it as UTF-8")
-    if b"\0" in head[:1024]:
-        raise ContainerError("the file is UTF-16 (or UTF-32 or binary: it has NUL bytes in its first KB); "
-                             "save it as UTF-8")
-
-
 def _text(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """The chunks, after checking the encoding on the first KB and dropping a UTF-8 BOM."""
     head = b""
@@ -181,7 +170,7 @@ def _text(chunks: Iterator[bytes]) -> Iterator[bytes]:
         head += chunk
         if len(head) >= 1024:
             break
-    _check_encoding(head)
+    check_encoding(head)
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:]
     if head:
@@ -357,7 +346,7 @@ def _json(chunks: Iterable[bytes], max_item_bytes: int, max_depth: int) -> Itera
 
 
 def _csv(f, delimiter: str, max_line_bytes: int) -> Iterator[tuple[int, object]]:
-    _check_encoding(f.peek(1024)[:1024])
+    check_encoding(f.peek(1024)[:1024])
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     # surrogateescape keeps a bad byte as a marker in its field, so that row alone is reported
     text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
@@ -366,7 +355,7 @@ def _csv(f, delimiter: str, max_line_bytes: int) -> Iterator[tuple[int, object]]
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
             raise ContainerError("the file has no header row (its first row must name the columns, e.g. text)")
-        if _bad_utf8(header):
+        if bad_utf8(header):
             raise ContainerError("the header row is not UTF-8")
         if len(set(header)) < len(header):
             raise ContainerError(f"the header row names a column twice ({', '.join(header)})")
@@ -375,7 +364,7 @@ def _csv(f, delimiter: str, max_line_bytes: int) -> Iterator[tuple[int, object]]
                 continue   # a blank line: skipped, yet counted like a spreadsheet's empty row
             if len(row) != len(header):
                 yield i, BadRecord(f"the row has {len(row)} fields, the header has {len(header)}")
-            elif bad := _bad_utf8(row):
+            elif bad := bad_utf8(row):
                 col, byte = bad
                 yield i, BadRecord(f"not UTF-8 (column {header[col]!r}, byte {byte})")
             else:
@@ -398,14 +387,6 @@ def _text_lines(text, limit: int) -> Iterator[str]:
         yield line
 
 
-def _bad_utf8(fields: list[str]) -> tuple[int, int] | None:
-    """(field index, byte offset in the field) of the first undecodable byte, if any."""
-    for col, s in enumerate(fields):
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return col, len(s[:e.start].encode("utf-8"))
-    return None
 
 
 if __name__ == "__main__":

@@ -53,10 +53,27 @@ class Example:
     input_ids: list[int]
     labels: list[int]      # IGNORE where no loss is taken; labels[0] is always IGNORE
     truncated: bool = False
+    part: int | None = None  # the window of a long text this is (0, 1, ...); None for a whole example
 
     @property
     def target_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+    @property
+    def id(self) -> int | str:
+        """What the trace calls it: its line, or "line/window" for a window of a long text."""
+        return self.line if self.part is None else f"{self.line}/{self.part}"
+
+
+def layout(config, path: Path) -> dict:
+    """The settings besides max_length and columns that change a file's tokens: how long texts are treated and
+    how a text file splits. Empty for what every version before them did (truncation, no text file)."""
+    from evertrain.data.containers import TEXT_KINDS, kind_of
+
+    out = {"long_text": "window", "window_overlap": config.window_overlap} if config.long_text == "window" else {}
+    if kind_of(path) in TEXT_KINDS:
+        out["text_sample_by"] = config.text_sample_by
+    return out
 
 
 class Examples(Sequence):
@@ -88,6 +105,9 @@ class FileData:
     name: str = ""                   # what people call the file (logs, metrics, snapshots); default: its file name
     tokens: int = 0                  # tokens of the trained examples
     truncated: int = 0               # examples cut to max_length
+    records: int = 0                 # the file's trained records (a text in windows counts once)
+    windows: int = 0                 # examples that are windows of a long text (held-out ones included)
+    layout: dict = field(default_factory=dict)  # how the tokens were made (data.layout): the cursor keeps it
     unit: str = "line"               # how the container counts records: line, item or row
     warnings: list[str] = field(default_factory=list)  # what trains, but probably not as the person meant
     store: object = None             # the TokenStore the examples are read from
@@ -95,6 +115,11 @@ class FileData:
 
     def __post_init__(self) -> None:
         self.name = self.name or self.path.name
+
+    @property
+    def held_out_lines(self) -> list[int]:
+        """The held-out records' numbers (all the windows of a held-out text are held out with it)."""
+        return sorted({e.line for e in self.held_out})
 
     def steps_per_epoch(self, global_batch: int) -> int:
         # A file smaller than one global batch still trains one (partial) step.

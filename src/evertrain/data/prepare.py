@@ -22,7 +22,7 @@ from evertrain.disk import is_full as is_disk_full
 from evertrain.config import parse_columns
 from evertrain.data import columns as suggestions
 from evertrain.data.containers import BadRecord, ContainerError, open_records
-from evertrain.data.examples import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError
+from evertrain.data.examples import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError, layout
 from evertrain.data.formats import FitsNoFormat, RecordError, parse_record
 from evertrain.data.render import NoChatTemplate, RecordFailed, Renderer
 from evertrain.data.store import StoreWriter, TokenStore
@@ -74,11 +74,13 @@ class Problems:
 def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, should_stop=None) -> TokenStore:
     try:
         columns = parse_columns(config.columns)
-        records = open_records(path, config.max_line_bytes, config.max_json_depth)
+        records = open_records(path, config.max_line_bytes, config.max_json_depth, config.text_sample_by)
     except (ContainerError, ValueError) as e:
         raise DataError(path, [str(e)]) from None
     faults.hit("prepare")
-    renderer = Renderer(tokenizer, config.max_length)
+    windowed = config.long_text == "window"
+    renderer = Renderer(tokenizer, config.max_length, window_overlap=config.window_overlap if windowed else None,
+                        max_text_chars=config.max_line_bytes)
     unit = records.unit
     problems, formats, ignored = Problems(unit), Counter(), Counter()
     last = -1  # the last record read: where an unexpected failure is reported
@@ -166,7 +168,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
         if problems.total:
             raise problems.error(path)
         return writer.commit({"source": path.name, "unit": unit, "formats": dict(formats), "ignored": dict(ignored),
-                              "max_length": config.max_length,
+                              "max_length": config.max_length, "layout": layout(config, path),
                               "unrendered_tool_calls": renderer.unrendered_tool_calls})
     except BaseException:
         writer.abort()

@@ -5,8 +5,14 @@ found in that one rendering (its content, preceded by the template's generation 
 template's end of turn), then the whole text is tokenized in one batched call and the spans become token
 ranges. Conversations the fast path cannot place (a template that rewrites content, tool calls) fall back to
 rendering each prefix, which any incremental template supports. The loss mask is 1 where a token is trained.
-The tokenizer never sees more than CHARS_PER_TOKEN x max_length characters of a text: a longer one is cut first
-(and counted as truncated), since tokenizing a 60 MB text whole costs gigabytes for tokens that are dropped.
+A text longer than max_length tokens is split into windows (Renderer.window_overlap set: long_text = window),
+each an example of its own: window 0 holds tokens [0, max_length); each later one starts with the last
+window_overlap + 1 tokens of the one before as context (no loss: a row's first token is never a target) and goes on
+with new tokens, so every token of the text but its first is trained exactly once, and the last window ends with
+EOS. Such a text is tokenized whole, in pieces of PIECE_CHARS at most. Everything else (and every text, with
+long_text = truncate) is truncated to max_length, and the tokenizer never sees more than CHARS_PER_TOKEN x
+max_length characters of it: a longer one is cut first (and counted as truncated), since tokenizing a 60 MB text
+whole costs gigabytes for tokens that are dropped.
 
     evertrain check FILE --model DIR     # prints the first example with its trained tokens marked
 """
@@ -35,6 +41,7 @@ CHATML = (
 )
 PROBE_USER, PROBE_ANSWER = "\ue000probe-user\ue000", "\ue000probe-answer\ue000"
 CHARS_PER_TOKEN = 32  # generous: tokenizers average 3-5 characters per token, long whitespace runs about 16
+PIECE_CHARS = 1 << 16  # a windowed text longer than this is tokenized in pieces: memory stays that of its tokens
 
 
 class NoChatTemplate(ValueError):
@@ -61,6 +68,8 @@ class Encoded:
     mask: np.ndarray       # uint8, 1 = trained
     lengths: np.ndarray    # int64
     truncated: np.ndarray  # bool
+    owners: np.ndarray     # int64: the batch's record each example comes from (several for a windowed text)
+    parts: np.ndarray      # int64: the example's window of its text, -1 for a whole example
 
 
 @dataclass
@@ -71,13 +80,19 @@ class Rendered:
     chats: list[str]                        # rendered conversations
     chat_spans: list[list[tuple[int, int]]]  # their trained character spans
     cut: list[bool] = field(default_factory=list)  # per record: its text was cut to max_chars (empty: none was)
+    long: dict[int, str] = field(default_factory=dict)  # record position -> a text to tokenize in pieces
 
 
 class Renderer:
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, *, window_overlap: int | None = None,
+                 max_text_chars: int | None = None):
+        """`window_overlap` None: long texts are truncated; else they are windowed with that overlap, and a text
+        over `max_text_chars` characters is refused (what one record may cost on disk stays bounded)."""
         self.tok, self.max_length = tokenizer, max_length
+        self.window_overlap, self.max_text_chars = window_overlap, max_text_chars
         self.max_chars = CHARS_PER_TOKEN * max_length
         self.eos = tokenizer.eos_token_id
+        self.specials = _special_tokens(tokenizer)
         self.unrendered_tool_calls = 0  # conversations whose tool calls the template leaves out of the text
         self.template = None
         if tokenizer.chat_template:
@@ -98,7 +113,7 @@ class Renderer:
 
     def render(self, records: list[Record]) -> Rendered:
         """The texts to tokenize (Python work); raises RecordFailed naming the record on a template failure."""
-        firsts, seconds, chats, chat_spans, cut = [], [], [], [], []
+        firsts, seconds, chats, chat_spans, cut, long = [], [], [], [], [], {}
         m = self.max_chars
         for k, rec in enumerate(records):
             if rec.messages is not None:
@@ -115,6 +130,15 @@ class Renderer:
                 if any(call["function"]["name"] not in text for msg in rec.messages
                        for call in msg.get("tool_calls", ())):
                     self.unrendered_tool_calls += 1
+            elif rec.text is not None and self.window_overlap is not None:
+                if self.max_text_chars is not None and len(rec.text) > self.max_text_chars:
+                    raise RecordFailed(k, f"the text is {len(rec.text):,} characters, over max_line_bytes "
+                                          f"({self.max_text_chars:,}): split it, or raise --max-line-bytes")
+                if len(rec.text) > PIECE_CHARS:
+                    long[k] = rec.text
+                else:
+                    firsts.append(rec.text)
+                cut.append(False)
             elif rec.text is not None:
                 firsts.append(rec.text[:m])
                 cut.append(len(rec.text) > m)
@@ -123,7 +147,7 @@ class Renderer:
                 firsts.append(rec.prompt[:m])
                 seconds.append(rec.completion[:m] if len(rec.prompt) <= m else "")
                 cut.append(len(rec.prompt) + len(rec.completion) > m)
-        return Rendered(list(records), firsts, seconds, chats, chat_spans, cut)
+        return Rendered(list(records), firsts, seconds, chats, chat_spans, cut, long)
 
     def tokenize(self, rendered: Rendered) -> Encoded:
         """Tokens and loss masks of a rendered batch (mostly the Rust tokenizer, which releases the GIL)."""
@@ -134,31 +158,44 @@ class Renderer:
         first = backend.encode_batch(firsts, add_special_tokens=True) if firsts else []
         second = backend.encode_batch(seconds, add_special_tokens=False) if seconds else []
         chat = backend.encode_batch(chats, add_special_tokens=False) if chats else []
-        pieces, trained = [], []  # per example: its token ids, and the [a, b) token ranges that carry loss
+        # per example: its token ids, the [a, b) token ranges that carry loss, its record and its window (-1: whole)
+        pieces, trained, owners, parts = [], [], [], []
+
+        def add(ids, ranges, k: int, part: int = -1) -> None:
+            pieces.append(ids)
+            trained.append(ranges)
+            owners.append(k)
+            parts.append(part)
+
         fi = si = ci = 0
-        for rec, was_cut in zip(records, cut):
+        for k, (rec, was_cut) in enumerate(zip(records, cut)):
             eos = [] if was_cut else [self.eos]   # a cut text does not end where it ends now
             if rec.messages is not None:
                 enc = chat[ci]
-                pieces.append(enc.ids)
-                trained.append([(_first_token_at(enc, a, len(chats[ci])), _first_token_at(enc, z, len(chats[ci])))
-                                for a, z in chat_spans[ci]])
+                add(enc.ids, [(_first_token_at(enc, a, len(chats[ci])), _first_token_at(enc, z, len(chats[ci])))
+                              for a, z in chat_spans[ci]], k)
                 ci += 1
             elif rec.text is not None:
-                ids = first[fi].ids
-                fi += 1
-                if not ids or ids[-1] != self.eos:
-                    ids = ids + eos
-                pieces.append(ids)
-                trained.append([(0, len(ids))])
+                if k in rendered.long:
+                    ids = self._tokenize_long(rendered.long[k])
+                else:
+                    ids = first[fi].ids
+                    fi += 1
+                    if not ids or ids[-1] != self.eos:
+                        ids = ids + eos
+                if self.window_overlap is not None and len(ids) > self.max_length:
+                    for part, (window, context) in enumerate(windows(ids, self.max_length, self.window_overlap)):
+                        add(window, [(context, len(window))], k, part)
+                else:
+                    add(ids, [(0, len(ids))], k)
             else:
                 p = first[fi].ids if rec.prompt else []
                 c = second[si].ids + eos
                 fi, si = fi + 1, si + 1
-                pieces.append(p + c)
-                trained.append([(len(p), len(p) + len(c))])
+                add(p + c, [(len(p), len(p) + len(c))], k)
         lengths = np.fromiter((len(x) for x in pieces), dtype=np.int64, count=len(pieces))
-        truncated = (lengths > self.max_length) | np.array(cut, dtype=bool)
+        owners_ = np.array(owners, dtype=np.int64)
+        truncated = (lengths > self.max_length) | np.array(cut, dtype=bool)[owners_]
         lengths = np.minimum(lengths, self.max_length)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         ids = np.empty(int(starts[-1]), dtype=np.int32)
@@ -170,7 +207,30 @@ class Renderer:
             for a, z in ranges:
                 mask[s0 + min(a, cap):s0 + min(z, cap)] = 1
             mask[s0] = 0  # the first token has no prediction; this also keeps packed examples' losses apart
-        return Encoded(ids, mask, lengths, truncated)
+        return Encoded(ids, mask, lengths, truncated, owners_, np.array(parts, dtype=np.int64))
+
+    def _tokenize_long(self, text: str) -> np.ndarray:
+        """A long text's tokens and its EOS, tokenized in pieces of PIECE_CHARS at most, each cut before a run
+        of whitespace (where byte-level and SentencePiece tokenizers begin a new word anyway). A token that would
+        have spanned a cut may still come out differently than from the whole text at once (a tokenizer that
+        prefixes every input with a space marks each piece so): the price of never tokenizing a 60 MB text whole,
+        which costs gigabytes."""
+        backend, out, at = self.tok.backend_tokenizer, [], 0
+        prefix, suffix = self.specials
+        while at < len(text):
+            end = min(at + PIECE_CHARS, len(text))
+            if end < len(text):
+                cut = max(text.rfind(c, at + 1, end) for c in (" ", "\n", "\t"))
+                while cut > at + 1 and text[cut - 1] in " \n\t":   # before the whole run of whitespace
+                    cut -= 1
+                end = cut if cut > at else end
+            out.append(np.array(backend.encode(text[at:end], add_special_tokens=False).ids, dtype=np.int32))
+            at = end
+        tail = list(suffix)   # then EOS, unless the text already ends with it (as a short text's tokens do)
+        last = tail[-1] if tail else next((int(x[-1]) for x in reversed(out) if len(x)), None)
+        if last != self.eos:
+            tail.append(self.eos)
+        return np.concatenate([np.array(prefix, dtype=np.int32), *out, np.array(tail, dtype=np.int32)])
 
     def conversation(self, rec: Record) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of its trained assistant turns."""
@@ -265,6 +325,28 @@ def _template_message(m: dict) -> dict:
                 pass
         calls.append({**call, "function": fn})
     return {**m, "tool_calls": calls}
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """What the tokenizer adds before and after a text (BOS for Llama, nothing for GPT-2-like ones): found by
+    tokenizing a probe with and without its special tokens."""
+    backend = tokenizer.backend_tokenizer
+    plain = backend.encode(PROBE_ANSWER, add_special_tokens=False).ids
+    full = backend.encode(PROBE_ANSWER, add_special_tokens=True).ids
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    return ([], []) if at is None else (full[:at], full[at + len(plain):])
+
+
+def windows(ids, max_length: int, overlap: int) -> list[tuple[object, int]]:
+    """A text's tokens (longer than max_length) as (window, context tokens): [0, max_length), then windows of the
+    last overlap + 1 tokens before (context) and new tokens, each starting where the one before ended."""
+    context = overlap + 1
+    out, end = [(ids[:max_length], 0)], max_length
+    while end < len(ids):
+        start = end - context
+        out.append((ids[start:start + max_length], context))
+        end = start + max_length
+    return out
 
 
 def _first_token_at(enc, char: int, text_len: int) -> int:

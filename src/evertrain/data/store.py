@@ -1,6 +1,7 @@
 """The token store: a file's tokens on disk, keyed by its content and everything that changes its tokens.
 
-OUTPUT_DIR/tokens/<key>/ holds flat arrays (ids.bin int32, mask.bin uint8, offsets/records/kinds .npy) and,
+OUTPUT_DIR/tokens/<key>/ holds flat arrays (ids.bin int32, mask.bin uint8, offsets/records/kinds/parts .npy;
+parts: each example's window of its text, -1 for a whole one, absent from stores built before windows) and,
 written last, meta.json with every array's size and CRC-32. A store is built in a hidden temporary folder and
 renamed into place, so a crash leaves nothing that looks complete; one whose sizes or hashes do not match is
 rebuilt, never trained from. Arrays are memory-mapped: a file of millions of examples costs page cache, not RSS.
@@ -27,7 +28,6 @@ from evertrain.files import fsync_dir, write_text_atomic
 
 STORE_VERSION = 2
 ARRAYS = {"ids.bin": np.int32, "mask.bin": np.uint8}
-INDEXES = ("offsets", "records", "kinds")
 
 
 class StoreError(RuntimeError):
@@ -44,8 +44,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def store_key(sha256: str, fingerprint: str, max_length: int, columns: str) -> str:
-    settings = json.dumps([STORE_VERSION, sha256, fingerprint, max_length, columns])
+def store_key(sha256: str, fingerprint: str, max_length: int, columns: str, layout: dict | None = None) -> str:
+    """`layout`: the other settings that change the tokens (windows, how a text file splits); left out when
+    empty, so a store built before them keeps its key."""
+    settings = json.dumps([STORE_VERSION, sha256, fingerprint, max_length, columns] + ([layout] if layout else []),
+                          sort_keys=True)
     return f"{sha256[:16]}-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
 
 
@@ -55,6 +58,7 @@ class TokenStore:
         self.offsets = np.load(path / "offsets.npy", mmap_mode="r")
         self.records = np.load(path / "records.npy", mmap_mode="r")
         self.kinds = np.load(path / "kinds.npy", mmap_mode="r")
+        self.parts = np.load(path / "parts.npy", mmap_mode="r") if (path / "parts.npy").exists() else None
         n_tokens = int(self.offsets[-1]) if len(self.offsets) else 0
         self.ids = _memmap(path / "ids.bin", np.int32, n_tokens)
         self.mask = _memmap(path / "mask.bin", np.uint8, n_tokens)
@@ -73,8 +77,14 @@ class TokenStore:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         ids = self.ids[a:b]
         labels = np.where(self.mask[a:b] == 1, ids, IGNORE)
+        part = int(self.parts[i]) if self.parts is not None else -1
         return Example(line=int(self.records[i]), format=self.meta["kinds"][int(self.kinds[i])],
-                       input_ids=ids.tolist(), labels=labels.tolist(), truncated=False)
+                       input_ids=ids.tolist(), labels=labels.tolist(), truncated=False,
+                       part=part if part >= 0 else None)
+
+    def starts_of_records(self) -> np.ndarray:
+        """True where an example begins its record (a whole example, or a text's first window)."""
+        return np.ones(len(self), dtype=bool) if self.parts is None else np.asarray(self.parts) <= 0
 
 
 def _memmap(path: Path, dtype, count: int) -> np.ndarray:
@@ -118,11 +128,12 @@ class StoreWriter:
         self.tmp.mkdir(parents=True)
         self.files = {name: open(self.tmp / name, "wb") for name in ARRAYS}
         self.crcs = dict.fromkeys(ARRAYS, 0)
-        self.offsets, self.records, self.kinds = array("q", [0]), array("q"), array("B")
+        self.offsets, self.records, self.kinds, self.parts = array("q", [0]), array("q"), array("B"), array("q")
         self.kind_names: list[str] = []
         self.truncated = 0
 
     def add(self, encoded, records: list[int], kinds: list[str]) -> None:
+        """`records` and `kinds`: one per record of the batch (`encoded.owners` says which examples are whose)."""
         for name, arr in (("ids.bin", encoded.ids), ("mask.bin", encoded.mask)):
             raw = np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes()
             self.files[name].write(raw)
@@ -131,11 +142,13 @@ class StoreWriter:
         for length in encoded.lengths.tolist():
             end += length
             self.offsets.append(end)
-        self.records.extend(records)
-        for k in kinds:
-            if k not in self.kind_names:
-                self.kind_names.append(k)
-            self.kinds.append(self.kind_names.index(k))
+        owners = encoded.owners.tolist()
+        self.records.extend(records[o] for o in owners)
+        for o in owners:
+            if kinds[o] not in self.kind_names:
+                self.kind_names.append(kinds[o])
+            self.kinds.append(self.kind_names.index(kinds[o]))
+        self.parts.extend(encoded.parts.tolist())
         self.truncated += int(encoded.truncated.sum())
 
     def commit(self, meta: dict) -> TokenStore:
@@ -145,12 +158,14 @@ class StoreWriter:
             f.close()
         files = dict(self.crcs)
         for name, values, dtype in (("offsets", self.offsets, np.int64), ("records", self.records, np.int64),
-                                    ("kinds", self.kinds, np.uint8)):
+                                    ("kinds", self.kinds, np.uint8), ("parts", self.parts, np.int64)):
             np.save(self.tmp / f"{name}.npy", np.frombuffer(values, dtype=dtype) if len(values) else
                     np.zeros(0, dtype=dtype))
             files[f"{name}.npy"] = _crc32(self.tmp / f"{name}.npy")
+        parts = np.frombuffer(self.parts, dtype=np.int64) if len(self.parts) else np.zeros(0, dtype=np.int64)
         meta = {**meta, "version": STORE_VERSION, "kinds": self.kind_names, "truncated": self.truncated,
-                "examples": len(self.records), "tokens": int(self.offsets[-1]), "files": files}
+                "examples": len(self.records), "windows": int((parts >= 0).sum()), "tokens": int(self.offsets[-1]),
+                "files": files}
         write_text_atomic(self.tmp / "meta.json", json.dumps(meta, indent=1))
         shutil.rmtree(self.path, ignore_errors=True)
         os.rename(self.tmp, self.path)

@@ -14,13 +14,19 @@ OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around trained text: rare in real da
 
 def describe(data: FileData, max_length: int) -> str:
     kinds = ", ".join(f"{k} {v:,}" for k, v in data.formats.most_common())
-    lines = [f"{data.name}: {len(data.examples) + len(data.held_out):,} examples ({kinds}), {data.tokens:,} tokens, "
+    examples = counted(data.records + len(data.held_out_lines), len(data.examples) + len(data.held_out), data)
+    lines = [f"{data.name}: {examples} ({kinds}), {data.tokens:,} tokens, "
              f"{data.truncated:,} truncated to {max_length}, {len(data.held_out):,} held out, "
              f"{len(data.rows):,} rows"]
     lines += [f"warning: {w}" for w in data.warnings]
     if data.ignored:
         lines.append("ignored keys (not trained): " + ", ".join(f"{k} ({v:,})" for k, v in data.ignored.most_common()))
     return "\n".join(lines)
+
+
+def counted(records: int, examples: int, data: FileData) -> str:
+    """"20 examples", or "20 examples in 1,234 windows" when long texts were split (each window trains apart)."""
+    return f"{records:,} examples" + (f" in {examples:,} windows" if data.windows else "")
 
 
 def marked(example, tokenizer) -> str:

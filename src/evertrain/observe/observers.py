@@ -96,7 +96,7 @@ class Observers:
     def held_out(self, data: FileData) -> None:
         """A file's held-out lines, into the trace (when its cursor is made)."""
         if self.trace is not None and self.acc.is_main_process:
-            self.trace.held_out(data.sha256, [e.line for e in data.held_out])
+            self.trace.held_out(data.sha256, data.held_out_lines)
 
     def anchor_examples(self) -> list[Example]:
         """The anchor set's examples, for replay to rehearse."""

@@ -46,15 +46,15 @@ def _log_steps(limit: int) -> set[int]:
     return {round(2 ** (i / 4)) for i in range(k)}
 
 
-def labels(path: Path, lines: set[int], columns: str) -> dict[int, str]:
+def labels(path: Path, lines: set[int], cfg) -> dict[int, str]:
     """Each chosen record's label (formats.label), read again from the file: the tokens alone cannot say which
     turn was the user's. Reading stops at the last chosen record."""
     out: dict[int, str] = {}
     if not lines:
         return out
     try:
-        mapping = parse_columns(columns) if columns else None
-        for number, obj in open_records(path):
+        mapping = parse_columns(cfg.columns) if cfg.columns else None
+        for number, obj in open_records(path, cfg.max_line_bytes, cfg.max_json_depth, cfg.text_sample_by):
             if number in lines:
                 try:
                     out[number] = " ".join(label(parse_record(obj, mapping)).split())[:LABEL_CHARS]
@@ -118,9 +118,9 @@ class Snapshots:
             try:
                 cfg = dataclasses.replace(self.config, held_out_fraction=0.0, packing=False)
                 data = load_file(self.run.probes, self.tokenizer, cfg, store_dir=self.run.tokens)
-                names = labels(self.run.probes, {e.line for e in data.examples}, cfg.columns)
+                names = labels(self.run.probes, {e.line for e in data.examples}, cfg)
                 for e in data.examples:
-                    tracked.append({"id": f"probe-{e.line}", "source": "probe", "file": None, "line": e.line,
+                    tracked.append({"id": f"probe-{e.id}", "source": "probe", "file": None, "line": e.line,
                                     "label": names.get(e.line, ""), "input_ids": e.input_ids, "labels": e.labels})
             except DataError as err:
                 logs.say(f"evertrain: probes ignored: {err}")
@@ -136,10 +136,10 @@ class Snapshots:
             return
         rng = np.random.default_rng([int(data.sha256[32:48], 16), cfg.seed, 11])
         picks = sorted(rng.permutation(len(data.examples))[:cfg.snapshot_per_file].tolist())
-        names = labels(data.path, {data.examples[i].line for i in picks}, cfg.columns)
+        names = labels(data.path, {data.examples[i].line for i in picks}, cfg)
         for i in picks:
             e = data.examples[i]
-            tracked.append({"id": f"{data.sha256[:12]}-{e.line}", "source": "file", "file": data.sha256,
+            tracked.append({"id": f"{data.sha256[:12]}-{e.id}", "source": "file", "file": data.sha256,
                             "file_name": data.name, "line": e.line, "label": names.get(e.line, ""),
                             "input_ids": e.input_ids, "labels": e.labels})
         # Bounded: the newest files' picks win; probes are never dropped (they are not in this list).

@@ -2,9 +2,11 @@
 
 One line per optimizer step, written from the evidence each process takes after a micro-batch's backward pass
 (train/loop.py `evidence`: a micro-batch that never reached the model is missing from it):
-  {"step": N, "file": "<sha256>", "examples": [0-based record numbers, all micro-batches],
+  {"step": N, "file": "<sha256>", "examples": [the ids of the examples, all micro-batches],
    "micro_batches": [{"rank": R, "index": M, "examples": [...], "tokens": T}, ...], "replay": [[sha256, n], ...]}
-plus one line per file with held-out examples: {"file": "<sha256>", "held_out": [...]}.
+An example's id is its 0-based record number, or "N/K" for window K of record N when a long text was split into
+windows (every window is trained once, so a windowed record shows once per window).
+Plus one line per file with held-out records: {"file": "<sha256>", "held_out": [record numbers]}.
 A resume rewrites the trace to hold only committed history: steps after the resumed checkpoint are dropped.
 
     python -m evertrain.observe.trace OUTPUT_DIR/trace.jsonl    # summarise coverage per file
@@ -50,9 +52,10 @@ class Trace:
         if not accelerator.is_main_process:
             return
         record = {"step": global_step, "file": sha256,
-                  "examples": sorted(line for mb in seen for line in mb["examples"]),
+                  "examples": sorted((x for mb in seen for x in mb["examples"]), key=in_file_order),
                   "micro_batches": [{k: mb[k] for k in ("rank", "index", "examples", "tokens")} for mb in seen]}
-        replay_lines = sorted(pair for mb in seen for pair in mb["replay"])
+        replay_lines = sorted((pair for mb in seen for pair in mb["replay"]),
+                              key=lambda pair: (pair[0], in_file_order(pair[1])))
         if replay_lines:
             record["replay"] = replay_lines
         faults.hit("trace-write")
@@ -63,8 +66,14 @@ def read(path: Path) -> list[dict]:
     return read_records(path)
 
 
+def in_file_order(example_id) -> tuple[int, int]:
+    """A sort key for example ids: by record, a whole record, or its windows in order ("12/0", "12/1")."""
+    line, _, part = str(example_id).partition("/")
+    return int(line), int(part) if part else -1
+
+
 def coverage(path: Path) -> dict[str, Counter]:
-    """For every file: how many times each line was trained."""
+    """For every file: how many times each example id (a line, or a window "line/window") was trained."""
     out: dict[str, Counter] = {}
     for rec in read(path):
         if "step" in rec:
@@ -76,4 +85,4 @@ if __name__ == "__main__":
     import sys
 
     for sha, counts in coverage(Path(sys.argv[1])).items():
-        print(f"{sha[:12]}  {len(counts)} lines  trained {dict(Counter(counts.values()))} times")
+        print(f"{sha[:12]}  {len(counts)} examples  trained {dict(Counter(counts.values()))} times")

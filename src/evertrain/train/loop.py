@@ -218,14 +218,15 @@ def micro_batches(rows: list[list[Example]], accum: int, world: int, rank: int):
 
 
 def evidence(rank: int, m: int, rows: list[list[Example]], replayed: dict[int, str]) -> dict:
-    """One micro-batch as it reached the model: the file's lines, the replayed [sha256, line]s and the tokens.
+    """One micro-batch as it reached the model: the file's examples (by Example.id: a line, or "line/window" for a
+    window of a long text), the replayed [sha256, id]s and the tokens.
 
     A replayed example is told apart from the file's own by identity (the same line number can be both);
-    identities stay in this process, only lines travel to the main one (observe/trace.py writes them).
+    identities stay in this process, only ids travel to the main one (observe/trace.py writes them).
     """
     examples = [e for row in rows for e in row]
-    return {"rank": rank, "index": m, "examples": [e.line for e in examples if id(e) not in replayed],
-            "replay": [[replayed[id(e)], e.line] for e in examples if id(e) in replayed],
+    return {"rank": rank, "index": m, "examples": [e.id for e in examples if id(e) not in replayed],
+            "replay": [[replayed[id(e)], e.id] for e in examples if id(e) in replayed],
             "tokens": sum(len(e.input_ids) for e in examples)}
 
 
@@ -233,7 +234,7 @@ def begin_file(session: Session, data: FileData, total: int) -> tuple[FileCursor
     """Where a file's life begins: its cursor (new, or the one it was interrupted at) and whether it is new."""
     progress, cfg = session.progress, session.config
     settings = {"global_batch": session.global_batch, "epochs": cfg.epochs, "packing": cfg.packing,
-                "max_length": cfg.max_length, "seed": cfg.seed, "held_out": len(data.held_out)}
+                "max_length": cfg.max_length, "seed": cfg.seed, "held_out": len(data.held_out), **data.layout}
     cursor = progress.cursors.get(data.sha256)
     first_time = cursor is None
     if cursor is None:
@@ -261,7 +262,7 @@ def end_file(session: Session, data: FileData, status: str, forgetting: dict | N
         steps=cursor.file_step if cursor else 0, expected_steps=data.total_steps(session.global_batch,
                                                                                  session.config.epochs),
         first_step=cursor.first_step if cursor else progress.global_step + 1, last_step=progress.global_step,
-        status=status, held_out=sorted(e.line for e in data.held_out), replayed=cursor.replayed if cursor else 0,
+        status=status, held_out=data.held_out_lines, replayed=cursor.replayed if cursor else 0,
         forgetting=forgetting)
     progress.files.append(record)
     return record

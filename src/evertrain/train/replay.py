@@ -79,8 +79,7 @@ class Replay:
         picks = rng.permutation(len(data.examples))[:cfg.replay_buffer].tolist()
         path = sample_path(self.run, data.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, [{"line": data.examples[i].line, "input_ids": data.examples[i].input_ids,
-                                  "labels": data.examples[i].labels} for i in picks], indent=None)
+        write_json_atomic(path, [_kept(data.examples[i]) for i in picks], indent=None)
         self._pool = None  # rebuilt at the next draw
 
     def trim(self, progress) -> None:
@@ -107,8 +106,8 @@ class Replay:
             for sha in done:
                 p = sample_path(self.run, sha)
                 if p.exists():
-                    items += [(sha, Example(line=e["line"], format="", input_ids=e["input_ids"], labels=e["labels"]))
-                              for e in json.loads(p.read_text())[:share]]
+                    items += [(sha, Example(line=e["line"], format="", input_ids=e["input_ids"], labels=e["labels"],
+                                            part=e.get("part"))) for e in json.loads(p.read_text())[:share]]
             self._pool = items
         return self._pool
 
@@ -131,6 +130,11 @@ class Replay:
         rng = np.random.default_rng([cfg.seed, step, 3])
         return [items[i] for i in rng.choice(len(items), size=k, replace=False,
                                              p=weights(cfg, progress, items, cursor))]
+
+
+def _kept(e: Example) -> dict:
+    kept = {"line": e.line, "input_ids": e.input_ids, "labels": e.labels}
+    return kept if e.part is None else {**kept, "part": e.part}   # a window: the trace names it "line/part"
 
 
 def weights(config, progress, items: list[tuple[str, Example]], cursor) -> np.ndarray | None:

@@ -62,10 +62,15 @@ def setup(config: TrainConfig, run: Run, *, resume: checkpoint.Checkpoint | None
     accelerator.wait_for_everyone()
     newest = resume
 
-    if newest is not None and "held_out_min_file" not in saved_settings(newest.path):
+    saved_config = saved_settings(newest.path) if newest is not None else None
+    if saved_config is not None and "held_out_min_file" not in saved_config:
         # A run begun before tiny files got a held-out slice keeps choosing as it did: a file interrupted part-way
         # must find the same held-out examples (its cursor's settings), and later files the same rule.
         config = dataclasses.replace(config, held_out_min_file=0)
+    if saved_config is not None and "long_text" not in saved_config:
+        # A run begun before long texts were windowed keeps truncating them, for the same reason: a file
+        # interrupted part-way must find the same rows.
+        config = dataclasses.replace(config, long_text="truncate", window_overlap=0)
     world = accelerator.num_processes
     asked = config.batch_size * world * config.gradient_accumulation
     precision = accelerator.mixed_precision
