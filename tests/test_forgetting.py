@@ -197,10 +197,21 @@ def test_alert_only_records(tmp_path, tiny_model, capsys):
     assert not torch.equal(tensors(newest(run).path, "model.safetensors")["lm_head.weight"], head)
 
 
-def test_gate_off_records_no_verdict(tmp_path, tiny_model):
-    assert train(tmp_path, tiny_model, "old.jsonl", OLD, "--forgetting-action", "off") == exits.OK
-    assert train(tmp_path, tiny_model, "new.jsonl", CONTRADICTING, "--forgetting-action", "off") == exits.OK
+def test_gate_off_records_no_verdict_and_without_anchor_replay_makes_no_anchor_set(tmp_path, tiny_model, capsys):
+    rehearse = ("--forgetting-action", "off", "--anchor-replay")
+    assert train(tmp_path, tiny_model, "old.jsonl", OLD, *rehearse) == exits.OK
+    assert (tmp_path / "run" / "anchor.json").exists()  # anchor replay rehearses it
+    assert train(tmp_path, tiny_model, "new.jsonl", CONTRADICTING, *rehearse) == exits.OK
     assert [f.forgetting for f in progress(tmp_path / "run").files] == [None, None]
+    # Nothing uses an anchor set (no gate, no anchor replay): none is made (the base model answers nothing) and
+    # none is measured.
+    capsys.readouterr()
+    off = tmp_path / "off"
+    off.mkdir()
+    for name, rows in (("old.jsonl", OLD), ("new.jsonl", CONTRADICTING)):
+        assert train(off, tiny_model, name, rows, "--forgetting-action", "off", "--no-anchor-replay") == exits.OK
+    assert not (off / "run" / "anchor.json").exists() and not (off / "run" / "logs" / "anchor.jsonl").exists()
+    assert "anchor set" not in capsys.readouterr().out
 
 
 def test_anchor_is_built_once_deterministically_and_measures_drift(tmp_path, tiny_model):

@@ -78,11 +78,14 @@ class Anchor:
     def __init__(self, run: Run, accelerator, tokenizer, config, *, sharded: bool):
         self.run, self.acc, self.tokenizer, self.config, self.sharded = run, accelerator, tokenizer, config, sharded
         self._items: list[Item] | None = None
+        # Made and measured only for what uses it: the forgetting gate, or rehearsing it (anchor_replay). A run
+        # with both off pays nothing for it (16 answers generated, two measurements a file).
+        self.wanted = bool(config.anchor_size) and (config.forgetting_action != "off" or config.anchor_replay)
 
     def items(self) -> list[Item]:
-        """The anchor set, read once per session."""
+        """The anchor set, read once per session (none when nothing uses it)."""
         if self._items is None:
-            self._items = load(self.run)
+            self._items = load(self.run) if self.wanted else []
         return self._items
 
     def prompts(self, data: FileData, tracked: list[dict]) -> list[tuple[str, list[int]]]:
@@ -104,8 +107,7 @@ class Anchor:
         (the probes among them), read on the main process only."""
         import torch
 
-        cfg = self.config
-        if not cfg.anchor_size or self.run.anchor.exists():
+        if not self.wanted or self.run.anchor.exists():
             return False
         if global_step > 0:
             self.say("evertrain: this run began before anchor sets existed: it has none (the base model is gone)")

@@ -23,7 +23,7 @@ import torch
 from evertrain import collective, faults
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.observe import gate
-from evertrain.train import checkpoint, sharding
+from evertrain.train import checkpoint, replay, sharding
 from evertrain.train.objectives import Supervised
 from evertrain.train.saving import finish_write, overlaps, save_checkpoint
 from evertrain.train.schedule import lr_factor
@@ -82,8 +82,9 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
     while cursor.file_step < total:
         t_step = time.perf_counter()
         rows = [[data.examples[i] for i in data.rows[r]] for r in data.step_rows(cursor.file_step, G, cfg.seed)]
+        n_trained = sum(len(row) for row in rows)
         replayed = session.replay.draw(progress, data.sha256, G, observers.anchor_examples())
-        rows += [[e] for _sha, e in replayed]
+        rows = replay.place(rows, [e for _sha, e in replayed], cfg.max_length)
         replayed_ids = {id(e): sha for sha, e in replayed}
         count = objective.count(rows)  # the loss's denominator, the same on every process
         lr = cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
@@ -112,7 +113,6 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
 
         progress.global_step += 1
         cursor.file_step += 1
-        n_trained = sum(len(row) for row in rows[:len(rows) - len(replayed)])
         step_tokens = sum(len(e.input_ids) for row in rows for e in row)
         progress.tokens_seen += step_tokens
         progress.examples_seen += n_trained

@@ -132,6 +132,30 @@ class Replay:
                                              p=weights(cfg, progress, items, cursor))]
 
 
+def place(rows: list[list[Example]], replayed: list[Example], capacity: int) -> list[list[Example]]:
+    """The step's rows with the replayed examples where they cost only their tokens: each (longest first) into the
+    fullest row that still has room for it within `capacity` tokens (the lowest row on a tie), the rest packed
+    together into rows of their own the same way. A row of its own would be padded to the longest row it is
+    batched with: an anchor answer of 40 tokens among rows of 512 would cost 512. Packed examples never attend to
+    each other (position ids restart), so a row's own examples train as they would alone. A pure function of the
+    rows and the draw: a resumed run places them as an uninterrupted one did."""
+    rows = [list(row) for row in rows]
+    used = [sum(len(e.input_ids) for e in row) for row in rows]
+    first_new = len(rows)
+    for e in sorted(replayed, key=lambda e: -len(e.input_ids)):  # sorted() is stable: ties keep the draw's order
+        n = len(e.input_ids)
+        fits = [r for r in range(len(rows)) if used[r] + n <= capacity]
+        # the file's rows first (the padding they have anyway), then rows of replay only
+        r = min(fits, key=lambda r: (r >= first_new, capacity - used[r] - n, r)) if fits else None
+        if r is None:
+            rows.append([])
+            used.append(0)
+            r = len(rows) - 1
+        rows[r].append(e)
+        used[r] += n
+    return rows
+
+
 def _kept(e: Example) -> dict:
     kept = {"line": e.line, "input_ids": e.input_ids, "labels": e.labels}
     return kept if e.part is None else {**kept, "part": e.part}   # a window: the trace names it "line/part"

@@ -1,0 +1,80 @@
+"""Replay's pure pieces: where replayed examples go in a step's rows (train/replay.py `place`).
+
+    pytest -q tests/test_replay.py
+"""
+
+from __future__ import annotations
+
+import random
+
+from evertrain.data import Example
+
+
+def ex(n: int, tag: int = 0) -> Example:
+    return Example(line=tag, format="", input_ids=[1] * n, labels=[1] * n)
+
+
+def lengths(rows) -> list[int]:
+    return [sum(len(e.input_ids) for e in row) for row in rows]
+
+
+def test_replayed_examples_go_into_the_rows_padding_before_rows_of_their_own():
+    from evertrain.train.replay import place
+
+    own = [[ex(500)], [ex(300), ex(100)], [ex(480)]]
+    a, b, c = ex(40, 1), ex(25, 2), ex(200, 3)
+    rows = place(own, [a, b, c], 512)  # rooms left in the file's rows: 12, 112, 32
+    assert lengths(rows) == [500, 440, 505, 200]
+    placed = [e for row in rows for e in row if e in (a, b, c)]
+    assert sorted(map(id, placed)) == sorted(map(id, (a, b, c)))  # each once
+    assert all(n <= 512 for n in lengths(rows))
+    assert [row[:len(o)] for row, o in zip(rows, own)] == own  # a row's own examples first, in their order
+    assert len(rows) == 4 and rows[3] == [c]  # 200 fits no file row (12, 112, 32 left): a row of replay alone
+    assert a in rows[1] and b in rows[2]  # 40 and 25 into the fullest rows with room: 112 and 32 left
+
+
+def test_placing_is_a_pure_function_that_never_moves_the_files_own_examples():
+    from evertrain.train.replay import place
+
+    rng = random.Random(7)
+    for _ in range(200):
+        own = [[ex(rng.randint(1, 256)) for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 8))]
+        replayed = [ex(rng.randint(1, 300), 100 + i) for i in range(rng.randint(0, 6))]
+        capacity = 512
+        first, again = place(own, replayed, capacity), place(own, replayed, capacity)
+        assert [[id(e) for e in row] for row in first] == [[id(e) for e in row] for row in again]
+        assert [row[:len(o)] for row, o in zip(first, own)] == own
+        assert sorted(id(e) for row in first for e in row) == sorted([id(e) for row in own for e in row]
+                                                                       + [id(e) for e in replayed])
+        added = lengths(first)[len(own):]
+        assert all(0 < n <= capacity for n in added)  # rows of replay alone are full as they can be...
+        # ...and there is one only when no file row had room for what it holds
+        for row in first[len(own):]:
+            for e in row:
+                assert all(n + len(e.input_ids) > capacity for n in lengths(first[:len(own)]))
+
+
+def test_a_step_with_replay_feeds_no_more_rows_than_its_own(tmp_path, tiny_model, monkeypatch):
+    """Replayed examples ride in the padding of the step's rows: the model sees 4 rows a step, not 4 + replay."""
+    from conftest import cli, text_rows, write_jsonl
+
+    from evertrain.observe import trace
+    from evertrain.train import objectives
+
+    opts = ("--model", tiny_model, "--batch-size", 4, "--no-packing", "--held-out-fraction", 0, "--trace",
+            "--replay-fraction", 0.5, "--anchor-size", 0)
+    out = tmp_path / "run"
+    assert cli("train", "--dataset", write_jsonl(tmp_path / "a.jsonl", text_rows(8, "a")), "--output-dir", out,
+               *opts) == 0
+    widths, real = [], objectives.collate
+
+    def collate(rows, pad_id, device):
+        widths.append(len(rows))
+        return real(rows, pad_id, device)
+
+    monkeypatch.setattr(objectives, "collate", collate)
+    assert cli("train", "--dataset", write_jsonl(tmp_path / "b.jsonl", text_rows(8, "b")), "--output-dir", out,
+               *opts) == 0
+    replayed = [r for r in trace.read(out / "trace.jsonl") if r.get("replay")]
+    assert len(replayed) == 2 and all(len(r["replay"]) == 2 for r in replayed)  # half a batch of 4, each step
+    assert widths == [4, 4]
