@@ -228,7 +228,8 @@ def test_column_mapping():
     assert r.kind == "sharegpt"
     assert err({"question": "2+2?"}, cols) == (
         "fits no format (keys: ['question']); expected text, prompt+completion (or response), messages, "
-        "conversations (ShareGPT), instruction+output (Alpaca), or prompt+completion as message lists")
+        "conversations (ShareGPT), instruction+output (Alpaca), or prompt+completion as message lists; or, to "
+        "learn by judgment, chosen+rejected answers (a preference pair) or an answer with a true/false label")
 
 
 def test_parse_columns():
@@ -245,7 +246,8 @@ def test_parse_columns():
     ("question=", 'column mapping item "question=" has an empty side (expected source=target)'),
     ("q=prompt,q=completion", 'column mapping names "q" twice'),
     ("q=answer", 'column mapping target "answer" is not a format key (known: text, prompt, completion, response, '
-                 'messages, conversations, tools, functions, instruction, input, output, system, history)'),
+                 'messages, conversations, tools, functions, instruction, input, output, system, history, chosen, '
+                 'rejected, label)'),
 ])
 def test_parse_columns_errors(text, message):
     with pytest.raises(ValueError) as e:
@@ -256,22 +258,18 @@ def test_parse_columns_errors(text, message):
 # ---------------------------------------------------------------- every refusal
 
 U, A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
-KTO = ('KTO data (examples with a true/false "label") is for KTO preference training; evertrain trains '
-       'supervised examples only: keep the examples labelled true, without "label"')
 
 
 @pytest.mark.parametrize("obj, message", [
     ([1, 2], "expected a JSON object, got list"),
     ("text", "expected a JSON object, got str"),
     ({"foo": 1, "txt": "x"}, "fits no format (keys: ['foo', 'txt']); expected text, prompt+completion (or response), "
-     "messages, conversations (ShareGPT), instruction+output (Alpaca), or prompt+completion as message lists"),
+     "messages, conversations (ShareGPT), instruction+output (Alpaca), or prompt+completion as message lists; or, "
+     "to learn by judgment, chosen+rejected answers (a preference pair) or an answer with a true/false label"),
     ({"text": None, "id": 3}, "fits no format (keys: ['id'], null: ['text']); expected text, prompt+completion "
      "(or response), messages, conversations (ShareGPT), instruction+output (Alpaca), or prompt+completion as "
-     "message lists"),
-    ({"chosen": "good", "rejected": "bad", "prompt": "Q"},
-     'preference data (chosen/rejected) is for preference training such as DPO; evertrain trains supervised '
-     'examples only: keep the chosen answer as "completion" or "messages"'),
-    ({"prompt": "Q", "completion": "A", "label": False}, KTO),
+     "message lists; or, to learn by judgment, chosen+rejected answers (a preference pair) or an answer with a "
+     "true/false label"),
     # text, prompt/completion
     ({"text": 5}, '"text" must be a string, got int'),
     ({"text": "  \n"}, '"text" is empty'),
@@ -364,7 +362,7 @@ def test_a_non_boolean_label_is_just_ignored():
     assert (r.kind, r.ignored) == ("prompt_completion", ("label",))
 
 
-# ---------------------------------------------------------------- multimodal and KTO records
+# ---------------------------------------------------------------- multimodal records
 
 TEXT_ONLY = "evertrain trains text only (images, video and audio are not supported)"
 # LLaMA-Factory's data/mllm_demo.json, first record
@@ -407,19 +405,6 @@ def test_text_with_media_tags_and_empty_media_lists_train():
     assert parse_record({"text": "<video><audio>src</audio></video>"}).kind == "text"
     chat = {"messages": [U, A], "images": [], "videos": None, "audios": ""}
     assert parse_record(chat).kind == "messages"
-
-
-@pytest.mark.parametrize("obj", [
-    # LLaMA-Factory's data/kto_en_demo.json shape
-    {"messages": [{"role": "user", "content": "Is the sky green?"}, {"role": "assistant", "content": "Yes."}],
-     "label": False},
-    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away."}], "label": False},
-    {"instruction": "Say hi", "output": "hi", "label": True},
-    {"prompt": [U], "completion": [A], "label": True},
-    {"text": "a good one", "label": True},
-])
-def test_kto_label_is_refused_in_every_shape(obj):
-    assert err(obj) == KTO
 
 
 # ---------------------------------------------------------------- the mapping suggested for a record that fits none

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from evertrain.data import Example, FileData
+from evertrain.data import Example, FileData, example_from, example_record
 from evertrain.files import append_json_line, read_records, write_json_atomic
 from evertrain.runs import Run, open_run
 
@@ -30,8 +30,7 @@ def load_held_out(run: Run, sha256: str) -> tuple[str, list[Example]] | None:
     if not path.exists():
         return None
     d = json.loads(path.read_text())
-    return d["name"], [Example(line=e["line"], format="", input_ids=e["input_ids"], labels=e["labels"])
-                       for e in d["examples"]]
+    return d["name"], [example_from(e) for e in d["examples"]]
 
 
 def seen_files(progress) -> list[str]:
@@ -44,8 +43,8 @@ def seen_files(progress) -> list[str]:
 class Evals:
     """The held-out slices of one run, measured with the model a session trains."""
 
-    def __init__(self, run: Run, accelerator, tokenizer):
-        self.run, self.acc, self.tokenizer = run, accelerator, tokenizer
+    def __init__(self, run: Run, accelerator, tokenizer, judge=None):
+        self.run, self.acc, self.tokenizer, self.judge = run, accelerator, tokenizer, judge
 
     def store_held_out(self, data: FileData) -> None:
         """Keep a file's held-out slice with the run, so later files (and later processes) can evaluate it."""
@@ -53,8 +52,8 @@ class Evals:
         if not data.held_out or path.exists() or not self.acc.is_main_process:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {"name": data.name, "examples": [
-            {"line": e.line, "input_ids": e.input_ids, "labels": e.labels} for e in data.held_out]}, indent=None)
+        write_json_atomic(path, {"name": data.name, "examples": [example_record(e) for e in data.held_out]},
+                          indent=None)
 
     def measure(self, model, shas: list[str], step: int, *, after_file: FileData | None = None,
                 before_file: FileData | None = None) -> list[dict]:
@@ -65,12 +64,16 @@ class Evals:
             if found is None:
                 continue
             name, examples = found
-            loss, tokens = self.mean_loss(model, examples)
+            if examples[0].objective != "supervised" and self.judge is not None:
+                judged = self.judge(model, examples)  # a preference or feedback slice: its loss, accuracy, margin
+                loss, tokens = judged.pop("loss"), judged.pop("tokens")
+            else:
+                (loss, tokens), judged = self.mean_loss(model, examples), {}
             results.append({"step": step, "after_file": after_file.sha256 if after_file else None,
                             "after_file_name": after_file.name if after_file else None,
                             "before_file": before_file.sha256 if before_file else None,
                             "file": sha, "file_name": name, "loss": loss, "tokens": tokens,
-                            "examples": len(examples), "time": time.time()})
+                            "examples": len(examples), "time": time.time(), **judged})
         return results
 
     def record(self, results: list[dict]) -> None:

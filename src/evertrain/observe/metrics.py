@@ -116,6 +116,7 @@ class Metrics:
                                                                ("grad_norm", "grad_norm"),
                                                                ("tokens_per_second", "tokens_per_second"))
                   if record.get(key) is not None}
+        values.update({f"train/{name}": v for name, v in (record.get("objective") or {}).items()})
         self._to_trackers("the trackers", lambda: self.acc.log(values, step=record["step"]))
         if record["file_step"] % self.log_steps == 0 or record["file_step"] == record["file_total_steps"]:
             logs.say(f"  step {record['step']:>7}  {record['file_name']} {record['file_step']}/"

@@ -67,6 +67,7 @@ class Session:
     identity: dict                      # what defines the run; identity["sharding"] == "fsdp2": sharded by FSDP2
     gradient_accumulation: int          # micro-batches per step on each process: what keeps the run's global batch
     observers: object                   # observe.Observers
+    objectives: object                  # train/objectives.py Objectives: the loss of a micro-batch
     replay: object                      # train/replay.py Replay
     retention: Retention
     writing: Writing
@@ -113,6 +114,8 @@ class StepRecord:
     replayed: int              # examples replayed from earlier files
     tokens_per_second: float   # over the last few steps (RATE_STEPS), not since the file began
     time: float                # wall clock (time.time()) at the step's end
+    objective: dict = field(default_factory=dict)  # preference, feedback: the step's rewards, accuracy, margin,
+    #                            KL, by TRL's names (objectives.Sums)
 
     def as_dict(self) -> dict:
         return asdict(self)
