@@ -13,15 +13,19 @@ OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around trained text: rare in real da
 
 
 def describe(data: FileData, max_length: int) -> str:
-    kinds = ", ".join(f"{k} {v:,}" for k, v in data.formats.most_common())
     examples = counted(data.records + len(data.held_out_lines), len(data.examples) + len(data.held_out), data)
-    lines = [f"{data.name}: {examples} ({kinds}), {data.tokens:,} tokens, "
+    lines = [f"{data.name}: {examples} ({kinds(data)}), {data.tokens:,} tokens, "
              f"{data.truncated:,} truncated to {max_length}, {len(data.held_out):,} held out, "
              f"{len(data.rows):,} rows"]
     lines += [f"warning: {w}" for w in data.warnings]
     if data.ignored:
         lines.append("ignored keys (not trained): " + ", ".join(f"{k} ({v:,})" for k, v in data.ignored.most_common()))
     return "\n".join(lines)
+
+
+def kinds(data: FileData) -> str:
+    """The shapes the file's records came in, most common first: "chat 30, alpaca 2"."""
+    return ", ".join(f"{k} {v:,}" for k, v in data.formats.most_common())
 
 
 def counted(records: int, examples: int, data: FileData) -> str:

@@ -115,29 +115,36 @@ def forgetting_matrix(evals: list[dict]) -> dict:
 
     A row per evaluation event (after file i finished, or a periodic one), ordered by step; a column per evaluated
     file in training order; cell = mean held-out loss. `before` holds each file's loss right before its training.
+    A file of judgments (pairs, rated answers) also has, in `judged` beside each of its cells (and
+    `before_judged`), the held-out accuracy and margin; elsewhere those are None.
     """
-    columns: dict[str, dict] = {}  # sha256 -> {"file", "file_name"}, in first-seen order
+    columns: dict[str, dict] = {}  # sha256 -> {"file", "file_name", "judged"}, in first-seen order
     rows: dict[tuple, dict] = {}
     before: dict[str, float] = {}
+    before_judged: dict[str, dict] = {}
+    column = lambda sha, name: columns.setdefault(sha, {"file": sha, "file_name": name, "judged": False})  # noqa: E731
     for e in evals:
         sha = e.get("file")
         if not isinstance(sha, str) or not isinstance(e.get("loss"), (int, float)):
             continue
+        judged = {k: e.get(k) for k in ("accuracy", "margin")} if "accuracy" in e else None
         if e.get("before_file") is not None:
-            before[sha] = e["loss"]
-            columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
-            continue
-        after = e.get("after_file")
-        if after is not None:
-            columns.setdefault(after, {"file": after, "file_name": e.get("after_file_name")})
-        columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
-        row = rows.setdefault((e.get("step"), after), {
-            "step": e.get("step"), "after_file": after, "after_file_name": e.get("after_file_name"), "cells": {}})
-        row["cells"][sha] = e["loss"]
+            before[sha], before_judged[sha] = e["loss"], judged
+        else:
+            after = e.get("after_file")
+            if after is not None:
+                column(after, e.get("after_file_name"))
+            row = rows.setdefault((e.get("step"), after), {
+                "step": e.get("step"), "after_file": after, "after_file_name": e.get("after_file_name"),
+                "cells": {}, "judged": {}})
+            row["cells"][sha], row["judged"][sha] = e["loss"], judged
+        column(sha, e.get("file_name"))["judged"] |= judged is not None
     order = list(columns)
     return {"files": list(columns.values()),
             "before": [before.get(sha) for sha in order],
-            "rows": [dict(r, cells=[r["cells"].get(sha) for sha in order])
+            "before_judged": [before_judged.get(sha) for sha in order],
+            "rows": [dict(r, cells=[r["cells"].get(sha) for sha in order],
+                          judged=[r["judged"].get(sha) for sha in order])
                      for r in sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0))]}
 
 
@@ -154,9 +161,17 @@ def report(root: Path) -> str:
              " " * width + "  " + "  ".join(f"{j + 1:>7}" for j in range(len(names)))]
     for r in m["rows"]:
         lines.append(f"{label(r):>{width}}  " + "  ".join(fmt(x) for x in r["cells"]))
-    lines += ["", "Per file: held-out loss before its training, right after it, and now (the last evaluation)."]
+    lines += ["", "Per file: held-out loss before its training, right after it, and now (the last evaluation);",
+              "for pairs and rated answers also the accuracy (the preferred answer's reward above the other's; a "
+              "rating's side) and the margin."]
+    pct = lambda x: "   -" if x is None else f"{x['accuracy']:4.0%}"  # noqa: E731
     for j, (f, name) in enumerate(zip(m["files"], names)):
-        own = next((r["cells"][j] for r in m["rows"] if r["after_file"] == f["file"]), None)
-        lines.append(f"{j + 1:>3}. {name:<{width}}  before {fmt(m['before'][j])}  after {fmt(own)}  "
-                     f"now {fmt(m['rows'][-1]['cells'][j])}")
+        own = next((r for r in m["rows"] if r["after_file"] == f["file"]), None)
+        line = (f"{j + 1:>3}. {name:<{width}}  before {fmt(m['before'][j])}  "
+                f"after {fmt(own['cells'][j] if own else None)}  now {fmt(m['rows'][-1]['cells'][j])}")
+        if f["judged"]:
+            now = m["rows"][-1]["judged"][j]
+            line += (f"   accuracy {pct(m['before_judged'][j])} -> {pct(own['judged'][j] if own else None)} -> "
+                     f"{pct(now)}   margin now {fmt(now['margin'] if now else None).strip()}")
+        lines.append(line)
     return "\n".join(lines)

@@ -204,7 +204,7 @@ class Objectives:
                         losses.append(1 - float(torch.sigmoid(torch.tensor(
                             cfg.beta * ((ratio - kl_f) if e.desirable else (kl_f - ratio))))))
                         rewards[bool(e.desirable)].append(cfg.beta * ratio)
-                        right += (ratio > 0) == bool(e.desirable)
+                        right += ratio > 0 if e.desirable else ratio < 0
         model.train(was_training)
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
         return {"loss": mean(losses), "accuracy": right / len(examples), "margin": mean(rewards[True]) -

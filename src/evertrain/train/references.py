@@ -13,19 +13,20 @@ trained a step (the model is still what it was); after that it cannot be, and th
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evertrain.data import DataError, Example, FileData
+from evertrain.data import Example, FileData
 from evertrain.data.packing import collate
-from evertrain.files import fsync_dir, write_text_atomic
+from evertrain.files import fsync_dir, write_bytes_atomic, write_text_atomic
 from evertrain.runs import Run
 from evertrain.train.objectives import segment_logp, token_logps
+from evertrain.train.session import LostReference
 
 ROWS = 8  # examples per forward pass
 
@@ -43,10 +44,9 @@ def attach(session, data: FileData, cursor, first_time: bool) -> None:
     values = None if first_time else read(path)
     if values is None or len(values) != len(data.store):
         if not first_time and cursor.file_step > 0:
-            raise DataError(data.path, [f"its reference (the model as it stood when it began, at global step "
-                                        f"{cursor.first_step - 1}) is missing or damaged in {path.parent}, and "
-                                        f"{cursor.file_step} of its steps were trained since: it cannot be computed "
-                                        "again; train the file anew (`evertrain add` it again)"])
+            raise LostReference(f"its reference (the model as it stood when it began, at global step "
+                                f"{cursor.first_step - 1}) is missing or damaged in {path.parent}, and "
+                                f"{cursor.file_step} of its steps were trained since: it cannot be computed again")
         values = compute(session, data)
         if session.is_main:
             write(path, values)
@@ -103,13 +103,10 @@ def logps(model, examples: list[Example], pad_id: int, device, chunked: bool) ->
 def write(path: Path, values: np.ndarray) -> None:
     """The values and, written last, their CRC-32: a reader finds the pair whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, values)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    write_text_atomic(_meta(path), json.dumps({"crc32": zlib.crc32(path.read_bytes()), "shape": list(values.shape)}))
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    write_bytes_atomic(path, buffer.getvalue())
+    write_text_atomic(_meta(path), json.dumps({"crc32": zlib.crc32(buffer.getvalue()), "shape": list(values.shape)}))
     fsync_dir(path.parent)
 
 

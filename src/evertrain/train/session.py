@@ -33,6 +33,11 @@ class NonFiniteLoss(RuntimeError):
                          "step was applied")
 
 
+class LostReference(RuntimeError):
+    """A preference or feedback file's reference is gone after steps trained against it: the model is no longer
+    the reference, so it cannot be computed again and the file cannot go on."""
+
+
 @dataclass
 class Retention:
     """What the caller asks of the checkpoints: which to keep whatever `keep_checkpoints` says (pinned by a
