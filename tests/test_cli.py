@@ -1,5 +1,5 @@
 """The command line without rough edges: progress and the run's log, --version, --config, no abbreviations, one
-line per expected failure, a closed pipe, `run --once`'s summary and exit code, the environment in the README.
+line per expected failure, a closed pipe, `run --once`'s summary and exit code, the environment in docs/options.md.
 
     pytest -q tests/test_cli.py
 """
@@ -173,11 +173,11 @@ def test_status_says_durations_in_hours_and_minutes(tmp_path, tiny_model, capsys
     assert re.search(r"eta_file_seconds\s*│\s*1h 12m", out) and re.search(r"eta_queue_seconds\s*│\s*1m 5s", out)
 
 
-def test_every_environment_variable_read_is_in_the_readme():
+def test_every_environment_variable_read_is_in_the_options_page():
     src = subprocess.run(["grep", "-rhoE", r"environ(\.get\(|\[)\"[A-Z_]+\"|\"[A-Z_]+\" in os\.environ", str(ROOT / "src")],
                          capture_output=True, text=True, check=True).stdout
     names = set(re.findall(r'"([A-Z_]+)"', src))
     assert {"EVERTRAIN_FAULT", "EVERTRAIN_CACHE", "RANK", "LOCAL_RANK"} <= names
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Environment variables"):]
+    page = (ROOT / "docs" / "options.md").read_text()
+    section = page[page.index("## Environment variables"):]
     assert [n for n in sorted(names) if f"`{n}`" not in section] == []

@@ -153,6 +153,7 @@ def test_lora_export_is_portable_and_merge_equals_the_adapter(lora_run, tiny_mod
     card = (tmp_path / "a" / "README.md").read_text()
     assert "base_model: someone/tiny-llama" in card
     assert f"Base model: `someone/tiny-llama` (trained from its copy in the local folder `{tiny_model}`)" in card
+    assert "Q4_1" not in card  # only a run on the embedded model began from weights other than its base's
 
     assert cli("export", lora_run, tmp_path / "m", "--merge", "--base-id", "someone/tiny-llama") == exits.OK
     merged = load(tmp_path / "m")

