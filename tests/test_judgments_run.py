@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import break_weights_at, cli, free_port, run_and_kill_after, text_rows, write_jsonl
-from daemon_helpers import ThreadDaemon, assert_trained_once, by_name, drop, make_ws, wait_for
+from daemon_helpers import ThreadDaemon, assert_trained_once, by_name, drop, make_ws, status, wait_for
 from safetensors.torch import load_file as load_tensors
 
 from evertrain.files import sha256_file
@@ -250,6 +250,35 @@ def test_the_daemon_trains_demonstrations_pairs_and_ratings_and_refuses_a_mixed_
     assert row["state"] == "failed", row
     assert "lines 4 and 5: a rated answer among preference pairs: a file teaches one way" in row["error"]
     assert "a file teaches one way" in (ws / "failed" / f"{row['name']}.error.txt").read_text()
+
+
+def test_pause_and_an_urgent_file_inside_a_file_of_pairs_leave_it_exactly_once(tmp_path, tiny_model, monkeypatch):
+    """Paused, resumed, then pre-empted by an urgent file of ratings (whose reference is the model mid-pairs):
+    the pair file goes on afterwards against its own stored reference and ends with every pair trained once."""
+    from test_daemon import slow_steps
+
+    slow_steps(monkeypatch)
+    ws = make_ws(tmp_path, tiny_model, "--batch-size", "1")
+    daemon = ThreadDaemon(ws)
+    try:
+        drop(ws, "pairs.jsonl", pairs(40))
+        wait_for(lambda: (status(ws).get("file_step") or 0) >= 3, what="the pairs to train")
+        assert cli("pause", ws) == 0
+        wait_for(lambda: status(ws).get("state") == "paused", what="paused")
+        assert by_name(ws)["pairs.jsonl"]["state"] == "queued"
+        assert cli("resume", ws) == 0
+        wait_for(lambda: (status(ws).get("file_step") or 0) >= 6, what="training to go on")
+        urgent = write_jsonl(tmp_path / "urgent.jsonl", rated(6))
+        assert cli("add", urgent, ws, "--priority", "urgent") == 0
+        wait_for(lambda: len(by_name(ws)) == 2 and all(r["state"] == "done" for r in by_name(ws).values()),
+                 timeout=180, what="both done")
+    finally:
+        assert daemon.stop() == 0
+    files = by_name(ws)
+    p, u = files["pairs.jsonl"], files[str(urgent)]
+    assert p["first_step"] < u["first_step"] <= u["last_step"] < p["last_step"]  # the ratings inside the pairs
+    assert_trained_once(ws, {"pairs.jsonl": 40, str(urgent): 6})
+    assert not any((ws / "current_model" / "references").iterdir())
 
 
 @pytest.mark.slow
