@@ -194,6 +194,16 @@ def test_feedback_loss_and_gradients_equal_a_plain_implementation(tiny_model, we
     assert_same(ours, theirs, ev_model, ref_model)
 
 
+@pytest.fixture
+def trl():
+    """TRL's trainers make accelerate's process-wide state their way (on CPU, their precision): put back as it
+    was, so that an `evertrain train` later in this process makes its own."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def trl_trainer(kind: str, model, tokenizer, rows, tmp_path, **settings):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
@@ -209,7 +219,7 @@ def trl_trainer(kind: str, model, tokenizer, rows, tmp_path, **settings):
 
 @pytest.mark.parametrize("loss_type, weights", [(["sigmoid"], None), (["sigmoid", "sft"], [1.0, 0.5]),
                                                 (["ipo"], None)])
-def test_preference_loss_equals_trls_dpo_trainer(tiny_model, tmp_path, loss_type, weights):
+def test_preference_loss_equals_trls_dpo_trainer(tiny_model, tmp_path, loss_type, weights, trl):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -227,7 +237,7 @@ def test_preference_loss_equals_trls_dpo_trainer(tiny_model, tmp_path, loss_type
     assert_same(ours, theirs, ev_model, trainer.model)
 
 
-def test_feedback_loss_equals_trls_kto_trainer(tiny_model, tmp_path):
+def test_feedback_loss_equals_trls_kto_trainer(tiny_model, tmp_path, trl):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
