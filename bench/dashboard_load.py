@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from evertrain.daemon import ledger  # noqa: E402
 from evertrain.dashboard import sources  # noqa: E402
-from evertrain.dashboard.server import HEAD_TIMEOUT  # noqa: E402
+from evertrain.web.listener import HEAD_TIMEOUT  # noqa: E402
 
 CLIENTS, EACH, REQUESTS_ALONE, IDLE = 500, 4, 200, 1000
 CLIENT_TIMEOUT = 20  # seconds: a request not answered by then counts as failed

@@ -64,7 +64,7 @@ def lines(path: Path) -> list[dict]:
 
 
 class Serving:
-    """A server.Listener (the real uvicorn server) answering from a thread of this process."""
+    """A web Listener (the real uvicorn server) answering from a thread of this process."""
 
     def __init__(self, listener):
         self.server = listener

@@ -29,7 +29,10 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from evertrain.dashboard import auth, server, sources
+from evertrain.dashboard import server, sources
+from evertrain.web import access as auth
+from evertrain.web import listener
+from evertrain.web.listener import Listener
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +231,7 @@ def test_reads_run_off_the_event_loop_in_a_bounded_pool(run_dir, monkeypatch):
 
 
 def test_past_the_connection_limit_a_request_is_refused_at_once(run_dir, monkeypatch):
-    monkeypatch.setattr(server, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(listener, "MAX_CONNECTIONS", 4)
     with Served(run_dir) as s:
         held = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(4)]
         try:
@@ -262,7 +265,7 @@ def test_answers_go_out_at_once_on_a_kept_connection(run_dir):
 
 
 def test_a_half_sent_request_is_dropped_and_does_not_hold_up_others(run_dir, monkeypatch):
-    monkeypatch.setattr(server, "HEAD_TIMEOUT", 2)
+    monkeypatch.setattr(listener, "HEAD_TIMEOUT", 2)
     with Served(run_dir) as s:
         idle = socket.create_connection(("127.0.0.1", s.port), timeout=30)
         idle.sendall(b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
@@ -302,7 +305,7 @@ def tiny_app(access: auth.Access) -> Starlette:
 
 def serve_tiny(access: auth.Access) -> Serving:
     app = tiny_app(access)
-    serving = Serving(server.Listener(app, "127.0.0.1", 0))
+    serving = Serving(Listener(app, "127.0.0.1", 0))
     serving.done = app.state.done  # what reached the route
     return serving
 
@@ -388,7 +391,7 @@ def test_an_empty_credential_never_passes(run_dir):
             assert request(s.port, "/api/state", headers=headers)[0] == 401, headers
         assert request(s.port, "/api/state?token=")[0] == 401
     # Even rules made with an empty token (for_binding refuses one) let no empty credential through.
-    with Serving(server.Listener(tiny_app(auth.Access("", loopback=False)), "127.0.0.1", 0)) as s:
+    with Serving(Listener(tiny_app(auth.Access("", loopback=False)), "127.0.0.1", 0)) as s:
         for headers in EMPTY_CREDENTIALS:
             assert request(s.port, "/thing", headers=headers)[0] == 401, headers
         assert request(s.port, "/thing?token=")[0] == 401

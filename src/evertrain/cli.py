@@ -323,7 +323,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from evertrain.dashboard import auth, server
+    from evertrain.dashboard import server
+    from evertrain.web import access as auth
 
     if not args.dir.is_dir():
         print(f"evertrain: {args.dir}: no such folder", file=sys.stderr)

@@ -1,6 +1,6 @@
 """What the page may change in a daemon workspace: the same controls as the CLI, and an upload into the inbox.
 
-Every route here is a POST: `server.build_app` puts them behind `auth.AccessMiddleware`, so each needs the
+Every route here is a POST: `server.build_app` puts them behind `web/access.py's AccessMiddleware`, so each needs the
 token (when there is one) and an Origin equal to the page's own. Nothing here trains or decides: a control is
 the request file the daemon reads before every optimizer step (daemon/controls.py), a pin or a priority is a
 ledger update, an upload is a file renamed into inbox/ like one copied in, taken by the same intake.

@@ -11,7 +11,7 @@ the machine a little, but it can neither stop nor hang the daemon. A client that
 at the next token. The answer is a stream of server-sent events, one JSON object each:
 {"type": "start", "side": 0, "label": "checkpoint-12 (step 12)", "step": 12}, {"type": "token", "side": 0,
 "text": "..."}, {"type": "done", "side": 0}, {"type": "error", "side": 0, "message": "..."}, {"type": "end"}.
-Who may ask is auth.py's rule for a request that computes something: the token (off loopback) and the page's
+Who may ask is web/access.py's rule for a request that computes something: the token (off loopback) and the page's
 own Origin; server.build_app puts this route behind it like every other.
 """
 

@@ -12,7 +12,7 @@ GET /api/snapshots          snapshot steps and tracked examples with their per-s
 GET /api/snapshot/N         one snapshot (tokens right/wrong, prediction, generation)
 POST /api/ask               two checkpoints' answers to a prompt, streamed (ask.py: generation off the event loop)
 
-Starlette routes served by uvicorn (asyncio, h11). Who may ask is decided in auth.py, for every route. The
+Starlette routes served by uvicorn (web/listener.py). Who may ask is decided in web/access.py, for every route. The
 reads of `sources` block on files, so the routes are plain functions: Starlette runs them in its thread pool,
 held to THREADS. A bad query value is a 400 with a short message; anything unexpected a 500 that says only
 that (the traceback goes to the log). Workspace files are only reached through `sources`, by names built
@@ -21,48 +21,28 @@ here, never from the request path.
 
 from __future__ import annotations
 
-import asyncio
-import resource
-import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlencode
 
 import anyio.to_thread
-import h11
-import uvicorn
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from evertrain.dashboard import actions, ask, auth, sources
+from evertrain.dashboard import actions, ask, sources
 from evertrain.dashboard.answers import BadQuery, as_json, step_number
+from evertrain.web import access as auth
+from evertrain.web.listener import SECURITY_HEADERS, Guard, Listener, room_for_connections
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml",
                  ".txt": "text/plain; charset=utf-8"}
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    # uPlot positions its parts with inline styles; scripts come only from /static.
-    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-                               "frame-ancestors 'none'",
-}
 THREADS = 8              # file reads at once (anyio's default pool is 40): more would only wait on the same disk
-MAX_CONNECTIONS = 2048   # uvicorn's limit_concurrency: past it a request is answered 503 at once
-BACKLOG = 2048           # connections the kernel holds until they are accepted (uvicorn's default)
-HEAD_TIMEOUT = 10        # seconds for a request's line and headers to arrive
-KEEP_ALIVE = 5           # seconds a connection may sit idle between requests
-MAX_HEAD = 16384         # bytes of request line and headers while they arrive (h11): then 400
-MAX_URL = 4096           # bytes of path and query: the page's own are under 100
 
 
 def static_files() -> dict[str, Path]:
@@ -132,105 +112,6 @@ async def bounded_threads(app: Starlette):
     yield
 
 
-class Guard:
-    """SECURITY_HEADERS on every answer, refusals included; an address longer than MAX_URL refused (414):
-    h11 bounds only a head that arrives in pieces, not one that came whole."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_headers(message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for k, v in SECURITY_HEADERS.items():
-                    headers.setdefault(k, v)
-            await send(message)
-
-        if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_URL:
-            return await as_json({"error": f"address longer than {MAX_URL} bytes"}, 414)(
-                scope, receive, send_with_headers)
-        await self.app(scope, receive, send_with_headers)
-
-
-class Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 with a deadline for each request's head. uvicorn times out a connection only while
-    it is idle between requests: one that sent half a request would keep it, and its place under
-    MAX_CONNECTIONS, for ever."""
-
-    head_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self.await_head()
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.conn.their_state is h11.IDLE:  # the next request's head has not (entirely) come
-            self.await_head()
-        else:
-            self.stop_waiting()
-
-    def connection_lost(self, exc) -> None:
-        self.stop_waiting()
-        super().connection_lost(exc)
-
-    def await_head(self) -> None:
-        if self.head_deadline is None:  # from the first byte it waited for, not the last it got
-            self.head_deadline = self.loop.call_later(HEAD_TIMEOUT, self.head_too_slow)
-
-    def stop_waiting(self) -> None:
-        if self.head_deadline is not None:
-            self.head_deadline.cancel()
-            self.head_deadline = None
-
-    def head_too_slow(self) -> None:
-        self.head_deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
-
-
-class Listener:
-    """An ASGI app served by uvicorn with the limits above, on a socket bound and listening from here on
-    (port 0: one the OS chose), so a client may connect before `serve_forever` runs."""
-
-    def __init__(self, app: ASGIApp, host: str, port: int):
-        # IPPROTO_TCP by name: asyncio sets TCP_NODELAY only on sockets that say so, and without it a
-        # keep-alive client waits out the delayed ACK (40 ms) for every answer.
-        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
-                                    socket.IPPROTO_TCP)
-        try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.socket.bind((host, port))
-            self.socket.listen(BACKLOG)
-        except OSError:
-            self.socket.close()
-            raise
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, http=Protocol, loop="asyncio", ws="none", lifespan="on", interface="asgi3",
-            limit_concurrency=MAX_CONNECTIONS, backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE,
-            timeout_graceful_shutdown=KEEP_ALIVE,
-            h11_max_incomplete_event_size=MAX_HEAD, proxy_headers=False, server_header=False,
-            access_log=False, log_level="warning"))
-
-    @property
-    def port(self) -> int:
-        return self.socket.getsockname()[1]
-
-    def serve_forever(self) -> None:
-        """Until `shutdown` (from another thread) or, in the main thread, SIGINT/SIGTERM."""
-        self.server.run(sockets=[self.socket])
-
-    def shutdown(self) -> None:
-        self.server.should_exit = True
-
-    def close(self) -> None:
-        self.socket.close()
-
-
 class DashboardServer(Listener):
     def __init__(self, root: Path, host: str, port: int, token: str | None):
         self.access = auth.Access.for_binding(host, token)  # before binding: a refused token never listens
@@ -249,15 +130,6 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 8777, token: st
                 ) -> DashboardServer:
     """A server for the run in `root`, listening but not yet answering. Raises auth.TokenRefused."""
     return DashboardServer(root, host, port, token)
-
-
-def room_for_connections() -> None:
-    """A soft limit of 1,024 open files (common) would refuse connections far below MAX_CONNECTIONS."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_CONNECTIONS + 64
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
-                                                    hard))
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 8777, token: str | None = None) -> int:
