@@ -25,6 +25,7 @@ from evertrain import __version__, collective, disk, exits, logs
 from evertrain.config import LONG_TEXT, SAMPLE_BY, ConfigError, TrainConfig, add_arguments, overrides_from_args
 from evertrain.daemon.commands import add_commands as add_daemon_commands, add_from_base
 from evertrain.export.commands import add_commands as add_export_commands
+from evertrain.serve.commands import add_commands as add_serve_commands
 from evertrain.files import not_a_regular_file
 from evertrain.models import ModelError
 from evertrain.runs import Run, saved_settings
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "(default off loopback: a random one, printed)")
     p.set_defaults(func=cmd_dashboard)
     add_export_commands(sub)
+    add_serve_commands(sub)
 
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # `export` writes its own command into the card

@@ -118,29 +118,64 @@ def prompt_ids(tokenizer, messages: list[dict]):
 def stream(who: Speaker, messages: list[dict], settings: Settings,
            cancel: threading.Event | None = None) -> Iterator[str]:
     """The answer to `messages`, piece by piece as the model generates it."""
-    import torch
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    return iter(Generation(who.model, who.tokenizer, prompt_ids(who.tokenizer, messages), settings.generate_kwargs(),
+                           cancel))
 
-    inputs = prompt_ids(who.tokenizer, messages)
-    streamer = TextIteratorStreamer(who.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stop = StoppingCriteriaList([Cancelled(cancel)] if cancel is not None else [])
-    failed: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            with torch.no_grad():
-                who.model.generate(**inputs, **settings.generate_kwargs(), streamer=streamer, stopping_criteria=stop,
-                                   pad_token_id=who.tokenizer.pad_token_id)
-        except BaseException as e:  # handed to the reader: a thread's exception would otherwise vanish
-            failed.append(e)
-            streamer.end()
+class Generation:
+    """One answer generated in a thread of its own (transformers' `generate`), read piece by piece as text;
+    once read to its end, its token counts and why it ended. `cancel` set: it ends at the next token.
+    `kwargs` go to `generate` (max_new_tokens, sampling, a LoRA version's adapter_names, ...)."""
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if failed:
-        raise failed[0]
+    def __init__(self, model, tokenizer, inputs: dict, kwargs: dict, cancel: threading.Event | None = None):
+        self.model, self.tokenizer, self.inputs, self.kwargs = model, tokenizer, inputs, kwargs
+        self.cancel = cancel
+        self.prompt_tokens = int(inputs["input_ids"].shape[1])
+        self.completion_ids: list[int] = []
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.completion_ids)
+
+    def ended_by_eos(self) -> bool:
+        """Whether the model itself ended the answer (an end-of-sequence token), not a limit or a cancel."""
+        ends = self.model.generation_config.eos_token_id
+        ends = set(ends if isinstance(ends, list) else [ends]) | {self.tokenizer.eos_token_id}
+        return bool(self.completion_ids) and self.completion_ids[-1] in ends
+
+    def __iter__(self) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        generation = self
+
+        class Streamer(TextIteratorStreamer):
+            def put(self, value):  # the prompt first (skipped), then each new token: counted here
+                if not self.next_tokens_are_prompt:
+                    generation.completion_ids.extend(value.reshape(-1).tolist())
+                super().put(value)
+
+        streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(self.kwargs)
+        stop = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []),
+                                     *([Cancelled(self.cancel)] if self.cancel is not None else [])])
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    self.model.generate(**self.inputs, **kwargs, streamer=streamer, stopping_criteria=stop,
+                                        pad_token_id=self.tokenizer.pad_token_id)
+            except BaseException as e:  # handed to the reader: a thread's exception would otherwise vanish
+                failed.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if failed:
+            raise failed[0]
 
 
 # ------------------------------------------------------------------------------------------------- the terminal

@@ -107,9 +107,13 @@ def take_copy(session: Session, weights: dict, optimizer: dict | None, *, copy: 
         if acc.device.type == "cuda":
             torch.cuda.current_stream(acc.device).synchronize()  # the copies ran non-blocking: the thread reads them
         session.writing.host_copies = copies  # those of tensors no longer there (a rollback's new moments) go
-    # A gate that can undo a file keeps the checkpoint from before each open file, whatever keep_checkpoints.
+    # A gate that can undo a file keeps the checkpoint from before each open file, whatever keep_checkpoints;
+    # the model a server offers (the newest accepted file's end) stays too: the only good model is never pruned.
     before = {checkpoint.final_path(session.output_dir, c.first_step - 1).name for c in progress.cursors.values()
               } if gate.undoes(cfg) else set()
+    accepted = progress.accepted()
+    if accepted is not None:
+        before.add(checkpoint.final_path(session.output_dir, accepted.last_step).name)
     return Copy(
         step=progress.global_step, model=acc.unwrap_model(session.model), weights=weights, optimizer=optimizer,
         rng=rng_state(), record=deepcopy({

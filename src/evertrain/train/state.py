@@ -62,6 +62,14 @@ class TrainingProgress:
     decay_start: int | None = None   # wsd: global step where the decay began (None: not decaying)
     decay_steps: int = 0
 
+    def accepted(self) -> FileRecord | None:
+        """The newest file that finished and passed the forgetting gate (or had no gate): the model at its last
+        step is the one to serve (`evertrain serve`) and the one checkpoint retention never deletes. A file
+        whose gate tripped and was kept (forgetting_action alert) is not accepted; one rejected, skipped or
+        failed never is."""
+        return next((f for f in reversed(self.files)
+                     if f.status == "done" and not (f.forgetting or {}).get("tripped")), None)
+
     def finished(self, sha256: str) -> FileRecord | None:
         return next((f for f in reversed(self.files) if f.sha256 == sha256 and f.status == "done"), None)
 

@@ -1,0 +1,66 @@
+"""The `serve` subcommand of `evertrain` (cli.py adds it with `add_commands`).
+
+    evertrain serve WS                                   # http://127.0.0.1:8000/v1, loopback only, no token
+    evertrain serve WS --host 0.0.0.0                    # off loopback: a token is made and printed
+    evertrain serve WS --collect-feedback --release      # feedback into the inbox; each accepted model exported
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from evertrain import exits
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible API on the run's newest accepted model, followed as it "
+                                     "trains")
+    p.add_argument("dir", type=Path, help="a workspace or the --output-dir of `evertrain train`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; off loopback a token is required")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    p.add_argument("--token", help="the API key clients must send (Authorization: Bearer), 16 characters or more "
+                                   "(default off loopback: a random one, printed)")
+    p.add_argument("--name", help="the model's name in the API (default: the folder's name)")
+    p.add_argument("--follow", choices=("accepted", "checkpoints"), default="accepted",
+                   help="accepted: the checkpoint at the end of the newest file that passed the forgetting gate "
+                        "(default); checkpoints: every complete checkpoint")
+    p.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for a newer model")
+    p.add_argument("--concurrency", type=int, default=1, help="answers generated at once (default: 1)")
+    p.add_argument("--queue", type=int, default=16, help="requests that may wait; past it: 429 (default: 16)")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens an answer may have (default: 512)")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096, help="most tokens a prompt may have")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds an answer may take to generate")
+    p.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from evertrain.serve.server import ServeSettings, serve
+    from evertrain.web.access import TokenRefused
+
+    if not args.dir.is_dir():
+        print(f"evertrain: {args.dir}: no such folder", file=sys.stderr)
+        return exits.BAD_INPUT
+    for name, low in (("concurrency", 1), ("queue", 1), ("max_tokens", 1), ("max_prompt_tokens", 1)):
+        if getattr(args, name) < low:
+            print(f"evertrain: serve: --{name.replace('_', '-')} must be at least {low}", file=sys.stderr)
+            return exits.BAD_INPUT
+    if args.timeout <= 0 or args.poll_seconds <= 0:
+        print("evertrain: serve: --timeout and --poll-seconds must be above 0", file=sys.stderr)
+        return exits.BAD_INPUT
+    settings = ServeSettings(root=args.dir, host=args.host, port=args.port, token=args.token,
+                             name=args.name or args.dir.resolve().name, follow=args.follow,
+                             poll_seconds=args.poll_seconds, concurrency=args.concurrency, queue=args.queue,
+                             max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                             timeout=args.timeout, threads=args.threads)
+    logging.getLogger("evertrain.serve").setLevel(logging.INFO)
+    try:
+        return serve(settings)
+    except TokenRefused as e:
+        print(f"evertrain: serve: {e}", file=sys.stderr)
+        return exits.BAD_INPUT
+    except OSError as e:
+        print(f"evertrain: serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return exits.FAILED
