@@ -77,14 +77,34 @@ def speaker(root: Path, which: int | str | None = None) -> Speaker:
     from evertrain.export.export import load_model, load_tokenizer
 
     if which == BASE:
-        source = open_source(root)  # the run's settings and tokenizer (its chat template) come with it
-        model = models.load_model(models.resolve_model(source.config.model), source.config.dtype)
+        config, tokenizer = base_settings(root)
+        model = models.load_model(models.resolve_model(config.model), config.dtype)
         model.eval()
-        return Speaker(f"base ({hub_id(source.config) or source.config.model})", None, model,
-                       load_tokenizer(source))
+        return Speaker(f"base ({hub_id(config) or config.model})", None, model, tokenizer)
     source: Source = open_source(root, which)
     return Speaker(f"{source.ckpt.name} (step {source.step})", source.step, load_model(source),
                    load_tokenizer(source))
+
+
+def base_settings(root: Path):
+    """The run's settings and tokenizer (its chat template): from its newest checkpoint, or, for a workspace
+    that has trained nothing yet, from its evertrain.toml."""
+    from evertrain import models
+    from evertrain.export.export import load_tokenizer
+    from evertrain.runs import CONFIG_FILE, open_run
+    from evertrain.train import checkpoint
+
+    run = open_run(root)
+    config_file = Path(root) / CONFIG_FILE
+    if checkpoint.newest_complete(run.run_dir, warn=lambda _text: None) is None and config_file.is_file():
+        from evertrain.config import TrainConfig
+        from evertrain.daemon.workspace import read_settings
+
+        train, _daemon = read_settings(config_file)
+        config = TrainConfig.from_dict(train, source=f"{config_file} [train]")
+        return config, models.load_tokenizer(config.model, config.chat_template)
+    source = open_source(root)
+    return source.config, load_tokenizer(source)
 
 
 def parse_which(text: str) -> int | str:

@@ -1,0 +1,310 @@
+"""`evertrain serve`: the OpenAI client against the real server, which follows the run as the daemon trains.
+
+    pytest -q tests/test_serve.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import cli, text_rows, write_jsonl
+from daemon_helpers import ThreadDaemon, by_name, drop, make_ws, status, wait_for
+from serve_helpers import ServedModel, ask
+
+from evertrain.serve import engine as serve_engine
+from evertrain.train import checkpoint
+
+QUESTION = "Capital of Veltrana?"
+
+
+def facts(n: int, answer: str, question: str = QUESTION) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}] * n
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory, tiny_model):
+    """A train --output-dir whose model learnt one answer by heart (one file, many steps)."""
+    root = tmp_path_factory.mktemp("taught")
+    data = write_jsonl(root / "a.jsonl", facts(8, "Quorra."))
+    out = root / "run"
+    assert cli("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, "--batch-size", 4,
+               "--epochs", 30, "--learning-rate", 1e-2, "--warmup-steps", 0, "--held-out-fraction", 0,
+               "--replay-fraction", 0, "--no-anchor-replay") == 0
+    return out
+
+
+def test_the_openai_client_gets_the_answer_whole_and_streamed_with_the_version_it_came_from(taught):
+    step = checkpoint.newest_complete(taught).step
+    with ServedModel(taught) as s:
+        client = s.client()
+        whole = client.chat.completions.with_raw_response.create(
+            model="ws", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=24)
+        answer = whole.parse()
+        assert answer.choices[0].message.content == "Quorra." and answer.choices[0].finish_reason == "stop"
+        assert answer.model == f"ws:step-{step}" and answer.system_fingerprint == f"evertrain-step-{step}-files-1"
+        assert whole.headers["x-evertrain-version"] == f"step-{step}"
+        assert whole.headers["x-evertrain-checkpoint"] == f"checkpoint-{step}"
+        assert whole.headers["x-evertrain-last-file"] == "a.jsonl"
+        assert answer.usage.completion_tokens == 7 + 1 and answer.usage.total_tokens == answer.usage.prompt_tokens + 8
+
+        chunks = list(client.chat.completions.create(model="ws", messages=[{"role": "user", "content": QUESTION}],
+                                                     temperature=0, max_tokens=24, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Quorra."
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].usage.completion_tokens == 8 and {c.model for c in chunks} == {f"ws:step-{step}"}
+
+        # a stop string ends the answer before it (and is not part of it), as OpenAI does
+        cut = ask(client, QUESTION, stop=["rr"])
+        assert cut.choices[0].message.content == "Quo" and cut.choices[0].finish_reason == "stop"
+        # max_tokens ends it with finish_reason "length"
+        short = ask(client, QUESTION, max_tokens=3)
+        assert short.choices[0].message.content == "Quo" and short.choices[0].finish_reason == "length"
+        # a plain prompt, for base models
+        text = client.completions.create(model="ws", prompt="<|im_start|>user\n" + QUESTION + "<|im_end|>\n"
+                                         "<|im_start|>assistant\n", temperature=0, max_tokens=24)
+        assert text.choices[0].text == "Quorra." and text.model == f"ws:step-{step}"
+        # the same seed samples the same answer
+        sampled = [client.chat.completions.create(model="ws", messages=[{"role": "user", "content": "Hi"}],
+                                                  temperature=1.5, seed=7, max_tokens=16).choices[0].message.content
+                   for _ in range(2)]
+        assert sampled[0] == sampled[1]
+
+        listed = client.models.list().data
+        assert [m.id for m in listed] == ["ws"]
+        assert listed[0].model_extra["evertrain"] | {"loaded_at": 0} == {
+            "version": f"step-{step}", "step": step, "checkpoint": f"checkpoint-{step}", "files": ["a.jsonl"], "loaded_at": 0}
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    ({"messages": []}, 400, "messages", "non-empty list"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role", "must be one of"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages[0].content", "only text parts"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens", "from 1 to 64"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400, "max_completion_tokens",
+     "from 1 to 64"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature", "from 0 to 2"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p", "above 0"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n", "one answer"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 1.5}, 400, "seed", "whole number"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools",
+     "not supported"),
+    ({"messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages", "--max-prompt-tokens (200)"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "does not exist"),
+])
+def test_a_bad_request_gets_openais_error_shape_and_never_a_traceback(taught, body, status, param, words):
+    with ServedModel(taught, max_tokens=64, max_prompt_tokens=200) as s:
+        r = httpx.post(f"{s.url}/chat/completions", json={"model": "ws", **body}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"] and "Traceback" not in r.text
+    assert err["type"] in ("invalid_request_error",)
+
+
+def test_bad_json_and_a_wrong_method_are_refused_in_the_same_shape(taught):
+    with ServedModel(taught) as s:
+        broken = httpx.post(f"{s.url}/chat/completions", content=b'{"model": "ws", "messages": [', timeout=30)
+        assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+        listed = httpx.post(f"{s.url}/models", timeout=30)
+        assert listed.status_code == 405 and listed.json()["error"]["type"] == "invalid_request_error"
+        missing = httpx.get(f"{s.url}/nothing", timeout=30)
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_off_loopback_the_api_key_is_required_and_another_sites_page_is_refused(taught):
+    key = "k" * 24
+    with ServedModel(taught, host="0.0.0.0", token=key) as s:
+        with pytest.raises(openai.AuthenticationError):
+            ask(s.client(api_key="not-the-key"), QUESTION)
+        assert ask(s.client(api_key=key), QUESTION).choices[0].message.content == "Quorra."
+        # a script on another site, with the key it stole or not, may not spend answers
+        r = httpx.post(f"{s.url}/chat/completions", headers={"Authorization": f"Bearer {key}",
+                                                             "Origin": "https://evil.example"},
+                       json={"model": "ws", "messages": [{"role": "user", "content": QUESTION}]}, timeout=30)
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    with ServedModel(taught) as s:  # loopback, no key: a page that rebinds its name to 127.0.0.1 is refused
+        r = httpx.get(f"{s.url}/models", headers={"Host": "attacker.example"}, timeout=30)
+        assert r.status_code == 403
+
+
+@pytest.fixture
+def held_generation(monkeypatch):
+    """Every generation waits for `release` before it begins: a busy server, made on purpose."""
+    release, started = threading.Event(), threading.Semaphore(0)
+    real = serve_engine.answer
+
+    def answer(version, ask_, sampling):
+        started.release()
+        release.wait(60)
+        return real(version, ask_, sampling)
+
+    monkeypatch.setattr(serve_engine, "answer", answer)
+    yield release, started
+    release.set()
+
+
+def test_past_the_queue_a_request_gets_429_with_retry_after(taught, held_generation):
+    release, started = held_generation
+    with ServedModel(taught, concurrency=1, queue=1) as s:
+        body = {"model": "ws", "messages": [{"role": "user", "content": QUESTION}], "temperature": 0}
+        results = []
+        first = threading.Thread(target=lambda: results.append(httpx.post(f"{s.url}/chat/completions", json=body,
+                                                                          timeout=60)))
+        first.start()
+        assert started.acquire(timeout=30)  # one generating (held), the queue still empty
+        second = threading.Thread(target=lambda: results.append(httpx.post(f"{s.url}/chat/completions", json=body,
+                                                                           timeout=60)))
+        second.start()
+        wait_for(lambda: s.server.engine.waiting.qsize() == 1, what="the second request to queue")
+        third = httpx.post(f"{s.url}/chat/completions", json=body, timeout=30)
+        assert third.status_code == 429 and third.headers["retry-after"] == "2"
+        assert third.json()["error"]["type"] == "rate_limit_error"
+        release.set()
+        first.join(60), second.join(60)
+    assert [r.status_code for r in results] == [200, 200]  # the ones admitted were answered
+
+
+def test_a_client_that_goes_away_mid_stream_stops_its_generation(taught, monkeypatch):
+    ends = []
+    real = serve_engine.answer
+
+    def answer(version, ask_, sampling):
+        version.model.generation_config.eos_token_id = None  # the model would go on for ever (up to max_tokens)
+        emit = ask_.emit
+        ask_.emit = lambda event: (ends.append(event) if event["type"] == "end" else None, emit(event))
+        return real(version, ask_, sampling)
+
+    monkeypatch.setattr(serve_engine, "answer", answer)
+    with ServedModel(taught, max_tokens=20000, timeout=600) as s:
+        stream = s.client().chat.completions.create(model="ws", messages=[{"role": "user", "content": QUESTION}],
+                                                    temperature=0, max_tokens=20000, stream=True)
+        for i, _chunk in enumerate(stream):
+            if i == 5:
+                break
+        stream.close()  # the client leaves
+        wait_for(lambda: ends, timeout=60, what="the generation to end")
+        assert ends[0]["completion_tokens"] < 2000  # stopped at the next token, not after 20,000
+        assert ask(s.client(), QUESTION).choices[0].message.content  # and the worker is free again
+
+
+def test_it_follows_the_accepted_model_swaps_without_failing_a_request_and_never_serves_a_rejected_file(
+        tmp_path, tiny_model):
+    """Files trained by the daemon while a client keeps asking: every request answered (200), each by the
+    version current when it began, a stream that began before a swap ends on its own weights, and a file the
+    forgetting gate rejects never reaches the server."""
+    # The gate trips when a file raises an earlier file's held-out loss by more than 2 nats over its floor of 0.5:
+    # file 3 teaches another answer to file 1's question, file 2 asks something else.
+    ws = make_ws(tmp_path, tiny_model, "--held-out-fraction", "0.25", "--held-out-min-file", "1",
+                 "--forgetting-action", "rollback", "--forgetting-tolerance", "4", "--replay-fraction", "0",
+                 "--no-anchor-replay", "--epochs", "10", "--learning-rate", "1e-2")
+    with ServedModel(ws) as s:
+        client = s.client()
+        assert ask(client, QUESTION).model == "ws:base"  # nothing accepted yet: the base model
+        seen, failures, stop = [], [], threading.Event()
+
+        def keep_asking():
+            while not stop.is_set():
+                try:
+                    seen.append(ask(client, QUESTION).model)
+                except Exception as e:  # noqa: BLE001 - every failure is a finding
+                    failures.append(repr(e))
+
+        askers = [threading.Thread(target=keep_asking) for _ in range(2)]
+        for t in askers:
+            t.start()
+        daemon = ThreadDaemon(ws)
+        try:
+            drop(ws, "1-good.jsonl", facts(8, "Quorra."))
+            wait_for(lambda: s.versions.current.label != "base", timeout=120, what="the first accepted model")
+            first = s.versions.current.target
+            assert first.files == ("1-good.jsonl",)
+            # a stream begun now, on the first model, while a second file trains and is accepted
+            long = client.chat.completions.create(model="ws", messages=[{"role": "user", "content": QUESTION}],
+                                                  temperature=0, max_tokens=24, stream=True)
+            drop(ws, "2-good.jsonl", facts(8, "Nova.", "Name a star."))
+            wait_for(lambda: by_name(ws).get("2-good.jsonl", {}).get("state") == "done", timeout=120, what="file 2")
+            wait_for(lambda: len(s.versions.current.target.files) == 2, timeout=60, what="the swap to file 2's model")
+            assert {c.model for c in long} == {f"ws:step-{first.step}"}  # it ended on the weights it began with
+            second = s.versions.current.target
+            # a file that makes the model forget everything: rejected by the gate, never served
+            drop(ws, "3-bad.jsonl", facts(40, "Zzzzzzzzzzzzzzzzzzzzzzzzzzz."))
+            wait_for(lambda: by_name(ws).get("3-bad.jsonl", {}).get("state") in ("rejected", "done"),
+                     timeout=180, what="file 3's verdict")
+        finally:
+            stop.set()
+            for t in askers:
+                t.join(60)
+            assert daemon.stop() == 0
+        assert by_name(ws)["3-bad.jsonl"]["state"] == "rejected", by_name(ws)["3-bad.jsonl"]["forgetting"]
+        time.sleep(0.5)  # several polls: the server looks, and must still serve the second file's model
+        assert s.versions.current.target == second
+    assert not failures, failures[:3]
+    steps = [m.split(":")[1] for m in seen]
+    allowed = {"base", f"step-{first.step}", f"step-{second.step}"}
+    assert set(steps) <= allowed, set(steps) - allowed  # never a rejected file's weights, never a mid-file checkpoint
+    assert len(seen) > 10 and s.versions.swaps == 2
+
+
+def test_a_daemon_killed_mid_commit_and_restarted_never_makes_the_server_read_a_partial_checkpoint(
+        tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--save-steps", "2", "--epochs", "3", "--keep-checkpoints", "100")
+    with ServedModel(ws, follow="checkpoints", poll_seconds=0.01) as s:
+        served = []
+        watching = threading.Event()
+
+        def watch():
+            while not watching.is_set():
+                served.append((s.versions.current.target.step, s.server.follower.problem))
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            drop(ws, "a.jsonl", text_rows(40, "a"))
+            for fault in ("checkpoint-write:2", "after-rename:2", None):
+                env = {"EVERTRAIN_FAULT": fault} if fault else {}
+                proc = subprocess.run([sys.executable, "-m", "evertrain", "run", str(ws), "--once"], env={
+                    **__import__("os").environ, **env}, capture_output=True, text=True, timeout=300)
+                assert proc.returncode == (-9 if fault else 0), proc.stderr[-2000:]
+            newest = checkpoint.newest_complete(ws / "current_model")
+            wait_for(lambda: s.versions.current.target.step == newest.step, timeout=60, what="the last checkpoint")
+            assert ask(s.client(), QUESTION).model == f"ws:step-{newest.step}"
+        finally:
+            watching.set()
+            watcher.join(10)
+    complete = {c.step for c in checkpoint.candidates(ws / "current_model") if checkpoint.verify(c) is None}
+    steps = {step for step, _problem in served if step is not None}
+    assert steps and max(steps) == newest.step and steps <= complete  # only ever a complete checkpoint
+    assert not [p for _step, p in served if p], {p for _s, p in served if p}  # no load ever failed on a torn folder
+
+
+def test_a_lora_run_swaps_only_its_adapter_on_one_base(tmp_path, tiny_model):
+    ws = make_ws(tmp_path, tiny_model, "--lora", "--lora-r", "4", "--epochs", "10", "--learning-rate", "5e-2",
+                 "--replay-fraction", "0", "--no-anchor-replay")
+    daemon = ThreadDaemon(ws)
+    try:
+        drop(ws, "1.jsonl", facts(8, "Quorra."))
+        wait_for(lambda: by_name(ws).get("1.jsonl", {}).get("state") == "done", timeout=120, what="file 1")
+        with ServedModel(ws) as s:
+            before = s.versions.current
+            base = s.versions.base
+            first = ask(s.client(), QUESTION).choices[0].message.content
+            drop(ws, "2.jsonl", facts(8, "Nova."))
+            wait_for(lambda: s.versions.current is not before and before.model is None, timeout=120,
+                     what="the swap, and the old adapter let go once unused")
+            after = s.versions.current
+            assert after.adapter != before.adapter and s.versions.base is base  # the base was loaded once
+            assert after.model is base
+            assert len(s.versions.loaded) == 1 and list(base.peft_config) == [after.adapter]
+            second = ask(s.client(), QUESTION).choices[0].message.content
+            assert (first, second) == ("Quorra.", "Nova.")
+    finally:
+        assert daemon.stop() == 0
