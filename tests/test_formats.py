@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from evertrain.config import FORMAT_KEYS, parse_columns
-from evertrain.data.columns import hint, suggest
-from evertrain.data.formats import FitsNoFormat, Record, RecordError, parse_record
+from evertrain.config import parse_columns
+from evertrain.data.formats import Record, RecordError, parse_record
 
 WEATHER = {"name": "get_weather", "description": "Current weather for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -231,28 +230,6 @@ def test_column_mapping():
         "conversations (ShareGPT), instruction+output (Alpaca), or prompt+completion as message lists")
 
 
-def test_parse_columns():
-    assert parse_columns("question=prompt,answer=completion") == {"question": "prompt", "answer": "completion"}
-    assert parse_columns(" q = instruction , a=output, ") == {"q": "instruction", "a": "output"}
-    assert parse_columns("") == {}
-    assert set(FORMAT_KEYS) >= {"text", "prompt", "completion", "response", "messages", "conversations", "tools",
-                                "functions", "instruction", "input", "output", "system", "history"}
-
-
-@pytest.mark.parametrize("text, message", [
-    ("question", 'column mapping item "question" has no "=" (expected source=target, e.g. question=prompt)'),
-    ("=prompt", 'column mapping item "=prompt" has an empty side (expected source=target)'),
-    ("question=", 'column mapping item "question=" has an empty side (expected source=target)'),
-    ("q=prompt,q=completion", 'column mapping names "q" twice'),
-    ("q=answer", 'column mapping target "answer" is not a format key (known: text, prompt, completion, response, '
-                 'messages, conversations, tools, functions, instruction, input, output, system, history)'),
-])
-def test_parse_columns_errors(text, message):
-    with pytest.raises(ValueError) as e:
-        parse_columns(text)
-    assert str(e.value) == message
-
-
 # ---------------------------------------------------------------- every refusal
 
 U, A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
@@ -420,41 +397,3 @@ def test_text_with_media_tags_and_empty_media_lists_train():
 ])
 def test_kto_label_is_refused_in_every_shape(obj):
     assert err(obj) == KTO
-
-
-# ---------------------------------------------------------------- the mapping suggested for a record that fits none
-
-DOLLY = {"instruction": "When did Virgin Australia start operating?", "context": "Virgin Australia ... 2000.",
-         "response": "Virgin Australia commenced services on 31 August 2000.", "category": "closed_qa"}
-
-
-@pytest.mark.parametrize("obj, columns, mapping, kind", [
-    (DOLLY, {}, {"context": "input", "response": "output"}, "alpaca"),  # 3 keys used, not prompt+response's 2
-    ({"question": "2+2?", "answer": "4", "id": 1}, {}, {"question": "prompt", "answer": "completion"},
-     "prompt_completion"),
-    ({"Query": "2+2?", "Reply": "4"}, {}, {"Query": "prompt", "Reply": "completion"}, "prompt_completion"),
-    ({"title": "T", "content": "Body", "url": None}, {}, {"content": "text"}, "text"),
-    ({"dialog": [U, A]}, {}, {"dialog": "messages"}, "messages"),
-    # the person's own mapping is kept, and completed
-    ({"q": "2+2?", "answer": "4"}, {"q": "prompt"}, {"q": "prompt", "answer": "completion"}, "prompt_completion"),
-])
-def test_suggest(obj, columns, mapping, kind):
-    with pytest.raises(FitsNoFormat):
-        parse_record(obj, columns)
-    assert suggest(obj, columns) == (mapping, kind)
-    assert parse_record(obj, mapping).kind == kind
-
-
-@pytest.mark.parametrize("obj", [{"foo": "x", "bar": "y"}, {"answer": "4"}, {"question": "2+2?", "answer": ""}])
-def test_nothing_to_suggest(obj):
-    assert suggest(obj, {}) is None and hint(obj, {}) is None
-
-
-def test_hint_as_printed_reads_back_as_the_same_columns(tmp_path):
-    from evertrain.daemon.workspace import read_settings
-
-    text = hint(DOLLY, {})
-    first, toml = text.split("\n", 1)
-    assert first == "it fits as alpaca with --columns context=input,response=output, or in evertrain.toml:"
-    (tmp_path / "evertrain.toml").write_text(toml)
-    assert read_settings(tmp_path / "evertrain.toml")[0] == {"columns": "context=input,response=output"}
