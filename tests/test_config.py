@@ -25,7 +25,8 @@ def test_parse_columns():
     ("question=", 'column mapping item "question=" has an empty side (expected source=target)'),
     ("q=prompt,q=completion", 'column mapping names "q" twice'),
     ("q=answer", 'column mapping target "answer" is not a format key (known: text, prompt, completion, response, '
-                 'messages, conversations, tools, functions, instruction, input, output, system, history)'),
+                 'messages, conversations, tools, functions, instruction, input, output, system, history, chosen, '
+                 'rejected, label)'),
 ])
 def test_parse_columns_errors(text, message):
     with pytest.raises(ValueError) as e:

@@ -104,3 +104,37 @@ def test_dashboard_off_loopback_works_in_a_browser_with_the_printed_token(browse
     # The token became a cookie: the page and every API call after it were let in.
     assert dom.find(tag="body").attrs.get("data-loaded") == "1"
     assert dom.find(id="loss-chart").attrs["data-points"] == str(len(lines(run / "logs" / "metrics.jsonl")))
+
+
+def test_a_file_of_pairs_shows_its_accuracy_and_each_tracked_pair_its_margin(browser, tmp_path, tiny_model):
+    """Demonstrations, then preference pairs: the matrix gives the pairs' held-out accuracy beside their loss,
+    and the evolution viewer a tracked pair's margin (how far its chosen answer's reward is above the other's)."""
+    from conftest import cli, write_jsonl
+    from dashboard_run import COMMON
+
+    run = tmp_path / "run"
+    demos = [{"prompt": f"Say it ({i})", "completion": " yes."} for i in range(16)]
+    pairs = [{"prompt": f"Is it good? ({i})", "chosen": " yes", "rejected": " no"} for i in range(16)]
+    for name, rows in (("demos.jsonl", demos), ("pairs.jsonl", pairs)):
+        assert cli("train", "--dataset", write_jsonl(tmp_path / name, rows), "--output-dir", run,
+                   *COMMON(tiny_model), "--held-out-min-file", 1, "--beta", 0.5) == 0
+    evals = [e for e in lines(run / "logs" / "evals.jsonl") if e["file_name"] == "pairs.jsonl"]
+    snaps = sorted((run / "snapshots" / "evolution").glob("step-*.json"))
+    last = json.loads(snaps[-1].read_text())
+    pair = next(e for e in last["examples"] if e.get("margin") is not None)
+    with Served(run) as s:
+        url = f"http://127.0.0.1:{s.port}/#example={pair['id']}&step={last['step']}"
+        dom = Tree(chromium(browser, tmp_path / "profile", url, "--dump-dom")).root
+
+    matrix = dom.find(id="forgetting")
+    header = [th.text() for th in matrix.find_all("th", class_="col")]
+    assert header == ["demos.jsonl", "pairs.jsonl"]
+    for e in evals:  # each evaluation of the pairs: its loss and accuracy in its cell
+        row = matrix.find(tag="tr", data_row="before" if e.get("before_file") else e["after_file_name"])
+        cell = row.find_all("td")[1]
+        assert cell.text() == f"{e['loss']:.3f} · {round(100 * e['accuracy'])}%", cell.text()
+        assert float(cell.attrs["data-accuracy"]) == e["accuracy"]
+    demo_cell = matrix.find(tag="tr", data_row="pairs.jsonl").find_all("td")[0]
+    assert "%" not in demo_cell.text() and demo_cell.attrs["data-accuracy"] == ""  # a token loss, no accuracy
+    assert f"margin {pair['margin']:.3f}" in dom.find(id="ev-scores").text()
+    assert dom.find(id="ev-generation").text() == (pair["generation"] or "(no generation in this snapshot)")

@@ -110,20 +110,29 @@ KTO_DEMO = {"messages": [{"content": "How would you identify potential customers
             "label": False}
 
 
-@pytest.mark.parametrize("record, reason", [
-    (MLLM_DEMO, 'item 1: "images" lists media for this record: evertrain trains text only (images, video and '
-                "audio are not supported)"),
-    (KTO_DEMO, 'item 1: KTO data (examples with a true/false "label") is for KTO preference training'),
-])
-def test_llama_factory_multimodal_and_kto_files_are_refused(tmp_path, tiny_model, capsys, record, reason):
+def test_a_llama_factory_multimodal_file_is_refused(tmp_path, tiny_model, capsys):
+    reason = ('item 1: "images" lists media for this record: evertrain trains text only (images, video and audio '
+              "are not supported)")
     f = tmp_path / "demo.json"
-    f.write_text(json.dumps([record], ensure_ascii=False, indent=2))
+    f.write_text(json.dumps([MLLM_DEMO], ensure_ascii=False, indent=2))
     assert cli("check", f, "--model", tiny_model) == 2
     assert reason in capsys.readouterr().err
     out = tmp_path / "run"
     assert cli("train", "--dataset", f, "--output-dir", out, "--model", tiny_model) == 2
     assert reason in capsys.readouterr().err
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_llama_factory_kto_file_is_rated_answers_its_bad_one_never_trained_as_a_good_one(tmp_path, tiny_model,
+                                                                                            capsys):
+    f = tmp_path / "kto.json"
+    good = {"messages": [KTO_DEMO["messages"][0], {"role": "assistant", "content": "Ask who needs it."}],
+            "label": True}
+    f.write_text(json.dumps([KTO_DEMO, good], ensure_ascii=False, indent=2))
+    assert cli("check", f, "--model", tiny_model, "--examples", 2) == 0
+    out = capsys.readouterr().out
+    assert "2 rated answers (messages_feedback 2)" in out
+    assert "rated bad:" in out and "rated good:" in out  # each answer with its rating, never as a plain example
 
 
 def dolly_rows(n: int) -> list[dict]:
@@ -137,7 +146,8 @@ def test_a_dolly_file_is_told_its_problem_once_and_the_columns_that_fit(tmp_path
     said = (f"{f}: not trained, 175 problem(s):\n"
             "  lines 1, 2, 3, 4, 5 and 170 more (175 records): fits no format (keys: ['category', 'context', "
             "'instruction', 'response']); expected text, prompt+completion (or response), messages, conversations "
-            "(ShareGPT), instruction+output (Alpaca), or prompt+completion as message lists; it fits as alpaca "
+            "(ShareGPT), instruction+output (Alpaca), or prompt+completion as message lists; or, to learn by judgment, "
+            "chosen+rejected answers (a preference pair) or an answer with a true/false label; it fits as alpaca "
             "with --columns context=input,response=output, or in evertrain.toml:\n"
             "    [data.columns]\n"
             '    context = "input"\n'

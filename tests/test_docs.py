@@ -107,3 +107,15 @@ def test_the_site_builds_with_no_warning(tmp_path):
     site = tmp_path / "site"
     assert (site / "index.html").exists() and (site / "search" / "search_index.json").exists()
     assert (site / "root" / "BENCHMARKS" / "index.html").exists() and (site / "dashboard.png").exists()
+
+
+def test_every_setting_is_on_the_options_page():
+    """Each field of TrainConfig (an option of `train` and `init`, a key of [train]) has its row in
+    docs/options.md: a setting added without its documentation fails here."""
+    import dataclasses
+
+    from evertrain.config import TrainConfig
+
+    page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name.replace('_', '-')}`" not in page]
+    assert not missing, f"settings without a row in docs/options.md: {missing}"

@@ -204,7 +204,7 @@ def refused(path: Path, outcome) -> int:
 
 def _train_file(session, args, data) -> int:
     """Train the file, stopping at the step boundary after SIGINT/SIGTERM; its outcome as an exit code."""
-    from evertrain.data.summary import counted
+    from evertrain.data.summary import counted, kinds
     from evertrain.logs import Bar, duration
     from evertrain.train import driver
     from evertrain.train.session import STOP
@@ -214,7 +214,7 @@ def _train_file(session, args, data) -> int:
         session.say(f"evertrain: {args.dataset.name}: warning: {warning}")
     G = session.global_batch
     session.say(f"evertrain: {args.dataset.name}: {counted(data.records, len(data.examples), data)} "
-                f"{dict(data.formats)}, "
+                f"({kinds(data)}), "
                 f"{data.tokens} tokens, {data.truncated} truncated to {config.max_length}, "
                 f"{len(data.held_out)} held out, {len(data.rows)} rows, global batch {G}, "
                 f"{data.total_steps(G, config.epochs)} steps")
@@ -241,6 +241,11 @@ def _train_file(session, args, data) -> int:
     if outcome.status == driver.MISMATCH:
         print(f"evertrain: {outcome.error}", file=sys.stderr)
         return exits.BAD_INPUT
+    if outcome.status == driver.FAILED:
+        print(f"evertrain: {name}: {outcome.error}; the file is recorded as failed and NOT done, with the "
+              f"{session.progress.files[-1].steps} steps it trained (global step {session.progress.global_step}); "
+              "to train it from its start, run the same command again", file=sys.stderr)
+        return exits.GUARD
     if outcome.status == driver.ROLLED_BACK:
         print(f"evertrain: {name}: {outcome.error}; rolled back to "
               f"{session.last_checkpoint.name if session.last_checkpoint else 'the initial model'} (global step "

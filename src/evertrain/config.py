@@ -25,7 +25,9 @@ FORGETTING_ACTIONS = ("off", "alert", "rollback", "retry")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "none")
 # The keys of the data shapes (data/formats.py) that the `columns` setting may map a dataset's own fields onto.
 FORMAT_KEYS: tuple[str, ...] = ("text", "prompt", "completion", "response", "messages", "conversations", "tools",
-                                "functions", "instruction", "input", "output", "system", "history")
+                                "functions", "instruction", "input", "output", "system", "history", "chosen",
+                                "rejected", "label")
+PREFERENCE_LOSSES = ("sigmoid", "ipo")
 LONG_TEXT = ("window", "truncate")
 SAMPLE_BY = ("line", "paragraph", "document")
 
@@ -114,6 +116,21 @@ class TrainConfig:
                                   "rollback), or off (no gate)", choices=FORGETTING_ACTIONS)
     retry_replay_boost: float = _opt(4.0, "a retry replays this many times the usual dose, anchor included",
                                      low=1.0, high=100.0)
+
+    # --- learning from judgments: preference pairs (DPO) and rated answers (KTO); see docs/judgments.md ---
+    beta: float = _opt(0.1, "preference and feedback files: how closely the model stays to its reference (the "
+                       "model as it stood when the file began); larger stays closer. TRL's beta, the same default "
+                       "for DPO and KTO (for IPO, its regularization)", low=1e-6, high=100.0)
+    preference_loss: str = _opt("sigmoid", "the loss of a preference pair: sigmoid (DPO, Rafailov et al. 2023) or "
+                                "ipo (Azar et al. 2023, with TRL's normalization by each answer's length)",
+                                choices=PREFERENCE_LOSSES)
+    rpo_alpha: float = _opt(0.0, "weight of the plain next-token loss of the preferred answer (a pair's chosen one, "
+                            "a rated answer rated good) added to the preference or feedback loss: TRL's rpo_alpha "
+                            "(its loss_type \"sft\" weight); 0: none", low=0.0, high=100.0)
+    desirable_weight: float = _opt(1.0, "feedback files (KTO): the weight of the answers rated good", low=0.0,
+                                   high=100.0)
+    undesirable_weight: float = _opt(1.0, "feedback files (KTO): the weight of the answers rated bad", low=0.0,
+                                     high=100.0)
 
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: much less memory for "
                                         "about a third more compute (large models on one GPU)",

@@ -9,6 +9,7 @@ evolution snapshots. For `train` both are the same folder; for the daemon the wo
     RUN/tokens/              token stores, keyed by content and tokenizer (data/store.py)
     RUN/held_out/            each file's held-out slice (observe/evals.py)
     RUN/replay/              each finished file's replay sample (train/replay.py)
+    RUN/references/          the reference log-probabilities of the preference and feedback files still open
     RUN/anchor.json          the anchor set (observe/anchor.py)
     WORK/logs/               evertrain.log, metrics.jsonl, evals.jsonl, anchor.jsonl, tensorboard/, tracker_run.json
     WORK/snapshots/          tracked.json, evolution/step-NNNNNNNN.json (observe/snapshots.py)
@@ -61,6 +62,7 @@ class Run:
     tokens = property(lambda self: self.run_dir / "tokens")
     held_out = property(lambda self: self.run_dir / "held_out")
     replay = property(lambda self: self.run_dir / "replay")
+    references = property(lambda self: self.run_dir / "references")
     anchor = property(lambda self: self.run_dir / "anchor.json")
     trace = property(lambda self: self.run_dir / TRACE_FILE)
 

@@ -21,6 +21,11 @@ def record(svc, row: dict, outcome: driver.Outcome) -> None:
     status = outcome.status
     if status == driver.ROLLED_BACK:
         rolled_back(svc, row, outcome)
+    elif status == driver.FAILED:
+        svc.ledger.sync_checkpoints(svc.ws.model_dir)
+        fail(svc, row, f"{row['original_name']}: {outcome.error}; ended with the "
+                       f"{svc.session.progress.files[-1].steps} steps it trained. To train it from its start, drop "
+                       "it into the inbox again")
     elif status == driver.SKIPPED:
         skipped(svc, row)
     elif status == driver.INTERRUPTED:

@@ -136,8 +136,10 @@ def forgetting(run: View, listed: list[dict] | None = None) -> dict:
              for f in (files(run) if listed is None else listed) if f.get("state") == "done" and not _held_out(f)]
     # Such a file is a row (after it trained) but has no losses of its own: its column says so instead.
     keep = [j for j, f in enumerate(fm["files"]) if f["file"] not in {s["file"] for s in small}]
-    return {"files": [fm["files"][j] for j in keep], "before": [fm["before"][j] for j in keep],
-            "rows": [dict(r, cells=[r["cells"][j] for j in keep]) for r in fm["rows"]], "no_slice": small}
+    kept = lambda values: [values[j] for j in keep]  # noqa: E731
+    return {"files": kept(fm["files"]), "before": kept(fm["before"]), "before_judged": kept(fm["before_judged"]),
+            "rows": [dict(r, cells=kept(r["cells"]), judged=kept(r["judged"])) for r in fm["rows"]],
+            "no_slice": small}
 
 
 def _held_out(f: dict) -> list:
@@ -188,6 +190,7 @@ class SnapshotCache:
         summary = {"step": snap.get("step"), "file": snap.get("file"), "file_name": snap.get("file_name"),
                    "time": snap.get("time"),
                    "examples": {e["id"]: {"loss": e.get("loss"), "token_accuracy": e.get("token_accuracy"),
+                                          "margin": e.get("margin"), "reward": e.get("reward"),
                                           "prediction": _clip(e.get("prediction")),
                                           "generation": _clip(e.get("generation")),
                                           "source": e.get("source"), "file": e.get("file"), "line": e.get("line"),
@@ -211,8 +214,7 @@ def snapshots_index(run: View) -> dict:
         steps.append({"step": step, "file_name": s["file_name"], "time": s["time"]})
         for ex_id, e in s["examples"].items():
             ex = examples.setdefault(ex_id, {"id": ex_id, "label": example_label(ex_id, e, names), "steps": []})
-            ex["steps"].append({"step": step, "loss": e["loss"], "token_accuracy": e["token_accuracy"],
-                                "prediction": e["prediction"], "generation": e["generation"]})
+            ex["steps"].append(_at_snapshot(step, e))
     return {"steps": steps, "examples": list(examples.values())}
 
 
@@ -232,9 +234,14 @@ def example_evolution(run: View, ex_id: str) -> dict | None:
         if not groups or groups[-1]["file"] != s["file"]:
             groups.append({"file": s["file"], "file_name": s["file_name"], "own": s["file"] == e["file"],
                            "snapshots": []})
-        groups[-1]["snapshots"].append({"step": step, "loss": e["loss"], "token_accuracy": e["token_accuracy"],
-                                        "prediction": e["prediction"], "generation": e["generation"]})
+        groups[-1]["snapshots"].append(_at_snapshot(step, e))
     return None if example is None else {**example, "files": groups}
+
+
+def _at_snapshot(step: int, e: dict) -> dict:
+    """A tracked example as one snapshot saw it (a pair or a rated answer also with its margin or reward)."""
+    return {"step": step, **{k: e.get(k) for k in ("loss", "token_accuracy", "prediction", "generation", "margin",
+                                                   "reward")}}
 
 
 def snapshot_counts(run: View) -> dict[str, dict]:

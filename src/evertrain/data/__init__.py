@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from evertrain.data.examples import (BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled,  # noqa: F401
-                                     DataError, Example, Examples, FileData, layout)
+                                     DataError, Example, Examples, FileData, example_from, example_record,
+                                     layout)
 from evertrain.data.order import held_out_lines, row_order  # noqa: F401
 from evertrain.data.packing import IGNORE, Rows, pack, padding_fraction  # noqa: F401
 from evertrain.files import sha256_file
@@ -107,16 +108,32 @@ def file_data(path: Path, sha: str, store, config) -> FileData:
     train_idx = np.flatnonzero(~is_held)
     lengths = store.lengths[train_idx]
     formats, ignored = Counter(store.meta["formats"]), Counter(store.meta["ignored"])
+    objective = store.meta.get("objective", "supervised")
+    capacity = row_capacity(objective, config.max_length)
     return FileData(path=path, sha256=sha, examples=Examples(store, train_idx),
                     held_out=[store.example(int(i)) for i in np.flatnonzero(is_held)],
-                    rows=pack(lengths, config.max_length) if config.packing else Rows.one_per_example(len(train_idx)),
+                    rows=pack(lengths, capacity) if config.packing else Rows.one_per_example(len(train_idx)),
                     formats=formats, ignored=ignored, tokens=int(lengths.sum()), truncated=store.meta["truncated"],
                     unit=store.meta["unit"], store=store, warnings=_warnings(store.meta), records=n - len(held),
-                    windows=store.meta.get("windows", 0), layout=store.meta.get("layout", {}))
+                    windows=store.meta.get("windows", 0), layout=store.meta.get("layout", {}), objective=objective,
+                    row_capacity=capacity)
+
+
+def row_capacity(objective: str, max_length: int) -> int:
+    """Tokens a row holds: max_length, or for preference pairs two of it (a pair's chosen and rejected sequences
+    are each cut to max_length, as TRL cuts them, and always train in one row)."""
+    return 2 * max_length if objective == "preference" else max_length
 
 
 def _warnings(meta: dict) -> list[str]:
     out = []
+    lost = meta.get("untrainable") or {}
+    if lost.get("count"):
+        first = ", ".join(str(n + 1) for n in lost["first"])
+        more = f" and {lost['count'] - len(lost['first'])} more" if lost["count"] > len(lost["first"]) else ""
+        out.append(f"{lost['count']} record(s) not trained ({meta.get('unit', 'line')}s {first}{more}): max_length "
+                   f"({meta.get('max_length')}) cut away an answer entirely (its prompt alone fills it); raise "
+                   "--max-length to train them")
     if meta.get("unrendered_tool_calls"):
         out.append(f"{meta['unrendered_tool_calls']} conversation(s) hold tool calls that the chat template does "
                    "not render: those assistant turns train as empty answers; use a template that renders "

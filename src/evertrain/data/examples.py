@@ -54,6 +54,14 @@ class Example:
     labels: list[int]      # IGNORE where no loss is taken; labels[0] is always IGNORE
     truncated: bool = False
     part: int | None = None  # the window of a long text this is (0, 1, ...); None for a whole example
+    objective: str = "supervised"  # what it teaches: supervised, preference (a pair) or feedback (a rated answer)
+    split: int = 0         # a preference pair: the chosen sequence is input_ids[:split], the rejected one the rest
+    desirable: bool | None = None  # feedback: the answer was rated good or bad
+    kl: tuple[list[int], list[int]] | None = None  # feedback: (input_ids, labels) of its prompt with another
+    #                        record's answer, for the KL estimate of KTO (never trained)
+    index: int | None = None  # its place in its file's token store (what its reference is kept by)
+    reference: tuple[float, ...] | None = None  # preference, feedback: the reference log-probabilities (chosen and
+    #                        rejected; the answer and the KL sequence), as train/references.py computed them
 
     @property
     def target_tokens(self) -> int:
@@ -63,6 +71,29 @@ class Example:
     def id(self) -> int | str:
         """What the trace calls it: its line, or "line/window" for a window of a long text."""
         return self.line if self.part is None else f"{self.line}/{self.part}"
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """The [start, end) of each sequence it holds: a pair's chosen and rejected, else the one."""
+        n = len(self.input_ids)
+        return [(0, self.split), (self.split, n)] if self.split else [(0, n)]
+
+
+def example_record(e: Example) -> dict:
+    """An example as JSON (a replay sample, a held-out slice, a tracked example): what it is beyond its tokens
+    only where it has it, so a plain example's record stays what it always was."""
+    out = {"line": e.line, "input_ids": e.input_ids, "labels": e.labels}
+    extra = {"part": e.part, "objective": e.objective if e.objective != "supervised" else None,
+             "split": e.split or None, "desirable": e.desirable, "kl": e.kl, "reference": e.reference}
+    return {**out, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def example_from(d: dict, format: str = "") -> Example:
+    kl = d.get("kl")
+    return Example(line=d["line"], format=format, input_ids=d["input_ids"], labels=d["labels"], part=d.get("part"),
+                   objective=d.get("objective", "supervised"), split=d.get("split", 0), desirable=d.get("desirable"),
+                   kl=tuple(kl) if kl else None,
+                   reference=tuple(d["reference"]) if d.get("reference") is not None else None)
 
 
 def layout(config, path: Path) -> dict:
@@ -77,10 +108,12 @@ def layout(config, path: Path) -> dict:
 
 
 class Examples(Sequence):
-    """Some of a store's examples, read from disk when asked for."""
+    """Some of a store's examples, read from disk when asked for (with their reference log-probabilities, once
+    train/references.py has given the file its `reference`: one row per example of the store)."""
 
     def __init__(self, store, indexes: np.ndarray):
         self.store, self.indexes = store, indexes
+        self.reference: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.indexes)
@@ -88,7 +121,10 @@ class Examples(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        return self.store.example(int(self.indexes[i]))
+        e = self.store.example(int(self.indexes[i]))
+        if self.reference is not None:
+            e.reference = tuple(self.reference[e.index].tolist())
+        return e
 
 
 @dataclass
@@ -108,6 +144,8 @@ class FileData:
     records: int = 0                 # the file's trained records (a text in windows counts once)
     windows: int = 0                 # examples that are windows of a long text (held-out ones included)
     layout: dict = field(default_factory=dict)  # how the tokens were made (data.layout): the cursor keeps it
+    objective: str = "supervised"    # what the file teaches: supervised, preference or feedback (one per file)
+    row_capacity: int = 0            # tokens a row holds (data.row_capacity)
     unit: str = "line"               # how the container counts records: line, item or row
     warnings: list[str] = field(default_factory=list)  # what trains, but probably not as the person meant
     store: object = None             # the TokenStore the examples are read from

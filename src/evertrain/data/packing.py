@@ -89,8 +89,9 @@ def padding_fraction(rows, lengths, batch_size: int) -> float:
 def collate(rows: list[list], pad_id: int, device) -> dict:
     """Rows of Examples -> the model's input_ids, labels, position_ids, right-padded to the longest row.
 
-    No attention mask is passed: position ids that restart at 0 for every example (and for the padding) make
-    transformers build a block-diagonal causal mask, so packed examples never attend to each other. That
+    No attention mask is passed: position ids that restart at 0 for every example (and for the padding, and for the
+    rejected answer of a preference pair) make transformers build a block-diagonal causal mask, so packed examples
+    never attend to each other. That
     detection only runs without a KV cache, hence use_cache=False in the forward pass.
     """
     import torch  # here: the data package itself needs no torch
@@ -99,7 +100,8 @@ def collate(rows: list[list], pad_id: int, device) -> dict:
     for row in rows or [[]]:
         ids.append([t for e in row for t in e.input_ids])
         labels.append([t for e in row for t in e.labels])
-        pos.append([p for e in row for p in range(len(e.input_ids))])
+        # a preference pair's rejected sequence restarts its positions too: it never attends to the chosen one
+        pos.append([p for e in row for a, b in e.segments for p in range(b - a)])
     width = max(1, max(len(r) for r in ids))
     for r_ids, r_lab, r_pos in zip(ids, labels, pos):
         pad = width - len(r_ids)

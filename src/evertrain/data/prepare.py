@@ -17,6 +17,8 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from evertrain import faults
 from evertrain.disk import is_full as is_disk_full
 from evertrain.config import parse_columns
@@ -24,7 +26,7 @@ from evertrain.data import columns as suggestions
 from evertrain.data.containers import BadRecord, ContainerError, open_records
 from evertrain.data.examples import BATCH_CHARS, BATCH_RECORDS, MAX_REPORTED_ERRORS, Cancelled, DataError, layout
 from evertrain.data.formats import FitsNoFormat, RecordError, parse_record
-from evertrain.data.render import NoChatTemplate, RecordFailed, Renderer
+from evertrain.data.render import Encoded, NoChatTemplate, RecordFailed, Renderer
 from evertrain.data.store import StoreWriter, TokenStore
 
 
@@ -53,6 +55,11 @@ class Problems:
         self.counts[reason] += 1
         if index is not None and len(self.numbers[reason]) < SHOWN_NUMBERS:
             self.numbers[reason].append(index + 1)
+
+    def add_many(self, reason: str, numbers: list[int], count: int) -> None:
+        """`count` bad records with one reason, of which `numbers` (0-based) are the first."""
+        for k in range(count):
+            self.add(reason, numbers[k] if k < len(numbers) else None)
 
     def error(self, path: Path) -> DataError:
         lines = []
@@ -83,6 +90,9 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
                         max_text_chars=config.max_line_bytes)
     unit = records.unit
     problems, formats, ignored = Problems(unit), Counter(), Counter()
+    teaches: dict[str, list[int]] = {}  # objective -> its first records (0-based): a file teaches one way
+    counts: Counter = Counter()         # records per objective
+    untrainable: list[int] = []         # judgments an answer of which max_length cut away entirely
     last = -1  # the last record read: where an unexpected failure is reported
     batch: list = []
     numbers: list[int] = []
@@ -92,10 +102,19 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
     pool, pending = ThreadPoolExecutor(max_workers=1), deque()
 
     def write(recs, nums, encoded) -> None:
-        writer.add(encoded, nums, [r.kind for r in recs])
+        encoded, lost = trainable(encoded, {o for o, r in enumerate(recs) if r.objective != "supervised"})
+        for o in lost:
+            untrainable.append(nums[o])
+        writer.add(encoded, nums, [r.kind for r in recs], [r.desirable for r in recs])
         formats.update(r.kind for r in recs)
         for r in recs:
             ignored.update(r.ignored)
+            teaches.setdefault(r.objective, [])
+        for r, n in zip(recs, nums):
+            seen = teaches[r.objective]
+            if len(seen) < SHOWN_NUMBERS:
+                seen.append(n)
+        counts.update(r.objective for r in recs)
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
@@ -144,7 +163,7 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
                 except Exception as e:  # e.g. a RecursionError in a nested JSON string: this record alone
                     problems.add(one_line(e), index)
                     continue
-                if rec.messages is not None and renderer.template is None:
+                if renderer.template is None and any(s.messages is not None for s in (rec.sides or (rec,))):
                     raise DataError(path, [f"{unit} {index + 1} is a conversation, but the model's tokenizer has "
                                            "no chat template: pass --chat-template chatml (a built-in ChatML "
                                            "template) or --chat-template FILE.jinja"])
@@ -163,18 +182,53 @@ def build_store(path: Path, tokenizer, config, target: Path, *, progress=None, s
             if is_disk_full(e):
                 raise  # not the file's fault: the daemon waits for room, the file stays queued
             problems.add((f"stopped after {unit} {last + 1}: " if last >= 0 else "") + one_line(e))
+        if len(counts) > 1:  # the fewer ones are the odd ones out, named by their numbers
+            most = counts.most_common(1)[0][0]
+            for objective, n in counts.items():
+                if objective != most:
+                    problems.add_many(f"{WHAT[objective][0]} among {WHAT[most][1]}: a file teaches one way (split "
+                                      "it into one file of each)", teaches[objective], n)
         if not problems.total and not writer.records:
-            problems.add("the file holds no examples (it is empty or only blank lines)")
+            problems.add("the file holds no examples (it is empty or only blank lines)" if not untrainable else
+                         "no record is left to train: max_length cut away an answer of every one")
         if problems.total:
             raise problems.error(path)
         return writer.commit({"source": path.name, "unit": unit, "formats": dict(formats), "ignored": dict(ignored),
                               "max_length": config.max_length, "layout": layout(config, path),
+                              "objective": next(iter(counts), "supervised"),
+                              "untrainable": {"count": len(untrainable), "first": sorted(untrainable)[:SHOWN_NUMBERS]},
                               "unrendered_tool_calls": renderer.unrendered_tool_calls})
     except BaseException:
         writer.abort()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+WHAT = {"supervised": ("a plain example", "plain examples"), "preference": ("a preference pair", "preference pairs"),
+        "feedback": ("a rated answer", "rated answers")}
+
+
+def trainable(enc: Encoded, judged: set[int]) -> tuple[Encoded, list[int]]:
+    """The batch without the judgments that have nothing left to train: a pair one of whose answers, or a rated
+    answer that, max_length cut away entirely (its prompt alone fills it; TRL drops these too). Plain examples
+    are kept as they are (a truncated one still trains its prompt's tokens nowhere: counted as truncated).
+    `judged`: the owners (batch positions) that are judgments. Returns the batch kept and the owners dropped."""
+    if not judged:
+        return enc, []
+    starts = np.concatenate([[0], np.cumsum(enc.lengths)])
+    cum = np.concatenate([[0], np.cumsum(enc.mask, dtype=np.int64)])
+    split_at = starts[:-1] + np.where(enc.splits > 0, enc.splits, enc.lengths)
+    first, second = cum[split_at] - cum[starts[:-1]], cum[starts[1:]] - cum[split_at]
+    is_judged = np.isin(enc.owners, np.fromiter(judged, dtype=np.int64))
+    keep = ~is_judged | ((first > 0) & ((enc.splits == 0) | (second > 0)))
+    if keep.all():
+        return enc, []
+    spans = [np.arange(starts[k], starts[k + 1]) for k in np.flatnonzero(keep)]
+    tokens = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+    kept = Encoded(enc.ids[tokens], enc.mask[tokens], enc.lengths[keep], enc.truncated[keep], enc.owners[keep],
+                   enc.parts[keep], enc.splits[keep])
+    return kept, sorted(set(enc.owners[~keep].tolist()))
 
 
 def one_line(e: BaseException) -> str:

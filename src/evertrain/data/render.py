@@ -70,17 +70,21 @@ class Encoded:
     truncated: np.ndarray  # bool
     owners: np.ndarray     # int64: the batch's record each example comes from (several for a windowed text)
     parts: np.ndarray      # int64: the example's window of its text, -1 for a whole example
+    splits: np.ndarray     # int64: a preference pair's chosen length (its rejected sequence follows); 0 otherwise
 
 
 @dataclass
 class Rendered:
-    records: list[Record]
+    records: list[Record]                   # the records to tokenize: a preference pair's two sides in its place
     firsts: list[str]                       # texts, and prompts: tokenized with the special tokens
     seconds: list[str]                      # completions
     chats: list[str]                        # rendered conversations
     chat_spans: list[list[tuple[int, int]]]  # their trained character spans
     cut: list[bool] = field(default_factory=list)  # per record: its text was cut to max_chars (empty: none was)
     long: dict[int, str] = field(default_factory=dict)  # record position -> a text to tokenize in pieces
+    owners: list[int] = field(default_factory=list)  # per record here: the batch's record it is (or a side of);
+    #                                                  empty: each is its own
+    paired: set[int] = field(default_factory=set)    # the batch's records that are preference pairs
 
 
 class Renderer:
@@ -112,10 +116,12 @@ class Renderer:
         return self.tokenize(self.render(records))
 
     def render(self, records: list[Record]) -> Rendered:
-        """The texts to tokenize (Python work); raises RecordFailed naming the record on a template failure."""
+        """The texts to tokenize (Python work); raises RecordFailed naming the record on a template failure. A
+        preference pair is rendered as its two sides, each as a supervised record of its own."""
         firsts, seconds, chats, chat_spans, cut, long = [], [], [], [], [], {}
         m = self.max_chars
-        for k, rec in enumerate(records):
+        sides = [(k, side) for k, rec in enumerate(records) for side in (rec.sides or (rec,))]
+        for i, (k, rec) in enumerate(sides):
             if rec.messages is not None:
                 if self.template is None:
                     raise NoChatTemplate("the model's tokenizer has no chat template, so conversations cannot be "
@@ -135,7 +141,7 @@ class Renderer:
                     raise RecordFailed(k, f"the text is {len(rec.text):,} characters, over max_line_bytes "
                                           f"({self.max_text_chars:,}): split it, or raise --max-line-bytes")
                 if len(rec.text) > PIECE_CHARS:
-                    long[k] = rec.text
+                    long[i] = rec.text
                 else:
                     firsts.append(rec.text)
                 cut.append(False)
@@ -147,7 +153,8 @@ class Renderer:
                 firsts.append(rec.prompt[:m])
                 seconds.append(rec.completion[:m] if len(rec.prompt) <= m else "")
                 cut.append(len(rec.prompt) + len(rec.completion) > m)
-        return Rendered(list(records), firsts, seconds, chats, chat_spans, cut, long)
+        return Rendered([rec for _k, rec in sides], firsts, seconds, chats, chat_spans, cut, long,
+                        [k for k, _rec in sides], {k for k, rec in enumerate(records) if rec.sides})
 
     def tokenize(self, rendered: Rendered) -> Encoded:
         """Tokens and loss masks of a rendered batch (mostly the Rust tokenizer, which releases the GIL)."""
@@ -159,16 +166,17 @@ class Renderer:
         second = backend.encode_batch(seconds, add_special_tokens=False) if seconds else []
         chat = backend.encode_batch(chats, add_special_tokens=False) if chats else []
         # per example: its token ids, the [a, b) token ranges that carry loss, its record and its window (-1: whole)
-        pieces, trained, owners, parts = [], [], [], []
+        pieces, trained, owners, parts, flats = [], [], [], [], []
 
         def add(ids, ranges, k: int, part: int = -1) -> None:
             pieces.append(ids)
             trained.append(ranges)
             owners.append(k)
             parts.append(part)
+            flats.append(i)  # the rendered record it comes from (a pair's side, a windowed text)
 
         fi = si = ci = 0
-        for k, (rec, was_cut) in enumerate(zip(records, cut)):
+        for i, (k, rec, was_cut) in enumerate(zip(rendered.owners or range(len(records)), records, cut)):
             eos = [] if was_cut else [self.eos]   # a cut text does not end where it ends now
             if rec.messages is not None:
                 enc = chat[ci]
@@ -176,8 +184,8 @@ class Renderer:
                               for a, z in chat_spans[ci]], k)
                 ci += 1
             elif rec.text is not None:
-                if k in rendered.long:
-                    ids = self._tokenize_long(rendered.long[k])
+                if i in rendered.long:
+                    ids = self._tokenize_long(rendered.long[i])
                 else:
                     ids = first[fi].ids
                     fi += 1
@@ -195,7 +203,7 @@ class Renderer:
                 add(p + c, [(len(p), len(p) + len(c))], k)
         lengths = np.fromiter((len(x) for x in pieces), dtype=np.int64, count=len(pieces))
         owners_ = np.array(owners, dtype=np.int64)
-        truncated = (lengths > self.max_length) | np.array(cut, dtype=bool)[owners_]
+        truncated = (lengths > self.max_length) | np.array(cut, dtype=bool)[np.array(flats, dtype=np.int64)]
         lengths = np.minimum(lengths, self.max_length)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         ids = np.empty(int(starts[-1]), dtype=np.int32)
@@ -207,7 +215,8 @@ class Renderer:
             for a, z in ranges:
                 mask[s0 + min(a, cap):s0 + min(z, cap)] = 1
             mask[s0] = 0  # the first token has no prediction; this also keeps packed examples' losses apart
-        return Encoded(ids, mask, lengths, truncated, owners_, np.array(parts, dtype=np.int64))
+        return _join_pairs(Encoded(ids, mask, lengths, truncated, owners_, np.array(parts, dtype=np.int64),
+                                   np.zeros(len(lengths), dtype=np.int64)), rendered.paired)
 
     def _tokenize_long(self, text: str) -> np.ndarray:
         """A long text's tokens and its EOS, tokenized in pieces of PIECE_CHARS at most, each cut before a run
@@ -287,6 +296,23 @@ class Renderer:
                                  "cannot tell which tokens are the assistant's")
             spans.append((len(before), len(upto)))
         return spans
+
+
+def _join_pairs(enc: Encoded, paired: set[int]) -> Encoded:
+    """Each preference pair's two sequences (adjacent, each cut to max_length on its own, as TRL cuts them) as one
+    example: chosen then rejected, `splits` where the rejected one begins. The tokens stay where they are."""
+    if not paired:
+        return enc
+    first = np.array([o in paired for o in enc.owners.tolist()], dtype=bool)
+    first[1:] &= ~first[:-1] | (enc.owners[1:] != enc.owners[:-1])  # a pair's first side, not its second
+    second = np.zeros_like(first)
+    second[1:] = first[:-1]
+    lengths = enc.lengths.copy()
+    lengths[first] += enc.lengths[second]
+    splits = np.where(first, enc.lengths, 0)
+    keep = ~second
+    return Encoded(enc.ids, enc.mask, lengths[keep], (enc.truncated | np.roll(enc.truncated & second, -1))[keep],
+                   enc.owners[keep], enc.parts[keep], splits[keep])
 
 
 class RecordFailed(ValueError):

@@ -58,7 +58,9 @@ class TokenStore:
         self.offsets = np.load(path / "offsets.npy", mmap_mode="r")
         self.records = np.load(path / "records.npy", mmap_mode="r")
         self.kinds = np.load(path / "kinds.npy", mmap_mode="r")
-        self.parts = np.load(path / "parts.npy", mmap_mode="r") if (path / "parts.npy").exists() else None
+        self.parts = _optional(path / "parts.npy")
+        self.splits = _optional(path / "splits.npy")   # a store from before preference pairs has none
+        self.rated = _optional(path / "rated.npy")
         n_tokens = int(self.offsets[-1]) if len(self.offsets) else 0
         self.ids = _memmap(path / "ids.bin", np.int32, n_tokens)
         self.mask = _memmap(path / "mask.bin", np.uint8, n_tokens)
@@ -74,17 +76,50 @@ class TokenStore:
         return int(self.lengths[indexes].sum())
 
     def example(self, i: int) -> Example:
+        ids, labels = self._tokens(i)
+        part = int(self.parts[i]) if self.parts is not None else -1
+        rated = int(self.rated[i]) if self.rated is not None else -1
+        e = Example(line=int(self.records[i]), format=self.meta["kinds"][int(self.kinds[i])],
+                    input_ids=ids.tolist(), labels=labels.tolist(), truncated=False,
+                    part=part if part >= 0 else None, objective=self.meta.get("objective", "supervised"),
+                    split=int(self.splits[i]) if self.splits is not None else 0,
+                    desirable=None if rated < 0 else bool(rated), index=i)
+        if e.objective == "feedback":
+            e.kl = self.kl_sequence(i)
+        return e
+
+    def kl_sequence(self, i: int) -> tuple[list[int], list[int]]:
+        """Feedback record i's prompt with the answer of the record before it (the last's: the first's), cut to
+        max_length: the mismatched pairs whose log-probabilities estimate KTO's KL term (as TRL rotates a batch's
+        answers by one)."""
+        ids, labels = self._tokens(i)
+        other_ids, other_labels = self._tokens((i - 1) % len(self))
+        prompt = ids[:_first_trained(labels)]
+        start = _first_trained(other_labels)
+        end = len(other_labels) - _first_trained(other_labels[::-1])  # after its last trained token
+        answer = other_ids[start:end]
+        cut = self.meta.get("max_length") or len(prompt) + len(answer)
+        kl_ids = np.concatenate([prompt, answer])[:cut]
+        kl_labels = np.concatenate([np.full(len(prompt), IGNORE), answer])[:cut]
+        return kl_ids.tolist(), kl_labels.tolist()
+
+    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         ids = self.ids[a:b]
-        labels = np.where(self.mask[a:b] == 1, ids, IGNORE)
-        part = int(self.parts[i]) if self.parts is not None else -1
-        return Example(line=int(self.records[i]), format=self.meta["kinds"][int(self.kinds[i])],
-                       input_ids=ids.tolist(), labels=labels.tolist(), truncated=False,
-                       part=part if part >= 0 else None)
+        return ids, np.where(self.mask[a:b] == 1, ids, IGNORE)
 
     def starts_of_records(self) -> np.ndarray:
         """True where an example begins its record (a whole example, or a text's first window)."""
         return np.ones(len(self), dtype=bool) if self.parts is None else np.asarray(self.parts) <= 0
+
+
+def _optional(path: Path) -> np.ndarray | None:
+    return np.load(path, mmap_mode="r") if path.exists() else None
+
+
+def _first_trained(labels: np.ndarray) -> int:
+    trained = np.flatnonzero(np.asarray(labels) != IGNORE)
+    return int(trained[0]) if len(trained) else len(labels)
 
 
 def _memmap(path: Path, dtype, count: int) -> np.ndarray:
@@ -129,11 +164,13 @@ class StoreWriter:
         self.files = {name: open(self.tmp / name, "wb") for name in ARRAYS}
         self.crcs = dict.fromkeys(ARRAYS, 0)
         self.offsets, self.records, self.kinds, self.parts = array("q", [0]), array("q"), array("B"), array("q")
+        self.splits, self.rated = array("q"), array("b")
         self.kind_names: list[str] = []
         self.truncated = 0
 
-    def add(self, encoded, records: list[int], kinds: list[str]) -> None:
-        """`records` and `kinds`: one per record of the batch (`encoded.owners` says which examples are whose)."""
+    def add(self, encoded, records: list[int], kinds: list[str], rated: list[bool | None] | None = None) -> None:
+        """`records`, `kinds` and `rated` (a feedback record's rating): one per record of the batch
+        (`encoded.owners` says which examples are whose)."""
         for name, arr in (("ids.bin", encoded.ids), ("mask.bin", encoded.mask)):
             raw = np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes()
             self.files[name].write(raw)
@@ -149,6 +186,8 @@ class StoreWriter:
                 self.kind_names.append(kinds[o])
             self.kinds.append(self.kind_names.index(kinds[o]))
         self.parts.extend(encoded.parts.tolist())
+        self.splits.extend(encoded.splits.tolist())
+        self.rated.extend(-1 if rated is None or rated[o] is None else int(rated[o]) for o in owners)
         self.truncated += int(encoded.truncated.sum())
 
     def commit(self, meta: dict) -> TokenStore:
@@ -158,7 +197,8 @@ class StoreWriter:
             f.close()
         files = dict(self.crcs)
         for name, values, dtype in (("offsets", self.offsets, np.int64), ("records", self.records, np.int64),
-                                    ("kinds", self.kinds, np.uint8), ("parts", self.parts, np.int64)):
+                                    ("kinds", self.kinds, np.uint8), ("parts", self.parts, np.int64),
+                                    ("splits", self.splits, np.int64), ("rated", self.rated, np.int8)):
             np.save(self.tmp / f"{name}.npy", np.frombuffer(values, dtype=dtype) if len(values) else
                     np.zeros(0, dtype=dtype))
             files[f"{name}.npy"] = _crc32(self.tmp / f"{name}.npy")

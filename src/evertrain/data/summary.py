@@ -13,9 +13,8 @@ OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around trained text: rare in real da
 
 
 def describe(data: FileData, max_length: int) -> str:
-    kinds = ", ".join(f"{k} {v:,}" for k, v in data.formats.most_common())
     examples = counted(data.records + len(data.held_out_lines), len(data.examples) + len(data.held_out), data)
-    lines = [f"{data.name}: {examples} ({kinds}), {data.tokens:,} tokens, "
+    lines = [f"{data.name}: {examples} ({kinds(data)}), {data.tokens:,} tokens, "
              f"{data.truncated:,} truncated to {max_length}, {len(data.held_out):,} held out, "
              f"{len(data.rows):,} rows"]
     lines += [f"warning: {w}" for w in data.warnings]
@@ -24,15 +23,34 @@ def describe(data: FileData, max_length: int) -> str:
     return "\n".join(lines)
 
 
+def kinds(data: FileData) -> str:
+    """The shapes the file's records came in, most common first: "chat 30, alpaca 2"."""
+    return ", ".join(f"{k} {v:,}" for k, v in data.formats.most_common())
+
+
 def counted(records: int, examples: int, data: FileData) -> str:
-    """"20 examples", or "20 examples in 1,234 windows" when long texts were split (each window trains apart)."""
-    return f"{records:,} examples" + (f" in {examples:,} windows" if data.windows else "")
+    """"20 examples", "20 examples in 1,234 windows" when long texts were split (each window trains apart),
+    "20 preference pairs" or "20 rated answers" for the files that teach by judgment."""
+    what = {"preference": "preference pairs", "feedback": "rated answers"}.get(data.objective, "examples")
+    return f"{records:,} {what}" + (f" in {examples:,} windows" if data.windows else "")
 
 
 def marked(example, tokenizer) -> str:
-    """The example's text with every trained stretch between ⟦ and ⟧."""
+    """The example's text with every trained stretch between ⟦ and ⟧; a preference pair's two answers, each
+    under its name; a rated answer with its rating."""
+    if example.split:
+        chosen, rejected = example.segments
+        return "\n".join(f"{name}:\n" + _marked(example.input_ids[a:b], example.labels[a:b], tokenizer)
+                         for name, (a, b) in (("chosen", chosen), ("rejected", rejected)))
+    text = _marked(example.input_ids, example.labels, tokenizer)
+    if example.desirable is not None:
+        return f"rated {'good' if example.desirable else 'bad'}:\n{text}"
+    return text
+
+
+def _marked(input_ids, labels, tokenizer) -> str:
     out = []
-    pairs = zip(example.input_ids, example.labels)
+    pairs = zip(input_ids, labels)
     for trained, group in groupby(pairs, key=lambda p: p[1] != IGNORE):
         text = tokenizer.decode([t for t, _ in group], skip_special_tokens=False)
         out.append(f"{OPEN}{text}{CLOSE}" if trained else text)

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from evertrain.data import Example, FileData
+from evertrain.data import Example, FileData, example_from, example_record
 from evertrain.files import append_json_line, read_records, write_json_atomic
 from evertrain.runs import Run, open_run
 
@@ -30,8 +30,7 @@ def load_held_out(run: Run, sha256: str) -> tuple[str, list[Example]] | None:
     if not path.exists():
         return None
     d = json.loads(path.read_text())
-    return d["name"], [Example(line=e["line"], format="", input_ids=e["input_ids"], labels=e["labels"])
-                       for e in d["examples"]]
+    return d["name"], [example_from(e) for e in d["examples"]]
 
 
 def seen_files(progress) -> list[str]:
@@ -44,8 +43,8 @@ def seen_files(progress) -> list[str]:
 class Evals:
     """The held-out slices of one run, measured with the model a session trains."""
 
-    def __init__(self, run: Run, accelerator, tokenizer):
-        self.run, self.acc, self.tokenizer = run, accelerator, tokenizer
+    def __init__(self, run: Run, accelerator, tokenizer, judge=None):
+        self.run, self.acc, self.tokenizer, self.judge = run, accelerator, tokenizer, judge
 
     def store_held_out(self, data: FileData) -> None:
         """Keep a file's held-out slice with the run, so later files (and later processes) can evaluate it."""
@@ -53,8 +52,8 @@ class Evals:
         if not data.held_out or path.exists() or not self.acc.is_main_process:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {"name": data.name, "examples": [
-            {"line": e.line, "input_ids": e.input_ids, "labels": e.labels} for e in data.held_out]}, indent=None)
+        write_json_atomic(path, {"name": data.name, "examples": [example_record(e) for e in data.held_out]},
+                          indent=None)
 
     def measure(self, model, shas: list[str], step: int, *, after_file: FileData | None = None,
                 before_file: FileData | None = None) -> list[dict]:
@@ -65,12 +64,16 @@ class Evals:
             if found is None:
                 continue
             name, examples = found
-            loss, tokens = self.mean_loss(model, examples)
+            if examples[0].objective != "supervised" and self.judge is not None:
+                judged = self.judge(model, examples)  # a preference or feedback slice: its loss, accuracy, margin
+                loss, tokens = judged.pop("loss"), judged.pop("tokens")
+            else:
+                (loss, tokens), judged = self.mean_loss(model, examples), {}
             results.append({"step": step, "after_file": after_file.sha256 if after_file else None,
                             "after_file_name": after_file.name if after_file else None,
                             "before_file": before_file.sha256 if before_file else None,
                             "file": sha, "file_name": name, "loss": loss, "tokens": tokens,
-                            "examples": len(examples), "time": time.time()})
+                            "examples": len(examples), "time": time.time(), **judged})
         return results
 
     def record(self, results: list[dict]) -> None:
@@ -112,29 +115,36 @@ def forgetting_matrix(evals: list[dict]) -> dict:
 
     A row per evaluation event (after file i finished, or a periodic one), ordered by step; a column per evaluated
     file in training order; cell = mean held-out loss. `before` holds each file's loss right before its training.
+    A file of judgments (pairs, rated answers) also has, in `judged` beside each of its cells (and
+    `before_judged`), the held-out accuracy and margin; elsewhere those are None.
     """
-    columns: dict[str, dict] = {}  # sha256 -> {"file", "file_name"}, in first-seen order
+    columns: dict[str, dict] = {}  # sha256 -> {"file", "file_name", "judged"}, in first-seen order
     rows: dict[tuple, dict] = {}
     before: dict[str, float] = {}
+    before_judged: dict[str, dict] = {}
+    column = lambda sha, name: columns.setdefault(sha, {"file": sha, "file_name": name, "judged": False})  # noqa: E731
     for e in evals:
         sha = e.get("file")
         if not isinstance(sha, str) or not isinstance(e.get("loss"), (int, float)):
             continue
+        judged = {k: e.get(k) for k in ("accuracy", "margin")} if "accuracy" in e else None
         if e.get("before_file") is not None:
-            before[sha] = e["loss"]
-            columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
-            continue
-        after = e.get("after_file")
-        if after is not None:
-            columns.setdefault(after, {"file": after, "file_name": e.get("after_file_name")})
-        columns.setdefault(sha, {"file": sha, "file_name": e.get("file_name")})
-        row = rows.setdefault((e.get("step"), after), {
-            "step": e.get("step"), "after_file": after, "after_file_name": e.get("after_file_name"), "cells": {}})
-        row["cells"][sha] = e["loss"]
+            before[sha], before_judged[sha] = e["loss"], judged
+        else:
+            after = e.get("after_file")
+            if after is not None:
+                column(after, e.get("after_file_name"))
+            row = rows.setdefault((e.get("step"), after), {
+                "step": e.get("step"), "after_file": after, "after_file_name": e.get("after_file_name"),
+                "cells": {}, "judged": {}})
+            row["cells"][sha], row["judged"][sha] = e["loss"], judged
+        column(sha, e.get("file_name"))["judged"] |= judged is not None
     order = list(columns)
     return {"files": list(columns.values()),
             "before": [before.get(sha) for sha in order],
-            "rows": [dict(r, cells=[r["cells"].get(sha) for sha in order])
+            "before_judged": [before_judged.get(sha) for sha in order],
+            "rows": [dict(r, cells=[r["cells"].get(sha) for sha in order],
+                          judged=[r["judged"].get(sha) for sha in order])
                      for r in sorted(rows.values(), key=lambda r: (r["step"] is None, r["step"] or 0))]}
 
 
@@ -151,9 +161,17 @@ def report(root: Path) -> str:
              " " * width + "  " + "  ".join(f"{j + 1:>7}" for j in range(len(names)))]
     for r in m["rows"]:
         lines.append(f"{label(r):>{width}}  " + "  ".join(fmt(x) for x in r["cells"]))
-    lines += ["", "Per file: held-out loss before its training, right after it, and now (the last evaluation)."]
+    lines += ["", "Per file: held-out loss before its training, right after it, and now (the last evaluation);",
+              "for pairs and rated answers also the accuracy (the preferred answer's reward above the other's; a "
+              "rating's side) and the margin."]
+    pct = lambda x: "   -" if x is None else f"{x['accuracy']:4.0%}"  # noqa: E731
     for j, (f, name) in enumerate(zip(m["files"], names)):
-        own = next((r["cells"][j] for r in m["rows"] if r["after_file"] == f["file"]), None)
-        lines.append(f"{j + 1:>3}. {name:<{width}}  before {fmt(m['before'][j])}  after {fmt(own)}  "
-                     f"now {fmt(m['rows'][-1]['cells'][j])}")
+        own = next((r for r in m["rows"] if r["after_file"] == f["file"]), None)
+        line = (f"{j + 1:>3}. {name:<{width}}  before {fmt(m['before'][j])}  "
+                f"after {fmt(own['cells'][j] if own else None)}  now {fmt(m['rows'][-1]['cells'][j])}")
+        if f["judged"]:
+            now = m["rows"][-1]["judged"][j]
+            line += (f"   accuracy {pct(m['before_judged'][j])} -> {pct(own['judged'][j] if own else None)} -> "
+                     f"{pct(now)}   margin now {fmt(now['margin'] if now else None).strip()}")
+        lines.append(line)
     return "\n".join(lines)

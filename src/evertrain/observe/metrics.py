@@ -116,11 +116,13 @@ class Metrics:
                                                                ("grad_norm", "grad_norm"),
                                                                ("tokens_per_second", "tokens_per_second"))
                   if record.get(key) is not None}
+        values.update({f"train/{name}": v for name, v in (record.get("objective") or {}).items()})
         self._to_trackers("the trackers", lambda: self.acc.log(values, step=record["step"]))
         if record["file_step"] % self.log_steps == 0 or record["file_step"] == record["file_total_steps"]:
             logs.say(f"  step {record['step']:>7}  {record['file_name']} {record['file_step']}/"
                      f"{record['file_total_steps']}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
-                     f"{record['tokens_per_second']:.0f} tok/s", progress=True)
+                     f"{record['tokens_per_second']:.0f} tok/s{judged(record.get('objective') or {})}",
+                     progress=True)
 
     def _append(self, record: dict) -> None:
         faults.hit("metrics-write")
@@ -135,8 +137,10 @@ class Metrics:
                 {"files": text}, step=step))
 
     def evals(self, results: list[dict]) -> None:
-        self._to_trackers("the trackers", lambda: [
-            self.acc.log({f"eval/{r['file_name']}/loss": r["loss"]}, step=r["step"]) for r in results])
+        """Each held-out result as eval/<file>/loss (and, for judgments, its accuracy and margin)."""
+        self._to_trackers("the trackers", lambda: [self.acc.log(
+            {f"eval/{r['file_name']}/{k}": r[k] for k in ("loss", "accuracy", "margin") if k in r},
+            step=r["step"]) for r in results])
 
     def drift(self, drift: dict | None, step: int) -> None:
         """The anchor's loss and KL to the base model (anchor.py), as the trackers' drift curves."""
@@ -153,6 +157,13 @@ class Metrics:
         """A tracker write, skipped (said once) on a full disk: it reports, and must never stop the training."""
         if self.is_main and self.acc.log_with:
             self.degraded.attempt(what, write)
+
+
+def judged(values: dict) -> str:
+    """The console's words for what a step's judgments say: how often the preferred answer won, by how much."""
+    parts = [f"{label} {values[key]:.{digits}f}" for key, label, digits in (
+        ("rewards/accuracies", "accuracy", 2), ("rewards/margins", "margin", 3), ("kl", "kl", 3)) if key in values]
+    return "".join(f"  {p}" for p in parts)
 
 
 def _quiet_full_disk_in_threads() -> None:

@@ -23,14 +23,15 @@ class Observers:
     """The observers of one training session (setup makes them; a rollback's new session makes new ones)."""
 
     def __init__(self, config, run: Run, accelerator, tokenizer, *, sharded: bool, saved: dict | None = None,
-                 legacy: dict | None = None):
+                 legacy: dict | None = None, judge=None):
         """`saved`: what `state_dict` gave at the checkpoint resumed from (None: a new run, or a checkpoint written
-        before the observers kept their own state, whose progress dict `legacy` then holds it)."""
+        before the observers kept their own state, whose progress dict `legacy` then holds it). `judge(model,
+        examples)`: a held-out slice of preference pairs or rated answers measured (train/objectives.py)."""
         self.config, self.acc = config, accelerator
         self.degraded = disk.Degraded(self.say)  # optional writes, skipped while the disk is full
         self.metrics = Metrics(accelerator, run, config.log_steps, self.degraded)
         self.trace = Trace(run.trace) if config.trace else None
-        self.evals = Evals(run, accelerator, tokenizer)
+        self.evals = Evals(run, accelerator, tokenizer, judge)
         self.anchor = Anchor(run, accelerator, tokenizer, config, sharded=sharded)
         self.snapshots = Snapshots(run, accelerator, tokenizer, config, sharded=sharded,
                                    budget=Budget.from_state((saved or {}).get("snapshots"), legacy or {}))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from evertrain import logs
-from evertrain.data import IGNORE, DataError, Example, FileData, load_file
+from evertrain.data import IGNORE, DataError, Example, FileData, example_from, example_record, load_file
 from evertrain.data.containers import ContainerError, open_records
 from evertrain.config import parse_columns
 from evertrain.data.formats import RecordError, label, parse_record
@@ -95,6 +95,19 @@ class Budget:
         return cls(**{k: legacy[old] for k, old in cls.LEGACY.items() if old in legacy})
 
 
+def judged(e: Example, losses, labels, beta: float) -> dict:
+    """A tracked pair's margin (beta times how far its chosen answer's log-ratio to the reference is above its
+    rejected one's) and a rated answer's reward; nothing for a plain example. `losses`: its row's token losses."""
+    if e.reference is None:
+        return {}
+    trained = labels != IGNORE
+    if e.split:
+        chosen = -float(losses[:e.split - 1][trained[:e.split - 1]].sum())
+        rejected = -float(losses[e.split - 1:][trained[e.split - 1:]].sum())
+        return {"margin": beta * ((chosen - e.reference[0]) - (rejected - e.reference[1]))}
+    return {"reward": beta * (-float(losses[trained].sum()) - e.reference[0]), "desirable": e.desirable}
+
+
 def snapshot_budget(record: dict) -> dict:
     """The snapshot budget's account in a checkpoint's record (trainer_state.json), of any version."""
     return dataclasses.asdict(Budget.from_state((record.get("observers") or {}).get("snapshots"),
@@ -134,14 +147,16 @@ class Snapshots:
         tracked = read_json(self.run.tracked) or []
         if any(t["file"] == data.sha256 for t in tracked):
             return
+        # A file of judgments: its held-out pairs, whose margin then shows what it learned without training on them.
+        pool = data.held_out if data.objective != "supervised" and data.held_out else data.examples
         rng = np.random.default_rng([int(data.sha256[32:48], 16), cfg.seed, 11])
-        picks = sorted(rng.permutation(len(data.examples))[:cfg.snapshot_per_file].tolist())
-        names = labels(data.path, {data.examples[i].line for i in picks}, cfg)
+        picks = sorted(rng.permutation(len(pool))[:cfg.snapshot_per_file].tolist())
+        names = labels(data.path, {pool[i].line for i in picks}, cfg)
         for i in picks:
-            e = data.examples[i]
+            e = pool[i]
             tracked.append({"id": f"{data.sha256[:12]}-{e.id}", "source": "file", "file": data.sha256,
-                            "file_name": data.name, "line": e.line, "label": names.get(e.line, ""),
-                            "input_ids": e.input_ids, "labels": e.labels})
+                            "file_name": data.name, "label": names.get(e.line, ""),
+                            **{k: v for k, v in example_record(e).items() if k != "kl"}})
         # Bounded: the newest files' picks win; probes are never dropped (they are not in this list).
         tracked = tracked[-cfg.snapshot_max_examples:]
         self.run.tracked.parent.mkdir(parents=True, exist_ok=True)
@@ -184,8 +199,7 @@ class Snapshots:
         if not tracked:
             return None
         tok, cfg, model = self.tokenizer, self.config, self.acc.unwrap_model(model)
-        examples = [Example(line=t["line"] or 0, format="", input_ids=t["input_ids"], labels=t["labels"])
-                    for t in tracked]
+        examples = [example_from({**t, "line": t["line"] or 0}) for t in tracked]
         was_training = model.training
         model.eval()
         batch = collate([[e] for e in examples], tok.pad_token_id, self.acc.device)
@@ -193,10 +207,11 @@ class Snapshots:
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels_.clamp(min=0), reduction="none")
         guesses = logits.argmax(-1)
         records = []
-        for row, t in enumerate(tracked):
-            mask = labels_[row] != IGNORE
+        for row, (t, e) in enumerate(zip(tracked, examples)):
+            shown = e.split or len(e.input_ids)  # a pair shows its chosen answer (its first sequence)
+            mask = (labels_[row] != IGNORE) & (torch.arange(labels_.shape[1], device=labels_.device) < shown - 1)
             exp_ids, pred_ids, tok_loss = labels_[row][mask].tolist(), guesses[row][mask].tolist(), losses[row][mask]
-            prompt_ids = [i for i, lab in zip(t["input_ids"], t["labels"]) if lab == IGNORE]
+            prompt_ids = [i for i, lab in zip(e.input_ids[:shown], e.labels[:shown]) if lab == IGNORE]
             records.append({
                 "id": t["id"], "source": t["source"], "file": t["file"], "line": t["line"], "label": t.get("label"),
                 "input": tok.decode(prompt_ids), "expected": tok.decode(exp_ids),
@@ -204,10 +219,11 @@ class Snapshots:
                             "loss": float(x)} for a, b, x in zip(exp_ids, pred_ids, tok_loss.tolist())],
                 "prediction": tok.decode(pred_ids), "generation": None,
                 "loss": float(tok_loss.mean()) if exp_ids else None,
-                "token_accuracy": sum(a == b for a, b in zip(exp_ids, pred_ids)) / len(exp_ids) if exp_ids else None})
+                "token_accuracy": sum(a == b for a, b in zip(exp_ids, pred_ids)) / len(exp_ids) if exp_ids else None,
+                **judged(e, losses[row], labels_[row], cfg.beta)})
         # Generations for the first few examples that have a real prompt (probes come first in the list).
-        prompts = [(r, [i for i, lab in zip(t["input_ids"], t["labels"]) if lab == IGNORE])
-                   for r, t in zip(records, tracked)]
+        prompts = [(r, [i for i, lab in zip(e.input_ids[:e.split or None], e.labels[:e.split or None])
+                        if lab == IGNORE]) for r, e in zip(records, examples)]
         t_gen = time.perf_counter()
         for rec, prompt_ids in [(r, p) for r, p in prompts if len(p) > 1][:cfg.snapshot_generate if generations else 0]:
             rec["generation"] = self.generate(model, prompt_ids)

@@ -37,6 +37,13 @@ def causal_lm(model):
     return inner
 
 
+def supported(model) -> bool:
+    """Whether the output layer can be taken over here (refuse_unsupported says why not, when asked for)."""
+    inner = causal_lm(model)
+    return (getattr(inner.config, "model_type", None) in PLAIN_HEADS
+            and type(inner.get_output_embeddings()) is torch.nn.Linear)
+
+
 def refuse_unsupported(model, *, sharded: bool) -> None:
     """chunked_loss where it cannot be honoured: say why, before anything is trained."""
     inner = causal_lm(model)
@@ -94,6 +101,32 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def token_logps(model, batch: dict, chunk: int = CHUNK) -> torch.Tensor:
+    """[rows, width - 1]: at t, the log-probability of the label at t + 1 (0 where it is IGNORE), from the output
+    layer chunk by chunk over the positions that have a label: never the whole vocabulary's logits for every
+    position, each chunk's recomputed in the backward pass (objectives.py: a pair's answers, a rated answer)."""
+    inner = causal_lm(model)
+    head = inner.get_output_embeddings()
+    head.forward = _pass_on
+    try:
+        hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[:, :-1]
+    finally:
+        del head.forward
+    targets = batch["labels"][:, 1:]
+    keep = targets.reshape(-1) != -100
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.size(-1))[keep], targets.reshape(-1)[keep]
+    pieces = [checkpoint(_chunk_logps, flat_hidden[s:s + chunk], flat_targets[s:s + chunk], head.weight, head.bias,
+                         use_reentrant=False) for s in range(0, len(flat_targets), chunk)]
+    out = hidden.new_zeros(targets.numel(), dtype=torch.float32)
+    if pieces:
+        out = out.index_put((keep.nonzero().squeeze(1),), torch.cat(pieces))
+    return out.view(targets.shape)
+
+
+def _chunk_logps(hidden, targets, weight, bias):
+    return -F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
 
 
 def _chunk_loss(hidden, targets, weight, bias):

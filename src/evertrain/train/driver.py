@@ -20,9 +20,9 @@ from pathlib import Path
 from evertrain import disk
 from evertrain.data import Cancelled, DataError, FileData
 from evertrain.train import rollback
-from evertrain.train.loop import drive, fit, guard_problems, prepare
-from evertrain.train.saving import finish_write
-from evertrain.train.session import FileResult, NonFiniteLoss, RunMismatch, Session, StepRecord
+from evertrain.train.loop import drive, end_file, fit, guard_problems, prepare
+from evertrain.train.saving import finish_write, save_checkpoint
+from evertrain.train.session import FileResult, LostReference, NonFiniteLoss, RunMismatch, Session, StepRecord
 from evertrain.train.state import FileRecord
 
 # What can become of a file (Outcome.status):
@@ -31,6 +31,8 @@ INVALID = "invalid"          # the file cannot be trained (DataError, every reas
 CANCELLED = "cancelled"      # preparing it was asked to stop (a stop or pause): it stays to be trained later
 DUPLICATE = "duplicate"      # its content (sha256) was trained in this run already; not trained again
 MISMATCH = "mismatch"        # the settings differ from those it was interrupted with (RunMismatch); nothing trained
+FAILED = "failed"            # it cannot go on (its reference was lost after steps trained against it): ended where
+                             # it stood, as failed, its steps kept in the model
 ROLLED_BACK = "rolled_back"  # the loss became NaN/inf: the run is back at its newest complete checkpoint, the file
                              # recorded there as failed
 INTERRUPTED = "interrupted"  # stopped at a step boundary, checkpointed; it resumes at its cursor
@@ -78,6 +80,10 @@ def run(session: Session, data: FileData, decide: Callable[[StepRecord], str | N
         return Outcome(MISMATCH, session, data, error=e)
     except NonFiniteLoss as e:
         return Outcome(ROLLED_BACK, rollback.roll_back(session, data), data, error=e)
+    except LostReference as e:  # raised before any step of this call: the session is as the checkpoint left it
+        end_file(session, data, "failed")
+        save_checkpoint(session)
+        return Outcome(FAILED, session, data, error=e)
     if result.status != DONE:
         return Outcome(result.status, session, data, result)
     problems = guard_problems(session, result)

@@ -23,8 +23,8 @@ import torch
 from evertrain import collective, faults
 from evertrain.data import Cancelled, DataError, Example, FileData, load_file
 from evertrain.observe import gate
-from evertrain.train import checkpoint, replay, sharding
-from evertrain.train.objectives import Supervised
+from evertrain.train import checkpoint, references, replay, sharding
+from evertrain.train.objectives import Counts, Sums
 from evertrain.train.saving import finish_write, overlaps, save_checkpoint
 from evertrain.train.schedule import lr_factor
 from evertrain.train.session import SKIP, STOP, FileResult, NonFiniteLoss, RunMismatch, Session, StepRecord
@@ -67,9 +67,10 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
     cfg, acc, progress, model, optimizer, observers = (session.config, session.accelerator, session.progress,
                                                        session.model, session.optimizer, session.observers)
     G, world, rank, accum = session.global_batch, acc.num_processes, acc.process_index, session.gradient_accumulation
-    objective, pad_id = Supervised(cfg), session.tokenizer.pad_token_id
+    objectives, pad_id = session.objectives, session.tokenizer.pad_token_id
     total = data.total_steps(G, cfg.epochs)
     cursor, first_time = begin_file(session, data, total)
+    references.attach(session, data, cursor, first_time)  # a preference or feedback file's: before anything reads it
     if first_time:
         cursor.gate_before = observers.file_started(model, progress, data, total)
     if cfg.lr_schedule == "wsd" and cfg.decay_steps and progress.decay_start is None:
@@ -84,18 +85,18 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         rows = [[data.examples[i] for i in data.rows[r]] for r in data.step_rows(cursor.file_step, G, cfg.seed)]
         n_trained = sum(len(row) for row in rows)
         replayed = session.replay.draw(progress, data.sha256, G, observers.anchor_examples())
-        rows = replay.place(rows, [e for _sha, e in replayed], cfg.max_length)
+        rows = replay.place(rows, [e for _sha, e in replayed], data.row_capacity or cfg.max_length)
         replayed_ids = {id(e): sha for sha, e in replayed}
-        count = objective.count(rows)  # the loss's denominator, the same on every process
+        counts = Counts.of(rows)  # the denominators of the step's means, the same on every process
         lr = cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
                                            progress.decay_start, progress.decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        loss_sum, seen = torch.zeros((), device=acc.device), []
+        loss_sum, seen, sums = torch.zeros((), device=acc.device), [], Sums()
         for m, mine in micro_batches(rows, accum, world, rank):
             with gradient_sync(session, sync=m == accum - 1):
-                loss = objective.loss(model, mine, count, pad_id, acc.device)
+                loss = objectives.loss(model, mine, counts, pad_id, sums)
                 # DDP averages gradients over processes; each loss is already a share of the global sum.
                 acc.backward(loss * world)
             faults.hit("mid-step")
@@ -126,7 +127,8 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         record = StepRecord(step=progress.global_step, file=data.sha256, file_name=data.name,
                             file_step=cursor.file_step, file_total_steps=total, loss=step_loss, lr=lr,
                             grad_norm=grad_norm, tokens=step_tokens, examples=n_trained, replayed=len(replayed),
-                            tokens_per_second=rate, time=time.time())
+                            tokens_per_second=rate, time=time.time(),
+                            objective=sums.reduced(acc) if counts.judged else {})
         observers.step_ended(model, progress, data, record, seen)
         if session.writing.thread is not None and session.writing.thread.done():
             finish_write(session)  # the checkpoint a thread wrote is complete: the newest now

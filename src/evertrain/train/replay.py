@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evertrain.data import Example, FileData
+from evertrain.data import Example, FileData, example_from, example_record
 from evertrain.files import write_json_atomic
 from evertrain.observe import gate
 from evertrain.runs import Run
@@ -79,7 +79,7 @@ class Replay:
         picks = rng.permutation(len(data.examples))[:cfg.replay_buffer].tolist()
         path = sample_path(self.run, data.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, [_kept(data.examples[i]) for i in picks], indent=None)
+        write_json_atomic(path, [example_record(data.examples[i]) for i in picks], indent=None)
         self._pool = None  # rebuilt at the next draw
 
     def trim(self, progress) -> None:
@@ -106,8 +106,7 @@ class Replay:
             for sha in done:
                 p = sample_path(self.run, sha)
                 if p.exists():
-                    items += [(sha, Example(line=e["line"], format="", input_ids=e["input_ids"], labels=e["labels"],
-                                            part=e.get("part"))) for e in json.loads(p.read_text())[:share]]
+                    items += [(sha, example_from(e)) for e in json.loads(p.read_text())[:share]]
             self._pool = items
         return self._pool
 
@@ -154,11 +153,6 @@ def place(rows: list[list[Example]], replayed: list[Example], capacity: int) -> 
         rows[r].append(e)
         used[r] += n
     return rows
-
-
-def _kept(e: Example) -> dict:
-    kept = {"line": e.line, "input_ids": e.input_ids, "labels": e.labels}
-    return kept if e.part is None else {**kept, "part": e.part}   # a window: the trace names it "line/part"
 
 
 def weights(config, progress, items: list[tuple[str, Example]], cursor) -> np.ndarray | None:

@@ -28,7 +28,7 @@ from evertrain.data import store as token_store
 from evertrain.files import folder_size
 from evertrain.observe import gate
 from evertrain.runs import SETTINGS_FILE
-from evertrain.train import checkpoint, sharding
+from evertrain.train import checkpoint, references, sharding
 from evertrain.train.schedule import lr_factor
 from evertrain.train.session import Session
 
@@ -93,6 +93,7 @@ class Copy:
     config: dict
     keep: set[str]                # checkpoint names pruning keeps
     stores: set[str]              # token stores pruning keeps
+    references: set[str]          # reference files pruning keeps (those of the files still open)
 
 
 def take_copy(session: Session, weights: dict, optimizer: dict | None, *, copy: bool) -> Copy:
@@ -119,7 +120,8 @@ def take_copy(session: Session, weights: dict, optimizer: dict | None, *, copy: 
                    "decay_start": progress.decay_start, "decay_steps": progress.decay_steps,
                    "next_lr": cfg.learning_rate * lr_factor(cfg.lr_schedule, progress.global_step, cfg.warmup_steps,
                                                             progress.decay_start, progress.decay_steps)},
-        config=cfg.to_dict(), keep=set(session.retention.pinned) | before, stores={sha[:16] for sha in progress.cursors})
+        config=cfg.to_dict(), keep=set(session.retention.pinned) | before, stores={sha[:16] for sha in progress.cursors},
+        references={references.path_of(session.run, sha, c.first_step - 1).name for sha, c in progress.cursors.items()})
 
 
 def cpu_copy(obj, copies: dict, reuse: dict):
@@ -223,6 +225,7 @@ def commit(session: Session, tmp: Path, snap: Copy) -> Path:
                      budget_bytes=session.retention.budget_bytes, newest=path)
     # Token stores of files still open stay; of the rest, the most recently used few (a file dropped again).
     token_store.prune(session.run.tokens, keep=snap.stores)
+    references.prune(session.run, snap.references)
     return path
 
 

@@ -33,6 +33,11 @@ class NonFiniteLoss(RuntimeError):
                          "step was applied")
 
 
+class LostReference(RuntimeError):
+    """A preference or feedback file's reference is gone after steps trained against it: the model is no longer
+    the reference, so it cannot be computed again and the file cannot go on."""
+
+
 @dataclass
 class Retention:
     """What the caller asks of the checkpoints: which to keep whatever `keep_checkpoints` says (pinned by a
@@ -67,6 +72,7 @@ class Session:
     identity: dict                      # what defines the run; identity["sharding"] == "fsdp2": sharded by FSDP2
     gradient_accumulation: int          # micro-batches per step on each process: what keeps the run's global batch
     observers: object                   # observe.Observers
+    objectives: object                  # train/objectives.py Objectives: the loss of a micro-batch
     replay: object                      # train/replay.py Replay
     retention: Retention
     writing: Writing
@@ -113,6 +119,8 @@ class StepRecord:
     replayed: int              # examples replayed from earlier files
     tokens_per_second: float   # over the last few steps (RATE_STEPS), not since the file began
     time: float                # wall clock (time.time()) at the step's end
+    objective: dict = field(default_factory=dict)  # preference, feedback: the step's rewards, accuracy, margin,
+    #                            KL, by TRL's names (objectives.Sums)
 
     def as_dict(self) -> dict:
         return asdict(self)

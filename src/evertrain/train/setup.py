@@ -17,6 +17,7 @@ from evertrain.observe import metrics
 from evertrain.observe.observers import Observers
 from evertrain.runs import Run, saved_settings
 from evertrain.train import chunked_loss, checkpoint, sharding
+from evertrain.train.objectives import Objectives
 from evertrain.train.replay import Replay
 from evertrain.train.saving import restore_rng
 from evertrain.train.session import Retention, RunMismatch, Session, Writing
@@ -102,11 +103,13 @@ def setup(config: TrainConfig, run: Run, *, resume: checkpoint.Checkpoint | None
         progress = TrainingProgress()
     model, optimizer = ready_to_train(config, accelerator, model, newest, sharded)
 
+    objectives = Objectives(config, accelerator, sharded=sharded)
     observers = Observers(config, run, accelerator, tokenizer, sharded=sharded,
                           saved=newest.state.get("observers") if newest else None,
-                          legacy=newest.state["evertrain"] if newest else None)
+                          legacy=newest.state["evertrain"] if newest else None,
+                          judge=lambda model, examples: objectives.evaluate(model, examples, tokenizer.pad_token_id))
     session = Session(config, run, accelerator, model, tokenizer, optimizer, progress, identity, accumulation,
-                      observers, Replay(config, run, main), retention or Retention(),
+                      observers, objectives, Replay(config, run, main), retention or Retention(),
                       Writing(last_checkpoint=newest.path if newest else None,
                               saved_step=newest.step if newest else None))
     if main:

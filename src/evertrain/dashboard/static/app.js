@@ -289,8 +289,14 @@ function renderForgetting(fm) {
       + "too small for a held-out slice").join("; ");
     return;
   }
-  const values = [...fm.before, ...fm.rows.flatMap((r) => r.cells)].filter((x) => x !== null && x > 0);
-  const lo = Math.min(...values), hi = Math.max(...values);
+  // Losses of one kind share a colour scale; a file of judgments (a DPO or KTO loss, not a token loss) has its own.
+  const column = (j) => [fm.before[j], ...fm.rows.map((r) => r.cells[j])];
+  const range = (values) => {
+    const v = values.filter((x) => x !== null && x !== undefined && x > 0);
+    return [Math.min(...v), Math.max(...v)];
+  };
+  const tokenScale = range(fm.files.flatMap((f, j) => (f.judged ? [] : column(j))));
+  const scales = fm.files.map((f, j) => (f.judged ? range(column(j)) : tokenScale));
   // Each file's loss right after it trained: the reference for what later files made it forget.
   const fresh = fm.files.map((f, j) => {
     const own = fm.rows.find((r) => r.after_file === f.file);
@@ -298,26 +304,30 @@ function renderForgetting(fm) {
   });
   const head = el("tr", {}, el("th", { class: "corner", text: "after ↓   evaluated on →" }),
     ...fm.files.map((f) => el("th", { class: "col", title: f.file, text: f.file_name || f.file.slice(0, 12) })));
-  const cell = (x, j, rowFile, kind) => {
+  const cell = (x, j, rowFile, kind, judged) => {
     if (x === null || x === undefined) return el("td", { class: "empty", text: "" });
     let title = `${fm.files[j].file_name}: loss ${x.toFixed(4)}`;
+    // A file of pairs or rated answers: its held-out accuracy beside the loss, the margin in the title.
+    const acc = judged ? ` · ${fmt.pct(judged.accuracy)}` : "";
+    if (judged) title += `, accuracy ${fmt.pct(judged.accuracy)}, margin ${judged.margin.toFixed(3)}`;
     if (kind === "after" && fresh[j] !== null && rowFile !== fm.files[j].file) {
       const d = x - fresh[j];
       title += ` (${d >= 0 ? "+" : ""}${d.toFixed(4)} since it trained)`;
     }
-    return el("td", { class: rowFile === fm.files[j].file ? "cell own" : "cell", style: `background:${heatColor(x, lo, hi)}`,
-      title, "data-loss": x.toFixed(4), "data-col-file": fm.files[j].file_name || "", text: x.toFixed(3) });
+    return el("td", { class: rowFile === fm.files[j].file ? "cell own" : "cell", style: `background:${heatColor(x, ...scales[j])}`,
+      title, "data-loss": x.toFixed(4), "data-col-file": fm.files[j].file_name || "",
+      "data-accuracy": judged ? judged.accuracy : "", text: x.toFixed(3) + acc });
   };
   const rows = [];
   if (fm.before.some((x) => x !== null)) {
     rows.push(el("tr", { "data-row": "before" }, el("th", { class: "rowh", text: "before its training" }),
-      ...fm.before.map((x, j) => cell(x, j, null, "before"))));
+      ...fm.before.map((x, j) => cell(x, j, null, "before", (fm.before_judged || [])[j]))));
   }
   for (const r of fm.rows) {
     const label = r.after_file ? `after ${r.after_file_name || r.after_file.slice(0, 12)}` : "periodic";
     rows.push(el("tr", { "data-row": r.after_file_name || "periodic", "data-step": r.step },
       el("th", { class: "rowh", title: r.after_file || "" }, label, el("span", { class: "muted small", text: `  step ${r.step}` })),
-      ...r.cells.map((x, j) => cell(x, j, r.after_file, "after"))));
+      ...r.cells.map((x, j) => cell(x, j, r.after_file, "after", (r.judged || [])[j]))));
   }
   // A file too small for a held-out slice has no losses to show: its column says so instead.
   const small = fm.no_slice || [];
@@ -433,11 +443,19 @@ async function renderEvolution() {
         : `predicted ${JSON.stringify(t.predicted)}, expected ${JSON.stringify(t.expected)}  (loss ${t.loss.toFixed(3)})`,
     }, el("span", { class: "pred", text: visible(t.predicted) }),
     el("span", { class: "exp", text: t.correct ? "\u00a0" : visible(t.expected) }))));
-    $("ev-scores").textContent = `loss ${fmt.loss(ex.loss)} · ${fmt.pct(ex.token_accuracy)} of ${ex.tokens.length} tokens right`;
+    $("ev-scores").textContent = `loss ${fmt.loss(ex.loss)} · ${fmt.pct(ex.token_accuracy)} of ${ex.tokens.length} tokens right`
+      + judgedText(ex);
     $("ev-generation").textContent = ex.generation ?? "(no generation in this snapshot)";
     box.dataset.accuracy = ex.token_accuracy;
   }
   renderExampleHistory(example, step);
+}
+
+function judgedText(x) {
+  // A pair: how far its chosen answer's reward is above its rejected one's; a rated answer: its reward.
+  if (x.margin !== null && x.margin !== undefined) return ` · margin ${x.margin.toFixed(3)}`;
+  if (x.reward !== null && x.reward !== undefined) return ` · reward ${x.reward.toFixed(3)}`;
+  return "";
 }
 
 function visible(token) {
@@ -478,7 +496,8 @@ async function renderExampleHistory(example, step) {
       rows.push(el("tr", { class: s.step === step ? "selected" : "", "data-step": s.step,
         onclick: () => select(example.id, s.step) },
       el("td", { text: s.step }), el("td", { text: g.file_name || "" }), el("td", { text: fmt.loss(s.loss) }),
-      el("td", { text: fmt.pct(s.token_accuracy) }), el("td", { class: "text-cell", text: s.prediction ?? "" }),
+      el("td", { text: fmt.pct(s.token_accuracy) + judgedText(s) }),
+      el("td", { class: "text-cell", text: s.prediction ?? "" }),
       el("td", { class: "text-cell", text: s.generation ?? "—" })));
     }
   }
