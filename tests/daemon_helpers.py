@@ -1,4 +1,5 @@
-"""Shared pieces of the daemon tests: a workspace on the tiny model, dropping files, a daemon in a thread."""
+"""Shared pieces of the daemon tests: a workspace on the tiny model, dropping files, a daemon in a thread, the
+ledger's rows, each file's lines trained exactly once."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ FAST = ("--batch-size", "4", "--no-packing", "--trace", "--held-out-fraction", "
         "--warmup-steps", "0", "--incomplete-timeout", "0")  # a cut last line fails at once, not in 10 minutes
 
 
-def make_ws(tmp_path: Path, model: Path, *extra) -> Path:
+def make_ws(tmp_path: Path, model: Path, *extra, settings: tuple = FAST) -> Path:
+    """`evertrain init tmp_path/ws` on `model` with `settings` (the fast ones unless told), then `extra`."""
     ws = tmp_path / "ws"
-    assert cli("init", ws, "--model", model, *FAST, *extra) == 0
+    assert cli("init", ws, "--model", model, *settings, *extra) == 0
     return ws
 
 
@@ -88,6 +90,31 @@ class ThreadDaemon:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the daemon did not stop"
         return self.rc
+
+
+def coverage_by_sha(ws: Path) -> dict:
+    from evertrain.observe import trace
+
+    return trace.coverage(ws / "current_model" / "trace.jsonl")
+
+
+def assert_exactly_once(ws: Path, row: dict, n_lines: int) -> None:
+    """The file of a ledger row had each of its `n_lines` lines trained exactly once."""
+    counts = coverage_by_sha(ws)[row["sha256"]]
+    assert sorted(counts) == list(range(n_lines)) and set(counts.values()) == {1}, row["original_name"]
+
+
+def slow_steps(monkeypatch) -> None:
+    """At least 10 ms a step, so that a fast machine cannot finish a file before a control lands."""
+    from evertrain.train import objectives
+
+    real = objectives.collate
+
+    def collate(*a):
+        time.sleep(0.01)
+        return real(*a)
+
+    monkeypatch.setattr(objectives, "collate", collate)
 
 
 def assert_trained_once(ws: Path, lines: dict[str, int]) -> None:

@@ -1,11 +1,14 @@
 """Real runs for the dashboard tests, built once per session in pytest's base temp folder (both dashboard test
 modules share them): two files trained by the real `evertrain train` into an output folder, and the same two
-files dropped into a daemon workspace and trained by the real `evertrain run`."""
+files dropped into a daemon workspace and trained by the real `evertrain run`. Then the dashboard served in this
+process, and the page as headless chromium leaves it (`--dump-dom`, read into a Tree)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
+from html.parser import HTMLParser
 from pathlib import Path
 
 from conftest import cli, write_jsonl
@@ -16,6 +19,7 @@ FILES = {"capitals.jsonl": [("The capital of France is", " Paris."), ("The capit
          "colours.jsonl": [("The sky is", " blue."), ("Grass is", " green."), ("Snow is", " white."),
                            ("Coal is", " black."), ("Blood is", " red."), ("A lemon is", " yellow.")]}
 PROBE = ("The capital of Peru is", " Lima.")
+TOKEN = "s3cret-token-for-tests"  # a token good enough for the dashboard off loopback
 REPEAT = 3  # each pair several times (distinct lines): enough examples for a held-out slice and some steps
 
 
@@ -88,3 +92,64 @@ class Served(Serving):
         from evertrain.dashboard.server import make_server
 
         super().__init__(make_server(root, host, 0, token))
+
+
+def chromium(browser: str, profile: Path, url: str, *args: str) -> str:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions",
+           "--hide-scrollbars", f"--user-data-dir={profile}", "--virtual-time-budget=8000", *args, url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict):
+        self.tag, self.attrs, self.children, self.parts = tag, attrs, [], []
+
+    def text(self) -> str:
+        return "".join(p if isinstance(p, str) else p.text() for p in self.parts)
+
+    def walk(self):
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def find(self, **attrs) -> "Node":
+        found = self.find_all(**attrs)
+        assert found, f"no element with {attrs}"
+        return found[0]
+
+    def find_all(self, tag: str | None = None, **attrs) -> list["Node"]:
+        attrs = {k.rstrip("_").replace("_", "-"): v for k, v in attrs.items()}  # class_ -> class, data_x -> data-x
+        return [n for n in self.walk() if (tag is None or n.tag == tag)
+                and all(n.attrs.get(k) == v or (k == "class" and v in (n.attrs.get("class") or "").split())
+                        for k, v in attrs.items())]
+
+
+class Tree(HTMLParser):
+    """The dumped DOM as a tree: enough to ask for an element's attributes and its text."""
+
+    VOID = {"meta", "link", "input", "br", "img", "hr", "col", "source", "wbr"}
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.root = Node("root", {})
+        self.stack = [self.root]
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(node)
+        self.stack[-1].parts.append(node)
+        if tag not in self.VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                break
+
+    def handle_data(self, data):
+        self.stack[-1].parts.append(data)

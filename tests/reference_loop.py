@@ -3,14 +3,18 @@
 Same rows in the same order (FileData.step_rows), same AdamW, same warmup and clipping; but every example is
 run ALONE (no packing, no padding, no accumulation, no processes): the loss of a step is the sum of the token
 losses of its examples over the step's target tokens. If evertrain's packing, accumulation, rank split or
-loss scaling were wrong, its weights would leave this loop's.
+loss scaling were wrong, its weights would leave this loop's. `reference_weights` gives the weights before and after,
+named as evertrain's checkpoint names them (tests/test_reference.py, tests/test_distributed.py).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
+from evertrain import models
+from evertrain.config import TrainConfig
 from evertrain.data import load_file
 from evertrain.train.schedule import lr_factor
 
@@ -39,3 +43,19 @@ def train_reference(model, tokenizer, files, config, *, global_batch: int, globa
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
     return model
+
+
+def reference_weights(tiny_model, files, config: TrainConfig, global_batch: int):
+    """(weights before, weights after) of the plain loop, named as evertrain's checkpoint names them."""
+    torch.manual_seed(config.seed)  # as evertrain does before LoRA's initialisation
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    if config.lora:
+        from peft import get_peft_model_state_dict
+
+        model = models.add_lora(model, config)
+        named = lambda: {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}  # noqa: E731
+    else:
+        named = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
+    before = named()
+    train_reference(model, models.load_tokenizer(str(tiny_model)), files, config, global_batch=global_batch)
+    return before, named()

@@ -12,9 +12,7 @@ import os
 import subprocess
 import sys
 import threading
-from types import SimpleNamespace
 
-import pytest
 import torch
 from conftest import cli, text_rows, write_jsonl
 from daemon_helpers import assert_trained_once, drop, make_ws, rows
@@ -121,12 +119,3 @@ def test_the_daemon_overlaps_its_checkpoints_with_the_ledger_copy_sealed_in_each
     # every second step, then each file's end; sealed with the ledger as it was (repair's starting point)
     assert sorted(c.step for c in ckpts) == [2, 4, 6, 7, 8, 10, 12]
     assert all(COPY_NAME in c.state["manifest"] and checkpoint.verify(c) is None for c in ckpts)
-
-
-@pytest.mark.parametrize("mode, processes, device, overlapped", [
-    ("auto", 1, "cuda", True), ("auto", 1, "cpu", False), ("on", 1, "cpu", True), ("on", 2, "cuda", False),
-    ("off", 1, "cuda", False)])
-def test_which_runs_overlap_their_checkpoints(mode, processes, device, overlapped):
-    session = SimpleNamespace(config=TrainConfig(overlap_checkpoints=mode), sharded=False, accelerator=SimpleNamespace(
-        num_processes=processes, device=SimpleNamespace(type=device)))
-    assert saving.overlaps(session) is overlapped

@@ -11,22 +11,16 @@ import os
 import pty
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, text_rows, write_jsonl
+from conftest import cli, evertrain, text_rows, write_jsonl
 from daemon_helpers import drop, make_ws, rows
 
 from evertrain import __version__, exits
 from evertrain.train import checkpoint
 
 ROOT = Path(__file__).parent.parent
-
-
-def evertrain(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "evertrain", *map(str, args)], stderr=subprocess.PIPE,
-                            text=True, **kwargs)
 
 
 def test_version_and_no_abbreviated_options(tmp_path, capsys):
@@ -63,7 +57,7 @@ def test_train_shows_a_progress_bar_on_a_terminal(tmp_path, tiny_model):
     f = write_jsonl(tmp_path / "a.jsonl", text_rows(24))
     main, child = pty.openpty()
     proc = evertrain("train", "--dataset", f, "--output-dir", out, "--model", tiny_model, "--batch-size", 2,
-                     "--no-packing", "--log-steps", 1, stdout=child, env={**os.environ, "COLUMNS": "160"})
+                     "--no-packing", "--log-steps", 1, wait=False, stdout=child, env={**os.environ, "COLUMNS": "160"})
     os.close(child)
     screen = b""
     while True:
@@ -116,8 +110,8 @@ def test_a_wrong_model_is_one_line_and_exit_2(tmp_path, model):
     if model == "not-a-model":
         (target / "config.json").write_text("{not json")
     f = write_jsonl(tmp_path / "a.jsonl", text_rows(2))
-    proc = evertrain("train", "--dataset", f, "--output-dir", tmp_path / "run", "--model", target,
-                     stdout=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = evertrain("train", "--dataset", f, "--output-dir", tmp_path / "run", "--model", target, wait=False,
+                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == exits.BAD_INPUT, err
     lines = err.strip().splitlines()
@@ -126,15 +120,14 @@ def test_a_wrong_model_is_one_line_and_exit_2(tmp_path, model):
 
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path, tiny_model):
     f = write_jsonl(tmp_path / "many.jsonl", text_rows(3000))
-    check = evertrain("check", f, "--model", tiny_model, "--examples", 3000, stdout=subprocess.PIPE)
+    check = evertrain("check", f, "--model", tiny_model, "--examples", 3000, wait=False)
     check.stdout.read(100)
     check.stdout.close()  # `| head -c 100`
     assert check.wait(120) == 0 and check.stderr.read() == ""
 
     out = tmp_path / "run"
     train = evertrain("train", "--dataset", write_jsonl(tmp_path / "a.jsonl", text_rows(40)), "--output-dir", out,
-                      "--model", tiny_model, "--batch-size", 2, "--no-packing", "--log-steps", 1,
-                      stdout=subprocess.PIPE)
+                      "--model", tiny_model, "--batch-size", 2, "--no-packing", "--log-steps", 1, wait=False)
     train.stdout.readline()
     train.stdout.close()  # `| head -1`: training goes on to its end, the log file gets every line
     assert train.wait(120) == 0

@@ -9,20 +9,12 @@ import threading
 import time
 
 from conftest import break_weights_at, cli
-from daemon_helpers import ThreadDaemon, by_name, drop, ledger_rows, make_ws, rows, status, wait_for
+from daemon_helpers import (ThreadDaemon, assert_exactly_once, by_name, coverage_by_sha, drop, ledger_rows, make_ws,
+                            rows, slow_steps, status, wait_for)
 
 from evertrain.observe import trace
-from evertrain.train import checkpoint, objectives
+from evertrain.train import checkpoint
 from evertrain.files import sha256_file
-
-
-def coverage_by_sha(ws) -> dict:
-    return trace.coverage(ws / "current_model" / "trace.jsonl")
-
-
-def assert_exactly_once(ws, row: dict, n_lines: int) -> None:
-    counts = coverage_by_sha(ws)[row["sha256"]]
-    assert sorted(counts) == list(range(n_lines)) and set(counts.values()) == {1}, row["original_name"]
 
 
 def test_files_dropped_while_running_train_once_in_order(tmp_path, tiny_model, capsys):
@@ -169,17 +161,6 @@ def test_every_bad_input_lands_in_failed_with_its_reason(tmp_path, tiny_model):
     assert all((ws / "done" / r["name"]).is_file() and r["name"].isascii() for r in good)
     left = sorted(p.name for p in (ws / "inbox").iterdir())
     assert left == [".hidden.jsonl", "11-upload.jsonl.part", "12-upload.tmp", "nested"]
-
-
-def slow_steps(monkeypatch):
-    """At least 10 ms a step, so that a fast machine cannot finish a file before a control lands."""
-    real = objectives.collate
-
-    def collate(*a):
-        time.sleep(0.01)
-        return real(*a)
-
-    monkeypatch.setattr(objectives, "collate", collate)
 
 
 def test_pause_resume_skip_stop_at_the_next_step(tmp_path, tiny_model, monkeypatch):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import threading
 
 from conftest import cli
-from daemon_helpers import ThreadDaemon, by_name, drop, make_ws, rows, status, wait_for
-from test_daemon import assert_exactly_once, slow_steps
+from daemon_helpers import ThreadDaemon, assert_exactly_once, by_name, drop, make_ws, rows, slow_steps, status, wait_for
 
 from evertrain.data import prepare as prepare_module
 from evertrain.data.render import Renderer

@@ -5,20 +5,13 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 
+from conftest import evertrain, trained_steps
 from daemon_helpers import drop, ledger_rows, make_ws, rows
 
 from evertrain.observe import trace
 from evertrain.train import checkpoint
-
-
-def trained_steps(ws) -> int:
-    try:
-        return (ws / "current_model" / "trace.jsonl").read_text().count('"step"')
-    except FileNotFoundError:
-        return 0
 
 
 def test_kill_9_at_random_moments_then_restart(tmp_path, tiny_model):
@@ -27,29 +20,28 @@ def test_kill_9_at_random_moments_then_restart(tmp_path, tiny_model):
     for name, n in sizes.items():
         drop(ws, name, rows(n, name))
     rng = random.Random(20241123)
-    cmd = [sys.executable, "-m", "evertrain", "run", str(ws)]
     kills = []
     for round_ in range(4):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start = trained_steps(ws)
+        proc = evertrain("run", ws, wait=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = trained_steps(ws / "current_model")
         if round_ == 0:
             time.sleep(rng.uniform(0.5, 3.0))  # during start-up: imports, loading, reconciling
         else:
             target = start + rng.randint(1, 12)
             end = time.monotonic() + 120
-            while trained_steps(ws) < target and proc.poll() is None:
+            while trained_steps(ws / "current_model") < target and proc.poll() is None:
                 assert time.monotonic() < end, "the daemon never reached the step to kill it at"
                 time.sleep(0.002)
             time.sleep(rng.uniform(0, 0.05))  # anywhere inside a step or a checkpoint write
         assert proc.poll() is None, "the daemon exited by itself"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills.append(trained_steps(ws))
+        kills.append(trained_steps(ws / "current_model"))
         if round_ == 1:
             drop(ws, "f5.jsonl", rows(11, "f5.jsonl"))   # arrives between two lives of the daemon
     sizes["f5.jsonl"] = 11
 
-    done = subprocess.run(cmd + ["--once"], capture_output=True, text=True, timeout=300)
+    done = evertrain("run", ws, "--once")
     assert done.returncode == 0, done.stdout + done.stderr
 
     files = ledger_rows(ws)

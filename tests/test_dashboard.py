@@ -1,7 +1,7 @@
-"""The dashboard's server and its reader of the run's files, without a browser: API answers on a real run,
-no file outside the package's static folder is ever served, the access rules (token, Host, Origin), bad
-query values, many clients and half-sent requests, and the readers' edge cases (resumed steps, torn lines,
-long histories, a ledger in use, NaN).
+"""The dashboard's server, without a browser: API answers on a real run, no file outside the package's static
+folder is ever served, the access rules at work (token, Host, Origin), bad query values, many clients and
+half-sent requests, a workspace's layout and NaN in its status. The reader of a run's files on its own:
+tests/test_sources.py; the rules a binding gets: tests/test_auth.py.
 
     pytest tests/test_dashboard.py
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dashboard_run import Served, Serving, lines, trained_run
+from dashboard_run import TOKEN, Served, Serving, lines, trained_run
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
@@ -349,20 +349,6 @@ def test_a_change_off_loopback_needs_the_token_and_the_origin():
         assert request(s.port, f"/thing?token={TOKEN}", headers=own, method="POST")[0] == 200
 
 
-def test_rules_for_a_binding():
-    assert auth.Access.for_binding("127.0.0.1", None) == auth.Access(None, True)
-    assert auth.Access.for_binding("::1", None).loopback
-    made = auth.Access.for_binding("0.0.0.0", None)
-    assert not made.loopback and len(made.token) >= 24 and made != auth.Access.for_binding("0.0.0.0", None)
-    assert auth.Access.for_binding("192.0.2.1", TOKEN) == auth.Access(TOKEN, False)
-    for weak in ("", " ", "x" * 15):
-        with pytest.raises(auth.TokenRefused, match="at least 16 characters"):
-            auth.Access.for_binding("0.0.0.0", weak)
-
-
-TOKEN = "s3cret-token-for-tests"
-
-
 def test_off_loopback_every_request_needs_the_token(run_dir):
     with Served(run_dir, host="0.0.0.0", token=TOKEN) as s:
         for path in ("/", "/api/state", "/static/app.js", "/api/metrics?since=0"):
@@ -452,82 +438,6 @@ def test_cli_refuses_a_missing_folder(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ readers
-
-def write_lines(path: Path, lines: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-
-
-def step(n, loss=1.0, file="a" * 64, name="a.jsonl"):
-    return {"step": n, "file": file, "file_name": name, "file_step": n, "file_total_steps": 99, "loss": loss,
-            "lr": 1e-3, "time": 0}
-
-
-def test_metrics_follow_appends_resumes_and_torn_lines(tmp_path):
-    path = tmp_path / "logs" / "metrics.jsonl"
-    write_lines(path, [step(1), step(2), step(3)])
-    run = sources.open_view(tmp_path)
-    first = sources.metrics(run)
-    assert first["columns"]["step"] == [1, 2, 3]
-    # The run resumed from the checkpoint of step 1 and trained steps 2.. again: the new lines count.
-    with open(path, "a") as f:
-        f.write(json.dumps(step(2, loss=0.5)) + "\nnot json\n" + '{"step": 3, "lo')  # a line still being written
-    m = sources.metrics(run)
-    assert m["columns"]["step"] == [1, 2] and m["columns"]["loss"] == [1.0, 0.5]
-    assert m["history"] != first["history"]  # tells the page to drop the points it holds
-    with open(path, "a") as f:
-        f.write('ss": 0.25, "file": "b", "file_name": "b.jsonl"}\n')
-    m = sources.metrics(run)
-    assert m["columns"]["step"] == [1, 2, 3] and m["columns"]["loss"] == [1.0, 0.5, 0.25]
-    assert [(s["file_name"], s["first_step"], s["last_step"]) for s in m["files"]] == [
-        ("a.jsonl", 1, 2), ("b.jsonl", 3, 3)]
-
-
-def test_long_history_is_thinned_but_keeps_the_last_step(tmp_path):
-    write_lines(tmp_path / "logs" / "metrics.jsonl", [step(n) for n in range(1, 10_001)])
-    m = sources.metrics(sources.open_view(tmp_path), max_points=1000)
-    steps = m["columns"]["step"]
-    assert len(steps) <= 1001 and steps[0] == 1 and steps[-1] == 10_000 and m["stride"] == 10
-    assert m["last_step"] == 10_000 and sources.metrics(sources.open_view(tmp_path), since=9_990)["stride"] == 1
-
-
-def test_forgetting_matrix_rows_columns_and_before(tmp_path):
-    a, b = "a" * 64, "b" * 64
-    write_lines(tmp_path / "logs" / "evals.jsonl", [
-        {"step": 0, "after_file": None, "before_file": a, "file": a, "file_name": "a.jsonl", "loss": 5.0},
-        {"step": 4, "after_file": a, "after_file_name": "a.jsonl", "file": a, "file_name": "a.jsonl", "loss": 2.0},
-        {"step": 4, "after_file": None, "before_file": b, "file": b, "file_name": "b.jsonl", "loss": 4.5},
-        {"step": 9, "after_file": b, "after_file_name": "b.jsonl", "file": a, "file_name": "a.jsonl", "loss": 2.5},
-        {"step": 9, "after_file": b, "after_file_name": "b.jsonl", "file": b, "file_name": "b.jsonl", "loss": 1.5},
-        "{torn",
-    ])
-    fm = sources.forgetting(sources.open_view(tmp_path))
-    assert [f["file_name"] for f in fm["files"]] == ["a.jsonl", "b.jsonl"]
-    assert fm["before"] == [5.0, 4.5]
-    assert [(r["after_file_name"], r["step"], r["cells"]) for r in fm["rows"]] == [
-        ("a.jsonl", 4, [2.0, None]), ("b.jsonl", 9, [2.5, 1.5])]
-
-
-def test_ledger_is_read_while_the_daemon_holds_a_write_transaction(tmp_path):
-    (tmp_path / "evertrain.toml").write_text("")
-    db = sqlite3.connect(tmp_path / "ledger.sqlite", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    # An older ledger: fewer columns than the dashboard shows; the missing ones come back as None.
-    db.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, original_name TEXT, sha256 TEXT, state TEXT, "
-               "steps_trained INTEGER, expected_steps INTEGER)")
-    db.execute("INSERT INTO files VALUES (1, 'one.jsonl', 'x', 'done', 3, 3)")
-    db.execute("BEGIN IMMEDIATE")
-    db.execute("INSERT INTO files VALUES (2, 'two.jsonl', 'y', 'training', 1, 5)")
-    t0 = time.monotonic()
-    rows = sources.files(sources.open_view(tmp_path))
-    assert time.monotonic() - t0 < 1.5  # not waiting for the writer
-    assert [(r["original_name"], r["state"], r["priority"]) for r in rows] == [("one.jsonl", "done", None)]
-    db.execute("COMMIT")
-    assert [r["state"] for r in sources.files(sources.open_view(tmp_path))] == ["done", "training"]
-    with pytest.raises(sqlite3.OperationalError):  # read-only: the dashboard cannot change the ledger
-        ro = sqlite3.connect(f"{(tmp_path / 'ledger.sqlite').as_uri()}?mode=ro", uri=True)
-        ro.execute("DELETE FROM files")
-    db.close()
 
 
 def test_workspace_layout_status_and_non_finite_numbers(tmp_path, run_dir):

@@ -10,14 +10,12 @@ import threading
 import time
 
 import pytest
-from dashboard_run import Served, trained_run
-from test_dashboard_browser import Tree, browser, chromium  # noqa: F401  (browser is a fixture)
+from dashboard_run import TOKEN, Served, Tree, chromium, trained_run
 
 from evertrain.train import checkpoint
 from evertrain.dashboard import ask
 
 PROMPT = "The capital of Peru is"
-TOKEN = "a-token-of-twenty-chars"
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +137,7 @@ def test_one_question_at_a_time_and_a_full_queue_is_a_429(run_dir, monkeypatch):
     assert all(events(a[2])[-1] == {"type": "end"} for a in answers)
 
 
-def test_answers_appear_side_by_side_in_the_browser(browser, run_dir, expected, tmp_path, monkeypatch):  # noqa: F811
+def test_answers_appear_side_by_side_in_the_browser(browser, run_dir, expected, tmp_path, monkeypatch):
     monkeypatch.setattr(ask, "MAX_NEW_TOKENS", 8)  # the page asks with the server's limit
     newest = checkpoint.newest_complete(run_dir)
     with Served(run_dir) as s:

@@ -8,85 +8,8 @@ Without chromium the test is skipped, except under CI=true, where it fails.
 import json
 import os
 import shutil
-import subprocess
-from html.parser import HTMLParser
-from pathlib import Path
 
-import pytest
-from dashboard_run import Served, lines, trained_run, trained_workspace
-
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"chromium is required under CI and missing ({CHROMIUM}); the test set-up installs it")
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium) to drive the dashboard")
-    return path
-
-
-def chromium(browser: str, profile: Path, url: str, *args: str) -> str:
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions",
-           "--hide-scrollbars", f"--user-data-dir={profile}", "--virtual-time-budget=8000", *args, url]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-class Node:
-    def __init__(self, tag: str, attrs: dict):
-        self.tag, self.attrs, self.children, self.parts = tag, attrs, [], []
-
-    def text(self) -> str:
-        return "".join(p if isinstance(p, str) else p.text() for p in self.parts)
-
-    def walk(self):
-        yield self
-        for c in self.children:
-            yield from c.walk()
-
-    def find(self, **attrs) -> "Node":
-        found = self.find_all(**attrs)
-        assert found, f"no element with {attrs}"
-        return found[0]
-
-    def find_all(self, tag: str | None = None, **attrs) -> list["Node"]:
-        attrs = {k.rstrip("_").replace("_", "-"): v for k, v in attrs.items()}  # class_ -> class, data_x -> data-x
-        return [n for n in self.walk() if (tag is None or n.tag == tag)
-                and all(n.attrs.get(k) == v or (k == "class" and v in (n.attrs.get("class") or "").split())
-                        for k, v in attrs.items())]
-
-
-class Tree(HTMLParser):
-    """The dumped DOM as a tree: enough to ask for an element's attributes and its text."""
-
-    VOID = {"meta", "link", "input", "br", "img", "hr", "col", "source", "wbr"}
-
-    def __init__(self, html: str):
-        super().__init__()
-        self.root = Node("root", {})
-        self.stack = [self.root]
-        self.feed(html)
-
-    def handle_starttag(self, tag, attrs):
-        node = Node(tag, {k: v or "" for k, v in attrs})
-        self.stack[-1].children.append(node)
-        self.stack[-1].parts.append(node)
-        if tag not in self.VOID:
-            self.stack.append(node)
-
-    def handle_endtag(self, tag):
-        for i in range(len(self.stack) - 1, 0, -1):
-            if self.stack[i].tag == tag:
-                del self.stack[i:]
-                break
-
-    def handle_data(self, data):
-        self.stack[-1].parts.append(data)
+from dashboard_run import Served, Tree, chromium, lines, trained_run, trained_workspace
 
 
 def test_dashboard_shows_the_real_run(browser, tmp_path, tmp_path_factory, tiny_model):

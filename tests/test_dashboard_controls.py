@@ -15,7 +15,6 @@ import urllib.request
 
 from daemon_helpers import ThreadDaemon, by_name, drop, make_ws, rows, status, wait_for
 from dashboard_run import Served
-from test_dashboard_browser import browser  # noqa: F401  (the fixture: chromium, or a skip)
 
 from cdp import Page
 
@@ -34,7 +33,7 @@ def shows(page: Page, selector: str, text: str) -> str:
     return f"(document.querySelector({json.dumps(selector)}) || {{}}).textContent === {json.dumps(text)}"
 
 
-def test_the_page_steers_the_daemon(browser, tmp_path, tiny_model):  # noqa: F811
+def test_the_page_steers_the_daemon(browser, tmp_path, tiny_model):
     ws = make_ws(tmp_path, tiny_model)
     daemon = ThreadDaemon(ws)
     upload = tmp_path / "upload.jsonl"

@@ -1,19 +1,18 @@
-"""The data formats, their labels, packing, and every kind of bad input (library and CLI)."""
+"""load_file (data/__init__.py): the data formats and their labels, truncation, every kind of bad input (library
+and CLI), and any other failure while reading a DataError with its place, but never a full disk. Packing:
+tests/test_packing.py.
+
+    pytest -q tests/test_data.py
+"""
 
 import json
 
 import pytest
-import torch
-from conftest import cli, text_rows, write_jsonl
+from conftest import cli, explode_on_boom, text_rows, write_jsonl
 
 from evertrain.config import TrainConfig
-from evertrain.data import IGNORE, DataError, load_file, pack
-from evertrain.models import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model):
-    return load_tokenizer(str(tiny_model))
+from evertrain.data import IGNORE, DataError, load_file
+from evertrain.data.formats import parse_record
 
 
 def labelled_text(tok, example):
@@ -99,32 +98,6 @@ def test_cli_rejects_bad_file_and_trains_nothing(tmp_path, tiny_model, capsys):
     assert sorted(p.name for p in out.iterdir()) == before  # no new checkpoint, nothing trained
 
 
-def test_packing_puts_every_example_in_one_row_within_capacity():
-    lengths = [5, 17, 3, 30, 12, 12, 1, 29, 8]
-    rows = pack(lengths, 32)
-    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in r) <= 32 for r in rows)
-    assert len(rows) < len(lengths)
-
-
-def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok, tiny_model):
-    """The logits of an example inside a packed row equal its logits alone."""
-    from transformers import AutoModelForCausalLM
-
-    from evertrain.data.packing import collate
-
-    f = write_jsonl(tmp_path / "p.jsonl", [{"text": "first example here"}, {"text": "second one"}])
-    data = load_file(f, tok, TrainConfig(model=str(tiny_model), packing=True))
-    assert data.rows == [[0, 1]]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    with torch.no_grad():
-        packed = model(**{k: v for k, v in collate([[data.examples[i] for i in r] for r in data.rows], tok.pad_token_id, "cpu").items()
-                          if k != "labels"}, use_cache=False).logits[0]
-        n0 = len(data.examples[0].input_ids)
-        alone = model(input_ids=torch.tensor([data.examples[1].input_ids])).logits[0]
-    torch.testing.assert_close(packed[n0:n0 + alone.shape[0]], alone)
-
-
 # LLaMA-Factory's data/mllm_demo.json and data/kto_en_demo.json, one record each, as those .json arrays hold them
 MLLM_DEMO = {"messages": [{"content": "<image>Who are they?", "role": "user"},
                           {"content": "They're Kane and Gretzka from Bayern Munich.", "role": "assistant"},
@@ -204,3 +177,52 @@ def test_each_distinct_problem_once_at_most_twenty_and_every_bad_record_counted(
     assert e.problems[1].startswith("line 4: fits no format (keys: ['key0'])")
     assert len(e.problems) == 20 and e.covered == 23  # the 20 first distinct problems; 7 records beyond them
     assert str(e).endswith("\n  ... and 7 more")
+
+
+# ---------------------------------------------------------------- poison: cut texts counted, anything else a DataError
+
+def test_load_file_counts_cut_texts(tmp_path, tok, tiny_model):
+    f = write_jsonl(tmp_path / "cut.jsonl", [{"text": "v" * 300}, {"text": "short"}])
+    data = load_file(f, tok, TrainConfig(model=str(tiny_model), max_length=8, packing=False, held_out_fraction=0,
+                                         long_text="truncate"))
+    assert data.truncated == 1 and [len(e.input_ids) for e in data.examples] == [8, 6]
+
+
+def test_an_unexpected_exception_while_reading_is_a_data_error_with_the_place(tmp_path, tok, tiny_model, monkeypatch):
+    explode_on_boom(monkeypatch)
+    f = write_jsonl(tmp_path / "boom.jsonl", text_rows(3) + [{"text": "boom"}] + text_rows(2))
+    with pytest.raises(DataError) as err:
+        load_file(f, tok, TrainConfig(model=str(tiny_model)))
+    assert err.value.problems == ["stopped after line 3: MemoryError"]
+    assert str(f) in str(err.value)
+
+
+def test_an_unexpected_exception_in_one_record_fails_that_record(tmp_path, tok, tiny_model, monkeypatch):
+    from evertrain.data import prepare
+
+    def parse(value, columns):
+        if value.get("text") == "deep":
+            raise RecursionError("maximum recursion depth exceeded\nwhile calling a Python object")
+        return parse_record(value, columns)
+
+    monkeypatch.setattr(prepare, "parse_record", parse)
+    f = write_jsonl(tmp_path / "deep.jsonl", text_rows(2) + [{"text": "deep"}, {"text": 5}])
+    with pytest.raises(DataError) as err:
+        load_file(f, tok, TrainConfig(model=str(tiny_model)))
+    assert err.value.problems == ["line 3: RecursionError: maximum recursion depth exceeded",
+                                  'line 4: "text" must be a string, got int']
+
+
+def test_a_full_disk_is_not_blamed_on_the_file(tmp_path, tok, tiny_model, monkeypatch):
+    import errno
+
+    from evertrain.data import store
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.StoreWriter, "add", full)
+    f = write_jsonl(tmp_path / "fine.jsonl", text_rows(3))
+    with pytest.raises(OSError) as err:   # the daemon waits for room; the file stays queued
+        load_file(f, tok, TrainConfig(model=str(tiny_model)))
+    assert not isinstance(err.value, DataError) and err.value.errno == errno.ENOSPC

@@ -15,25 +15,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import text_rows, write_jsonl
+from conftest import evertrain, text_rows, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import soak  # noqa: E402
-from daemon_helpers import FAST, assert_trained_once, by_name, debris, drop, rows, status, wait_for
+from daemon_helpers import assert_trained_once, by_name, debris, drop, make_ws, rows, status, wait_for
 
 from evertrain import exits
 from evertrain.observe import trace
 from evertrain.train import checkpoint
 
 TRAIN = ("--batch-size", "4", "--no-packing", "--held-out-fraction", "0", "--trace", "--save-steps", "0")
-
-
-def evertrain(*args, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "EVERTRAIN_FAULT"}
-    if fault:
-        env["EVERTRAIN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "evertrain", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -79,8 +71,7 @@ def test_train_on_a_full_disk_exits_5_keeps_the_checkpoint_and_resumes(small_dis
 
 def test_debris_of_a_dead_process_is_removed_before_the_disk_check(small_disk, tiny_model):
     """A save that died on a full disk left its temp folder taking the room: the next start removes it first."""
-    ws = small_disk / "ws"
-    assert evertrain("init", ws, "--model", tiny_model, *FAST).returncode == 0
+    ws = make_ws(small_disk, tiny_model)
     drop(ws, "a.jsonl", rows(6, "a"))
     assert evertrain("run", ws, "--once").returncode == 0
     tmp = ws / "current_model" / ".tmp-checkpoint-7"
@@ -112,12 +103,8 @@ class Daemon:
     """`evertrain run WS` as a real process, its output in a file off the small disk."""
 
     def __init__(self, ws: Path, log: Path, fault: str | None = None):
-        env = {k: v for k, v in os.environ.items() if k != "EVERTRAIN_FAULT"}
-        if fault:
-            env["EVERTRAIN_FAULT"] = fault
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "evertrain", "run", str(ws)], env=env,
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        self.proc = evertrain("run", ws, fault=fault, wait=False, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         wait_for(lambda: status(ws).get("pid") == self.proc.pid or self.proc.poll() is not None,
                  what="the daemon to start")
 
@@ -137,8 +124,7 @@ class Daemon:
 
 
 def test_the_daemon_waits_on_a_full_disk_and_resumes_by_itself(small_disk, tmp_path, tiny_model):
-    ws = small_disk / "ws"
-    assert evertrain("init", ws, "--model", tiny_model, *FAST, "--keep-checkpoints", "1").returncode == 0
+    ws = make_ws(small_disk, tiny_model, "--keep-checkpoints", "1")
     daemon = Daemon(ws, tmp_path / "daemon.log")
     drop(ws, "a.jsonl", rows(10, "a"))
     daemon.wait(lambda: by_name(ws).get("a.jsonl", {}).get("state") == "done", what="a.jsonl done")
@@ -179,8 +165,7 @@ def test_the_daemon_waits_on_a_full_disk_and_resumes_by_itself(small_disk, tmp_p
 def test_enospc_at_each_daemon_write_site(tmp_path, tiny_model, point):
     """One write of each site fails: essential ones send the file back to its last checkpoint, optional ones
     are skipped with a line; either way every line is trained exactly once and the daemon goes on."""
-    ws = tmp_path / "ws"
-    assert evertrain("init", ws, "--model", tiny_model, *FAST, "--save-steps", "2").returncode == 0
+    ws = make_ws(tmp_path, tiny_model, "--save-steps", "2")
     drop(ws, "a.jsonl", rows(13, "a"))
     drop(ws, "b.jsonl", rows(7, "b"))
     daemon = Daemon(ws, tmp_path / "daemon.log", fault=f"enospc:{point}:3")

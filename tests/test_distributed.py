@@ -1,13 +1,12 @@
 """The same command under `accelerate launch` with 2 CPU processes (gloo): same global batch, same model."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import cli, free_port, text_rows, write_jsonl
-from test_reference import reference_weights
+from conftest import clean_env, cli, free_port, text_rows, write_jsonl
+from reference_loop import reference_weights
 from safetensors.torch import load_file as load_tensors
 
 from evertrain.observe import trace
@@ -24,7 +23,7 @@ def test_two_processes_split_each_global_batch_and_checkpoint_once(tmp_path, tin
     files = [write_jsonl(tmp_path / "a.jsonl", text_rows(13, "a")), write_jsonl(tmp_path / "b.jsonl", text_rows(5, "b"))]
     accelerate = Path(sys.executable).with_name("accelerate")
     two, one = tmp_path / "two", tmp_path / "one"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD"))}
+    env = clean_env()
     for f in files:
         proc = subprocess.run(
             [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -13,7 +13,6 @@ import urllib.request
 from cdp import Page
 from conftest import cli, write_jsonl
 from dashboard_run import Served
-from test_dashboard_browser import browser  # noqa: F401  (the fixture: chromium, or a skip)
 
 from evertrain.observe.snapshots import snapshot_budget
 from evertrain.train import checkpoint
@@ -53,7 +52,7 @@ def test_every_file_ends_with_a_snapshot_whatever_the_budget_and_snapshot_every_
 
 
 def test_the_page_counts_each_files_snapshots_and_follows_an_example_across_files(tmp_path, tiny_model,
-                                                                                 browser):  # noqa: F811
+                                                                                 browser):
     out = tmp_path / "run"
     write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "Probe?", "completion": " Yes."}])
     out.mkdir()

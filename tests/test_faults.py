@@ -11,14 +11,12 @@ import json
 import os
 import random
 import signal
-import sqlite3
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import torch
-from conftest import text_rows, write_jsonl
+from conftest import evertrain, text_rows, write_jsonl
+from daemon_helpers import ledger_rows, make_ws
 from safetensors.torch import load_file as load_tensors
 
 from evertrain.observe import trace
@@ -30,14 +28,6 @@ SETTINGS = ("--batch-size", "2", "--gradient-accumulation", "2", "--max-length",
             "--keep-checkpoints", "2", "--trace")
 SIZES = {"a.jsonl": 40, "b.jsonl": 30}
 TRAIN_POINTS = ("mid-step", "checkpoint-write", "after-rename")
-
-
-def evertrain(*args, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "EVERTRAIN_FAULT"}
-    if fault:
-        env["EVERTRAIN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "evertrain", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 def make_files(folder):
@@ -127,38 +117,14 @@ def test_train_random_kill_loop(tmp_path, tiny_model, reference_train):
         raise AssertionError(f"seed {seed}, {log}: {e}") from e
 
 
-def test_a_crash_inside_the_swap_of_a_checkpoint_saved_twice_keeps_it(tmp_path):
-    """Saving the same step again moves the old folder aside first; a kill right then must not lose it."""
-    out = tmp_path / "run"
-    script = f"""
-import json, pathlib
-from evertrain.train import checkpoint
-out = pathlib.Path({str(out)!r})
-for version in (1, 2):
-    tmp = checkpoint.temp_path(out, 5)
-    tmp.mkdir(parents=True)
-    (tmp / "weights.bin").write_text(f"version {{version}}")
-    checkpoint.commit(tmp, {{"global_step": 5}})
-"""
-    env = dict(os.environ, EVERTRAIN_FAULT="old-swap")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert not (out / "checkpoint-5").exists()  # killed with the old one moved aside, the new one not in place
-    checkpoint.remove_debris(out)  # what `train` and the daemon do first, holding the folder's lock
-    ckpt = checkpoint.newest_complete(out)
-    assert ckpt is not None and ckpt.step == 5 and (ckpt.path / "weights.bin").read_text() == "version 1"
-
-
 # ------------------------------------------------------------------------------------------------ the daemon
 
 DAEMON_POINTS = ("mid-step", "checkpoint-write", "after-rename", "before-ledger-done", "enqueue")
 
 
-def make_ws(root, model):
-    ws = root / "ws"
-    proc = evertrain("init", ws, "--model", model, *SETTINGS, "--stable-seconds", "0", "--poll-seconds", "0.05",
-                     "--disk-margin-bytes", "0", "--no-watch")
-    assert proc.returncode == 0, proc.stderr
+def ws_with_files(root, model):
+    ws = make_ws(root, model, "--stable-seconds", "0", "--poll-seconds", "0.05", "--disk-margin-bytes", "0",
+                 "--no-watch", settings=SETTINGS)
     for f in make_files(root / "data"):
         os.rename(f, ws / "inbox" / f.name)
     return ws
@@ -178,18 +144,9 @@ def run_until_done(ws, faults: list[str]) -> list[str]:
     raise AssertionError(f"never finished: {log}")
 
 
-def ledger(ws) -> list[dict]:
-    db = sqlite3.connect(ws / "ledger.sqlite")
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM files ORDER BY id")]
-    finally:
-        db.close()
-
-
 @pytest.fixture(scope="module")
 def reference_run(tiny_model, tmp_path_factory):
-    ws = make_ws(tmp_path_factory.mktemp("reference-run"), tiny_model)
+    ws = ws_with_files(tmp_path_factory.mktemp("reference-run"), tiny_model)
     run_until_done(ws, [])
     return ws
 
@@ -202,11 +159,11 @@ def test_daemon_random_kill_loop(tmp_path, tiny_model, reference_run):
     fixed = ["enqueue:2", "before-ledger-done:1", "mid-step:3", "checkpoint-write:1", "after-rename:1"]
     faults = fixed + [f"{rng.choice(DAEMON_POINTS[:-1])}:{rng.randint(1, 3)}" for _ in range(8)]
     print(f"daemon kill loop seed {seed} (rerun with EVERTRAIN_KILL_SEED={seed}): {faults}")
-    ws = make_ws(tmp_path, tiny_model)
+    ws = ws_with_files(tmp_path, tiny_model)
     log = run_until_done(ws, faults)
     try:
         assert [line.split(":")[0] for line in log[:len(fixed)] if "rc -9" in line] == [f.split(":")[0] for f in fixed]
-        rows = ledger(ws)
+        rows = ledger_rows(ws)
         assert Counter(r["original_name"] for r in rows) == Counter(list(SIZES))  # each file taken once
         assert all(r["state"] == "done" for r in rows)
         assert_same_run(ws / "current_model", reference_run / "current_model")

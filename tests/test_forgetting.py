@@ -7,7 +7,6 @@ must give back the exact state before it; retry must train it again with a stron
 from __future__ import annotations
 
 import json
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -15,24 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, write_jsonl
+from conftest import CONTRADICTING, OLD, OTHER, cli, write_jsonl
 from daemon_helpers import by_name, drop, make_ws
 from evertrain import exits
 from evertrain.observe import anchor
 from evertrain.runs import Run
 from evertrain.train import checkpoint, replay
-from evertrain.train.state import FileRecord, TrainingProgress
-
-LINES = 40
-
-
-def facts(answer) -> list[dict]:
-    return [{"prompt": f"What is fact {i}?", "completion": f" {answer(i)}"} for i in range(LINES)]
-
-
-OLD = facts(lambda i: f"alpha {i}")
-CONTRADICTING = facts(lambda i: f"zulu {i}")  # the same prompts, other answers
-OTHER = [{"prompt": f"What is fact {i}?", "completion": f" alpha {i}"} for i in range(LINES, 2 * LINES)]  # agrees
+from evertrain.train.state import TrainingProgress
 
 # Without the default replay and anchor replay: a contradicting file must surely trip the gate, and each test turns
 # on the protection it is about.
@@ -232,40 +220,6 @@ def test_anchor_is_built_once_deterministically_and_measures_drift(tmp_path, tin
     assert [(d["step"], d["after_file_name"]) for d in drift] == [(0, None), (48, "old.jsonl"), (96, "other.jsonl")]
     assert drift[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the base model, measured against itself
     assert all(d["kl"] > 0 and d["loss"] > drift[0]["loss"] for d in drift[1:])
-
-
-def test_anchor_kl_is_zero_for_the_base_model_itself(tmp_path, tiny_model):
-    from evertrain.config import TrainConfig
-    from evertrain.data import load_file
-    from evertrain.train.setup import setup
-
-    cfg = TrainConfig(model=str(tiny_model), held_out_fraction=0.0, report_to="none", snapshot_budget=0.0)
-    session = setup(cfg, Run.at(tmp_path / "run"), cpu=True)
-    data = load_file(write_jsonl(tmp_path / "old.jsonl", OLD), session.tokenizer, cfg)
-    observer = session.observers.anchor
-    assert observer.build(session.model, data, 0, list)  # no probes: the file's prompts alone
-    drift = observer.measure(session.model)
-    assert drift["tokens"] > 0 and drift["kl"] == pytest.approx(0.0, abs=1e-5)
-    # The loss of the model's own greedy answers: each answer token was its most likely one.
-    assert 0 < drift["loss"] < 10
-
-
-def test_replay_dose_is_exact_with_a_floor():
-    per_step = 0.3
-    assert sum(replay.rows_at(s, per_step, 0) for s in range(1, 101)) == 30
-    floor = [replay.rows_at(s, 0.05, 4) for s in range(1, 41)]
-    assert sum(floor) >= 10 and all(sum(floor[i:i + 4]) >= 1 for i in range(0, 40, 4))
-
-
-def test_weighted_replay_leans_toward_the_file_that_rose_most(tmp_path):
-    rise = {"files": [{"file": "a", "rise": 0.9}, {"file": "b", "rise": 0.0}], "anchor": None}
-    progress = TrainingProgress(files=[FileRecord("c", "c", 1, 1, 1, 1, 1, 1, forgetting=rise)])
-    config = types.SimpleNamespace(replay_strategy="weighted")
-    items = [("a", None)] * 10 + [("b", None)] * 10
-    w = replay.weights(config, progress, items, None)
-    assert w[:10].sum() > 5 * w[10:].sum() and w[10:].min() > 0  # b keeps some replay
-    config.replay_strategy = "uniform"
-    assert replay.weights(config, progress, items, None) is None
 
 
 def test_daemon_rejects_a_destroying_file_into_rejected_and_goes_on(tmp_path, tiny_model, capsys):

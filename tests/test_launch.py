@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, free_port, text_rows, write_jsonl
+from conftest import (CONTRADICTING, OLD, clean_env, cli, evertrain, free_port, text_rows, trained_steps,
+                      write_jsonl)
 from daemon_helpers import by_name, drop, make_ws, status, wait_for
 from safetensors.torch import load_file as load_tensors
 
@@ -28,10 +29,6 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 # batch 1 x 2 processes = the same global batch of 2 as batch 1 x accumulation 2 in one process
 TRAIN = ("--batch-size", "1", "--no-packing", "--trace", "--held-out-fraction", "0", "--save-steps", "0",
          "--learning-rate", "1e-3", "--warmup-steps", "0")
-
-
-def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK", "WORLD"))}
 
 
 def finish_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[str, str]]:
@@ -69,21 +66,14 @@ def launch(*args, processes: int = 2, env: dict | None = None, **popen) -> subpr
 
 
 def single(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "evertrain", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=clean_env())
-
-
-def steps_in_trace(out: Path) -> int:
-    try:
-        return (out / "trace.jsonl").read_text().count('"step"')
-    except FileNotFoundError:
-        return 0
+    """One process, not a launch: `evertrain ARGS` started in a clean environment."""
+    return evertrain(*args, wait=False, env=clean_env())
 
 
 def interrupt_after(proc: subprocess.Popen, out: Path, steps: int, sig=signal.SIGTERM) -> tuple[int, str, str]:
     """Signal `proc` once `out` shows `steps` trained; its exit code and output."""
     try:
-        wait_for(lambda: steps_in_trace(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
+        wait_for(lambda: trained_steps(out) >= steps or proc.poll() is not None, 180, f"{steps} steps")
         assert proc.poll() is None, proc.communicate()
     except BaseException:
         stop_launch(proc)  # never leave ranks behind a failed test
@@ -136,7 +126,7 @@ def test_sigterm_to_the_launcher_then_2_1_4_2_processes_mid_file_keep_the_global
     assert code == 128 + signal.SIGTERM, stderr[-3000:]
     assert "checkpointed at the step boundary" in stdout and " done: " not in stdout
     first = checkpoint.newest_complete(out)
-    assert first.step == steps_in_trace(out) < 10
+    assert first.step == trained_steps(out) < 10
     assert {p.name for p in first.path.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
     assert first.state["run"]["global_batch"] == 4
     assert_no_debris(out)
@@ -152,7 +142,7 @@ def test_sigterm_to_the_launcher_then_2_1_4_2_processes_mid_file_keep_the_global
     code, stdout, _ = interrupt_after(launch(*args, processes=4), out, resumed + rng.randint(1, 2))
     assert code == 128 + signal.SIGTERM, stderr[-3000:]
     assert "gradient accumulation 2 -> 1" in stdout and "checkpointed at the step boundary" in stdout
-    assert checkpoint.newest_complete(out).step == steps_in_trace(out) < 10
+    assert checkpoint.newest_complete(out).step == trained_steps(out) < 10
     assert_no_debris(out)
 
     # 2 processes again, to the end.
@@ -193,7 +183,7 @@ def test_kill_9_of_one_rank_ends_the_launch_and_a_restart_resumes_exactly_once(t
     out = tmp_path / "run"
     args = ("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN, "--save-steps", "5")
     proc = launch(*args)
-    wait_for(lambda: steps_in_trace(out) >= 12 or proc.poll() is not None, 180, "steps")
+    wait_for(lambda: trained_steps(out) >= 12 or proc.poll() is not None, 180, "steps")
     victim = workers(proc.pid)[-1]
     os.kill(victim, signal.SIGKILL)
     start = time.monotonic()
@@ -204,7 +194,7 @@ def test_kill_9_of_one_rank_ends_the_launch_and_a_restart_resumes_exactly_once(t
     assert saved >= 5, saved
     # A restart (one process is enough to show it) resumes from the newest complete checkpoint.
     # The old trace may show steps the kill never committed: wait for steps past them, so the restart has resumed.
-    code, stdout, _ = interrupt_after(single(*args), out, steps_in_trace(out) + 2, signal.SIGINT)
+    code, stdout, _ = interrupt_after(single(*args), out, trained_steps(out) + 2, signal.SIGINT)
     assert code == 130 and f"resumed {checkpoint.final_path(out, saved)}" in stdout
     steps = [r["step"] for r in trace.read(out / "trace.jsonl") if "step" in r]
     assert steps == list(range(1, len(steps) + 1))  # committed history only: no step twice
@@ -218,9 +208,8 @@ def test_a_second_train_on_the_same_folder_is_refused_with_the_holder(tmp_path, 
     out = tmp_path / "run"
     first = single("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN)
     try:
-        wait_for(lambda: steps_in_trace(out) >= 2 or first.poll() is not None, 120, "the first train")
-        second = subprocess.run([sys.executable, "-m", "evertrain", "train", "--dataset", str(data), "--output-dir",
-                                 str(out)], capture_output=True, text=True, env=clean_env(), timeout=120)
+        wait_for(lambda: trained_steps(out) >= 2 or first.poll() is not None, 120, "the first train")
+        second = evertrain("train", "--dataset", data, "--output-dir", out, env=clean_env(), timeout=120)
         assert second.returncode == 2
         assert f"another evertrain train (pid {first.pid}) is running on {out}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -228,7 +217,7 @@ def test_a_second_train_on_the_same_folder_is_refused_with_the_holder(tmp_path, 
         first.kill()  # kill -9: the lock it held is gone with it
         first.wait()
     third = single("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN)
-    code, stdout, _ = interrupt_after(third, out, steps_in_trace(out) + 1, signal.SIGINT)
+    code, stdout, _ = interrupt_after(third, out, trained_steps(out) + 1, signal.SIGINT)
     assert code == 130 and "another evertrain" not in stdout
 
 
@@ -247,9 +236,9 @@ def test_the_daemon_on_two_processes_trains_dropped_files_exactly_once_and_obeys
         assert cli("pause", ws) == 0
         wait_for(lambda: status(ws).get("state") == "paused" or daemon.poll() is not None, 120, "paused")
         held = checkpoint.newest_complete(model).step
-        assert steps_in_trace(model) == held  # both ranks stopped at that step, checkpointed
+        assert trained_steps(model) == held  # both ranks stopped at that step, checkpointed
         assert cli("resume", ws) == 0
-        wait_for(lambda: steps_in_trace(model) >= held + 3 or daemon.poll() is not None, 120, "training to go on")
+        wait_for(lambda: trained_steps(model) >= held + 3 or daemon.poll() is not None, 120, "training to go on")
         drop(ws, "now.jsonl", [{"text": f"urgent line {i}"} for i in range(4)], folder="inbox/urgent")
         wait_for(lambda: by_name(ws).get("urgent/now.jsonl", {}).get("state") == "done" or daemon.poll() is not None, 180,
                  "the urgent file")
@@ -339,9 +328,8 @@ def test_fsdp2_on_two_processes_equals_one_process_and_resumes_after_kill_9_mid_
     assert_no_debris(cut)
 
     # a sharded run is not resumed unsharded (its optimizer state is in shards): refused with the reason
-    refused = subprocess.run([sys.executable, "-m", "evertrain", "train", "--output-dir", str(tmp_path / "fsdp"),
-                              "--dataset", str(write_jsonl(tmp_path / "b.jsonl", text_rows(4, "b")))],
-                             capture_output=True, text=True, env=clean_env(), timeout=300)
+    refused = evertrain("train", "--output-dir", tmp_path / "fsdp", "--dataset",
+                        write_jsonl(tmp_path / "b.jsonl", text_rows(4, "b")), env=clean_env())
     assert refused.returncode == 2 and "sharding: run has 'fsdp2', asked 'none'" in refused.stderr
 
 
@@ -363,7 +351,7 @@ def test_a_signal_that_reaches_one_rank_only_stops_every_rank_at_the_same_step(t
     out = tmp_path / "run"
     proc = launch("train", "--dataset", data, "--output-dir", out, "--model", tiny_model, *TRAIN)
     try:
-        wait_for(lambda: steps_in_trace(out) >= 3 or proc.poll() is not None, 180, "steps")
+        wait_for(lambda: trained_steps(out) >= 3 or proc.poll() is not None, 180, "steps")
         ranks = workers(proc.pid)
         assert len(ranks) == 2
         os.kill(ranks[-1], signal.SIGTERM)  # a supervisor's kill, not the launcher's: the other rank never hears it
@@ -373,7 +361,7 @@ def test_a_signal_that_reaches_one_rank_only_stops_every_rank_at_the_same_step(t
         raise
     assert "interrupted" in stdout and " done: " not in stdout, stderr[-2000:]
     stopped = checkpoint.newest_complete(out)
-    assert stopped.step == steps_in_trace(out) < 150  # both ranks stopped after the same step, and saved it
+    assert stopped.step == trained_steps(out) < 150  # both ranks stopped after the same step, and saved it
     assert {p.name for p in stopped.path.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
     assert_no_debris(out)
 
@@ -381,8 +369,6 @@ def test_a_signal_that_reaches_one_rank_only_stops_every_rank_at_the_same_step(t
 def test_the_forgetting_gate_rolls_back_every_rank_to_the_checkpoint_before_the_file(tmp_path, tiny_model):
     """Two ranks judge one verdict (the main process's, broadcast) and undo the file together: one rejection,
     the checkpoint before the file back as the newest, the undone steps gone from the trace."""
-    from test_forgetting import CONTRADICTING, OLD
-
     out = tmp_path / "run"
     opts = ("--output-dir", out, "--model", tiny_model, "--batch-size", "2", "--no-packing", "--epochs", "6",
             "--learning-rate", "3e-3", "--warmup-steps", "0", "--held-out-fraction", "0.2", "--trace",

@@ -12,13 +12,10 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 
 import pytest
-from conftest import cli, write_jsonl
-from daemon_helpers import drop, ledger_rows, make_ws, rows
-from test_daemon import assert_exactly_once
+from conftest import cli, evertrain, write_jsonl
+from daemon_helpers import assert_exactly_once, drop, ledger_rows, make_ws, rows
 
 from evertrain.train import checkpoint
 from evertrain.daemon.ledger import COPY_NAME
@@ -197,9 +194,7 @@ def test_a_file_finished_just_before_a_kill_and_a_lost_ledger_is_not_trained_aga
     drop(ws, "a.jsonl", rows(8, "a"))
     drop(ws, "b.jsonl", rows(6, "b"))
     # killed with a's last checkpoint committed, the ledger not yet told: a is in queue/, its row "training"
-    env = dict(os.environ, EVERTRAIN_FAULT="before-ledger-done:1")
-    killed = subprocess.run([sys.executable, "-m", "evertrain", "run", str(ws), "--once"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = evertrain("run", ws, "--once", fault="before-ledger-done:1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (ws / "ledger.sqlite-wal").exists()  # what a kill leaves beside it; it must not outlive its ledger
     look = sqlite3.connect(f"{(ws / 'ledger.sqlite').as_uri()}?mode=ro", uri=True)  # read-only: the WAL stays
@@ -242,102 +237,3 @@ def test_with_the_ledger_and_every_checkpoint_lost_nothing_counts_as_trained_unt
     (row,) = ledger_rows(ws)
     assert (row["id"], row["state"], row["first_step"]) == (1, "done", 1)
     assert_exactly_once(ws, row, 8)
-
-
-# ---------------------------------------------------- Ledger.reconcile and place at the unit level (fast, for mutmut)
-
-def ledger_ws(tmp_path):
-    from evertrain.daemon.ledger import Ledger
-    from evertrain.daemon.workspace import Workspace
-
-    ws = Workspace(tmp_path / "ws")
-    for folder in ("queue", "done", "failed", "current_model"):
-        (ws.root / folder).mkdir(parents=True)
-    return ws, Ledger(ws.ledger_path)
-
-
-def file_row(ws, ledger, sha, state, folder, **values):
-    file_id = ledger.add_file(f"{sha}.jsonl", sha256=sha, size=10)
-    name = f"{file_id:06d}-{sha}.jsonl"
-    (ws.root / folder / name).write_text("{}\n")
-    ledger.update(file_id, name=name, state=state, **values)
-    return file_id
-
-
-def progress_record(sha, status="done", **values):
-    from evertrain.train.state import FileRecord
-
-    return FileRecord(**dict(dict(sha256=sha, name=f"{sha}.jsonl", examples=4, tokens=40, steps=2, expected_steps=2,
-                                  first_step=3, last_step=4, status=status, replayed=1), **values))
-
-
-def test_reconcile_makes_every_file_agree_with_the_checkpoint(tmp_path):
-    from evertrain.train.state import FileCursor, TrainingProgress
-
-    ws, ledger = ledger_ws(tmp_path)
-    ids = {
-        "finished": file_row(ws, ledger, "finished", "training", "queue", progress_index=1),
-        "failed": file_row(ws, ledger, "failed", "training", "queue", progress_index=1),
-        "part": file_row(ws, ledger, "part", "training", "queue", steps_trained=9, first_step=1),
-        "waiting": file_row(ws, ledger, "waiting", "queued", "queue", steps_trained=5, first_step=2),
-        "unstarted": file_row(ws, ledger, "unstarted", "training", "queue", steps_trained=4, first_step=2),
-        "lost": file_row(ws, ledger, "lost", "done", "done", steps_trained=2, first_step=3, last_step=4,
-                         finished_at=1.0, progress_index=0),
-        "kept": file_row(ws, ledger, "kept", "done", "done", steps_trained=2, first_step=3, last_step=4,
-                         finished_at=1.0, progress_index=None),
-        "earlier": file_row(ws, ledger, "earlier", "training", "queue", progress_index=2),
-        "onlyfailed": file_row(ws, ledger, "onlyfailed", "done", "done", progress_index=0, steps_trained=1),
-        "bad": file_row(ws, ledger, "bad", "failed", "failed", steps_trained=1),
-    }
-    progress = TrainingProgress(global_step=12, files=[
-        progress_record("kept"), progress_record("earlier"),  # "earlier": an older training of the same content
-        progress_record("finished", steps=1), progress_record("finished", first_step=5, last_step=6),
-        progress_record("failed", "failed", steps=1, first_step=7, last_step=7),
-        progress_record("onlyfailed", "failed")],
-        cursors={"part": FileCursor("part", "part.jsonl", 3, 8, 9), "waiting": FileCursor("waiting", "w", 0, 8, 11)})
-    said = []
-    checkpoint.temp_path(ws.model_dir, 12).mkdir()
-    checkpoint.commit(checkpoint.temp_path(ws.model_dir, 12), {"global_step": 12})
-    ledger.reconcile(ws, progress, said.append)
-    row = {k: ledger.get(i) for k, i in ids.items()}
-    got = {k: (r["state"], r["steps_trained"], r["first_step"], r["last_step"]) for k, r in row.items()}
-    assert got == {"finished": ("done", 2, 5, 6), "failed": ("failed", 1, 7, 7), "part": ("queued", 3, 9, None),
-                   "waiting": ("queued", 0, None, None), "unstarted": ("queued", 0, None, None),
-                   "lost": ("queued", 0, None, None), "kept": ("done", 2, 3, 4), "earlier": ("queued", 0, None, None),
-                   "onlyfailed": ("queued", 0, None, None), "bad": ("failed", 1, None, None)}
-    assert row["finished"]["replayed"] == 1 and row["finished"]["finished_at"] > 1.0
-    assert row["lost"]["finished_at"] is None and row["kept"]["finished_at"] == 1.0
-    folder = {"done": "done", "failed": "failed", "queued": "queue"}
-    for k, r in row.items():
-        assert [f.name for f in (ws.root / folder[r["state"]]).iterdir() if f.name == r["name"]] == [r["name"]], k
-    assert said == ["evertrain: ledger: 000001-finished.jsonl finished as done before the restart",
-                    "evertrain: ledger: 000002-failed.jsonl finished as failed before the restart",
-                    "evertrain: ledger: 000006-lost.jsonl was done after a checkpoint that no longer verifies; queued again",
-                    "evertrain: ledger: 000009-onlyfailed.jsonl was done after a checkpoint that no longer verifies; "
-                    "queued again"]
-    assert [(c["step"], c["name"]) for c in ledger.checkpoints()] == [(12, "checkpoint-12")]
-    ledger.close()
-
-
-def test_place_moves_a_file_into_the_folder_of_its_state(tmp_path):
-    from evertrain.daemon.ledger import place
-
-    ws, ledger = ledger_ws(tmp_path)
-    assert place(ws, None) is None and place(ws, {"name": None, "state": "done"}) is None
-    (ws.root / "failed" / "1-a.jsonl").write_text("a")
-    assert place(ws, {"name": "1-a.jsonl", "state": "queued"}) == ws.root / "queue" / "1-a.jsonl"
-    assert (ws.root / "queue" / "1-a.jsonl").read_text() == "a" and not (ws.root / "failed" / "1-a.jsonl").exists()
-    assert place(ws, {"name": "1-a.jsonl", "state": "training"}) == ws.root / "queue" / "1-a.jsonl"
-    assert place(ws, {"name": "1-a.jsonl", "state": "skipped"}) == ws.root / "done" / "1-a.jsonl"
-    assert place(ws, {"name": "1-a.jsonl", "state": "failed"}) == ws.root / "failed" / "1-a.jsonl"
-    assert sorted(p.relative_to(ws.root).as_posix() for p in ws.root.rglob("1-a*")) == ["failed/1-a.jsonl"]
-    (ws.root / "done" / "2-b.jsonl").symlink_to(tmp_path / "gone")  # a dropped symlink whose target went away
-    assert place(ws, {"name": "2-b.jsonl", "state": "failed"}) == ws.root / "failed" / "2-b.jsonl"
-    assert (ws.root / "failed" / "2-b.jsonl").is_symlink()
-    assert place(ws, {"name": "2-b.jsonl", "state": "failed"}) == ws.root / "failed" / "2-b.jsonl"
-    (ws.root / "queue" / "3-c.jsonl").write_text("in queue")
-    (ws.root / "done" / "3-c.jsonl").write_text("in done")
-    assert place(ws, {"name": "3-c.jsonl", "state": "duplicate"}) == ws.root / "done" / "3-c.jsonl"
-    assert (ws.root / "queue" / "3-c.jsonl").exists()  # already where it belongs: nothing moved over it
-    assert place(ws, {"name": "4-d.jsonl", "state": "queued"}) is None
-    ledger.close()

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 
 from conftest import cli, text_rows, write_jsonl
-from daemon_helpers import drop, ledger_rows, make_ws, rows
-from test_daemon import assert_exactly_once
+from daemon_helpers import assert_exactly_once, drop, ledger_rows, make_ws, rows
 
 from evertrain.train import checkpoint
 

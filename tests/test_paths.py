@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 from conftest import cli, text_rows, write_jsonl
-from daemon_helpers import by_name, drop, make_ws, rows, status, wait_for
-from test_daemon import assert_exactly_once
+from daemon_helpers import assert_exactly_once, by_name, drop, make_ws, rows, status, wait_for
 
 from evertrain import logs
 from evertrain.train import checkpoint

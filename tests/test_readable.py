@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 
 from cdp import Page
-from conftest import cli, write_jsonl
+from conftest import cli, settings_saved_without, write_jsonl
 from dashboard_run import Served
-from test_dashboard_browser import browser  # noqa: F401  (the fixture: chromium, or a skip)
 
 from evertrain.train import checkpoint
-from evertrain.config import TrainConfig
 from evertrain.dashboard import sources
 
 SYSTEM = "You are a helpful assistant. Answer briefly and kindly, in one sentence, and never make things up."
@@ -32,7 +30,7 @@ def files(out) -> dict:
 
 
 def test_examples_are_labelled_by_their_user_turn_and_tiny_files_get_a_held_out_example(tmp_path, tiny_model,
-                                                                                        browser):  # noqa: F811
+                                                                                        browser):
     out = tmp_path / "run"
     opts = ("--model", tiny_model, "--batch-size", 4, "--no-packing", "--snapshot-per-file", 3)
     assert cli("train", "--dataset", write_jsonl(tmp_path / "chat.jsonl", chats(12)), "--output-dir", out,
@@ -65,20 +63,12 @@ def test_examples_are_labelled_by_their_user_turn_and_tiny_files_get_a_held_out_
     assert note == "few.jsonl (4 examples) is too small for a held-out slice: its forgetting is not measured."
 
 
-def test_a_run_begun_before_the_tiny_file_rule_keeps_its_held_out_choice(tmp_path, tiny_model, monkeypatch):
-    real = TrainConfig.to_dict
-
-    def as_an_older_version_wrote_it(self):
-        d = real(self)
-        d.pop("held_out_min_file")
-        return d
-
+def test_a_run_begun_before_the_tiny_file_rule_keeps_its_held_out_choice(tmp_path, tiny_model):
     out = tmp_path / "run"
     opts = ("--model", tiny_model, "--batch-size", 4, "--no-packing")
-    monkeypatch.setattr(TrainConfig, "to_dict", as_an_older_version_wrote_it)
-    assert cli("train", "--dataset", write_jsonl(tmp_path / "a.jsonl", chats(100)), "--output-dir", out,
-               *opts) == 0
-    monkeypatch.setattr(TrainConfig, "to_dict", real)
+    with settings_saved_without("held_out_min_file"):
+        assert cli("train", "--dataset", write_jsonl(tmp_path / "a.jsonl", chats(100)), "--output-dir", out,
+                   *opts) == 0
     assert cli("train", "--dataset", write_jsonl(tmp_path / "b.jsonl", chats(12)), "--output-dir", out,
                *opts) == 0
     assert files(out)["b.jsonl"]["held_out"] == []  # as the older version chose

@@ -9,11 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import cli, text_rows, write_jsonl
-from reference_loop import train_reference
+from reference_loop import reference_weights
 from safetensors.torch import load_file as load_tensors
-from transformers import AutoModelForCausalLM
 
-from evertrain import models
 from evertrain.train import checkpoint
 from evertrain.config import TrainConfig
 
@@ -22,22 +20,6 @@ SETTINGS = {"batch_size": 2, "gradient_accumulation": 3, "max_length": 48, "pack
 # The plain loop trains each file's own rows only: no replay of earlier files or of the anchor set (on by default).
 FLAGS = ["--batch-size", 2, "--gradient-accumulation", 3, "--max-length", 48, "--packing", "--learning-rate", 2e-3,
          "--warmup-steps", 3, "--held-out-fraction", 0, "--lora-r", 4, "--replay-fraction", 0, "--no-anchor-replay"]
-
-
-def reference_weights(tiny_model, files, config: TrainConfig, global_batch: int):
-    """(weights before, weights after) of the plain loop, named as evertrain's checkpoint names them."""
-    torch.manual_seed(config.seed)  # as evertrain does before LoRA's initialisation
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    if config.lora:
-        from peft import get_peft_model_state_dict
-
-        model = models.add_lora(model, config)
-        named = lambda: {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}  # noqa: E731
-    else:
-        named = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
-    before = named()
-    train_reference(model, models.load_tokenizer(str(tiny_model)), files, config, global_batch=global_batch)
-    return before, named()
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -25,7 +25,8 @@ from evertrain.train import checkpoint
 from evertrain.config import ConfigError, TrainConfig
 from evertrain.data import IGNORE, DataError, load_file
 from evertrain.data.formats import parse_record
-from evertrain.data.render import CHATML, Rendered, Renderer, _template_message, apply_chat_template_option
+from evertrain.data.render import (CHARS_PER_TOKEN, CHATML, Rendered, Renderer, _template_message,
+                                   apply_chat_template_option)
 from evertrain.data.summary import CLOSE, OPEN, marked
 from evertrain.data.packing import collate
 from evertrain.models import load_tokenizer
@@ -42,11 +43,6 @@ CHATML_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris
 # ---------------------------------------------------------------- tokenizers
 
 @pytest.fixture(scope="module")
-def tiny_tok(tiny_model):
-    return load_tokenizer(str(tiny_model))
-
-
-@pytest.fixture(scope="module")
 def smol_tok():
     return load_tokenizer(None)  # SmolLM2-135M-Instruct's tokenizer (converted once, then cached)
 
@@ -54,7 +50,7 @@ def smol_tok():
 @pytest.fixture(params=["tiny", "smol"])
 def tk(request, tiny_model):
     """(name, tokenizer, model) for both tokenizers."""
-    tok = request.getfixturevalue(f"{request.param}_tok")
+    tok = request.getfixturevalue({"tiny": "tok", "smol": "smol_tok"}[request.param])
     return request.param, tok, str(tiny_model) if request.param == "tiny" else None
 
 
@@ -195,14 +191,14 @@ def expected(which: str, golden) -> str:
     return golden
 
 
-def test_goldens_of_the_two_tokenizers_differ_only_where_said(smol_tok, tiny_tok):
+def test_goldens_of_the_two_tokenizers_differ_only_where_said(smol_tok, tok):
     """Sanity of the goldens' premise: SmolLM2's template is the tiny ChatML one plus a default system turn."""
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    tiny = tiny_tok.apply_chat_template(chat, tokenize=False)
+    tiny = tok.apply_chat_template(chat, tokenize=False)
     assert tiny == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
     assert smol_tok.apply_chat_template(chat, tokenize=False) == SMOL_SYSTEM + tiny
     system = [{"role": "system", "content": "s"}] + chat
-    assert smol_tok.apply_chat_template(system, tokenize=False) == tiny_tok.apply_chat_template(system, tokenize=False)
+    assert smol_tok.apply_chat_template(system, tokenize=False) == tok.apply_chat_template(system, tokenize=False)
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
@@ -520,3 +516,31 @@ def test_check_a_bad_file_exits_2_naming_the_line(tmp_path, tiny_model, bare_mod
     assert "--chat-template" in capsys.readouterr().err
     assert cli("check", chat, "--model", bare_model, "--chat-template", "chatml") == 0
     assert capsys.readouterr().out.endswith(T("user", "hi 0") + A("hello 0") + "\n")
+
+
+# ---------------------------------------------------------------- poison: tokenization sees a bounded prefix
+
+def test_long_texts_are_cut_before_the_tokenizer_and_counted_as_truncated(tok):
+    renderer = Renderer(tok, 16)
+    bound = CHARS_PER_TOKEN * 16
+    recs = [parse_record({"text": "t" * 100_000}), parse_record({"text": "u" * bound}),
+            parse_record({"prompt": "p" * 100_000, "completion": "c"}),
+            parse_record({"messages": [{"role": "user", "content": "m" * 100_000},
+                                       {"role": "assistant", "content": "ok"}]})]
+    rendered = renderer.render(recs)
+    assert [len(t) for t in rendered.firsts + rendered.seconds + rendered.chats] == [bound, bound, bound, 0, bound]
+    assert rendered.cut == [True, False, True, True]
+    encoded = renderer.tokenize(rendered)
+    assert encoded.truncated.tolist() == [True, True, True, True] and encoded.lengths.tolist() == [16] * 4
+    whole = tok.backend_tokenizer.encode("t" * 100_000).ids[:16]   # the cut does not change the kept tokens
+    assert encoded.ids[:16].tolist() == whole
+    assert encoded.mask[32:48].sum() == 0   # the prompt fills the row: nothing of the completion is trained
+
+
+def test_a_cut_text_counts_as_truncated_even_when_its_tokens_fit(tok):
+    renderer = Renderer(tok, 16)
+    renderer.max_chars = 4   # as if the text had tokens of many characters each: the cut, not the row, binds
+    encoded = renderer.encode([parse_record({"text": "abcdefgh"}), parse_record({"text": "abcd"})])
+    assert encoded.truncated.tolist() == [True, False]
+    assert encoded.lengths.tolist() == [4, 5]   # no EOS after a cut text: it does not end there; one after "abcd"
+    assert encoded.ids[4:9].tolist()[-1] == tok.eos_token_id

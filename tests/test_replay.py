@@ -1,4 +1,6 @@
-"""Replay's pure pieces: where replayed examples go in a step's rows (train/replay.py `place`).
+"""train/replay.py's pure pieces: where replayed examples go in a step's rows (`place`), how many a step replays
+(`rows_at`, `dose`), and the weights that lean toward the file that was forgotten most; and one run that shows a
+step with replay feeds no more rows than its own.
 
     pytest -q tests/test_replay.py
 """
@@ -6,8 +8,11 @@
 from __future__ import annotations
 
 import random
+import types
 
 from evertrain.data import Example
+from evertrain.train import replay
+from evertrain.train.state import FileRecord, TrainingProgress
 
 
 def ex(n: int, tag: int = 0) -> Example:
@@ -78,3 +83,21 @@ def test_a_step_with_replay_feeds_no_more_rows_than_its_own(tmp_path, tiny_model
     replayed = [r for r in trace.read(out / "trace.jsonl") if r.get("replay")]
     assert len(replayed) == 2 and all(len(r["replay"]) == 2 for r in replayed)  # half a batch of 4, each step
     assert widths == [4, 4]
+
+
+def test_replay_dose_is_exact_with_a_floor():
+    per_step = 0.3
+    assert sum(replay.rows_at(s, per_step, 0) for s in range(1, 101)) == 30
+    floor = [replay.rows_at(s, 0.05, 4) for s in range(1, 41)]
+    assert sum(floor) >= 10 and all(sum(floor[i:i + 4]) >= 1 for i in range(0, 40, 4))
+
+
+def test_weighted_replay_leans_toward_the_file_that_rose_most(tmp_path):
+    rise = {"files": [{"file": "a", "rise": 0.9}, {"file": "b", "rise": 0.0}], "anchor": None}
+    progress = TrainingProgress(files=[FileRecord("c", "c", 1, 1, 1, 1, 1, 1, forgetting=rise)])
+    config = types.SimpleNamespace(replay_strategy="weighted")
+    items = [("a", None)] * 10 + [("b", None)] * 10
+    w = replay.weights(config, progress, items, None)
+    assert w[:10].sum() > 5 * w[10:].sum() and w[10:].min() > 0  # b keeps some replay
+    config.replay_strategy = "uniform"
+    assert replay.weights(config, progress, items, None) is None

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 from conftest import cli
 from daemon_helpers import ThreadDaemon, by_name, drop, make_ws, rows, status, wait_for
 
-from evertrain.daemon.inbox import looks_complete
 
 
 def test_a_writer_pausing_mid_line_longer_than_stable_seconds_trains_whole(tmp_path, tiny_model):
@@ -90,23 +88,3 @@ def test_run_once_fails_a_broken_last_line_without_the_timeout(tmp_path, tiny_mo
     assert files["ok.jsonl"]["state"] == "done"
     assert files["bad.jsonl"]["state"] == "failed" and "line 2: invalid JSON" in files["bad.jsonl"]["error"]
     assert (ws / "failed" / files["bad.jsonl"]["name"]).is_file()
-
-
-@pytest.mark.parametrize("name,content,complete", [
-    ("a.jsonl", b'{"a": 1}\n{"a": 2}\n', True),
-    ("a.jsonl", b'{"a": 1}\n{"a": 2}\n\n', True),
-    ("a.jsonl", b'{"a": 1}\n{"a": 2}', False),
-    ("a.jsonl", b'{"a": 1}\n{"a": \n', True),  # a whole line, though it does not parse: validation fails it
-    ("a.json", b'[{"a": 1},\n', False),
-    ("a.json", b'[{"a": 1}]\n', True),
-    ("a.json", b'[{"a": 1}]', True),  # json.dump writes no final newline
-    ("a.json", b'[{"a": 1}]\n  \n', True),
-    ("a.csv", b"q,a\nx,y", False),
-    ("a.csv", b"q,a\nx,y\n", True),
-    ("a.parquet", b"PAR1....", False),
-    ("a.parquet", b"PAR1....PAR1", True),
-    ("a.jsonl.gz", b"\x1f\x8b", True),  # no cheap check: stability alone decides
-])
-def test_looks_complete(tmp_path, name, content, complete):
-    (tmp_path / name).write_bytes(content)
-    assert looks_complete(tmp_path / name) is complete

@@ -5,45 +5,28 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import cli, text_rows, write_jsonl
+from conftest import cli, random_examples, text_rows, write_jsonl
 from safetensors.torch import load_file as load_tensors
 
 from evertrain import models
 from evertrain.train import checkpoint
-from evertrain.data import Example
 from evertrain.data.packing import collate
-
-
-def examples(n: int) -> list[Example]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(n):
-        ids = torch.randint(0, 200, (5 + 3 * i,), generator=g).tolist()
-        out.append(Example(line=i, format="text", input_ids=ids, labels=[-100] + ids[1:]))
-    return out
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_packed_row_has_the_loss_of_its_examples_alone_with_every_attention_kernel(tiny_model, attention):
     model = models.load_model(str(tiny_model), "float32", attention)
     assert model.config._attn_implementation == attention
-    exs = examples(3)
+    exs = random_examples(3)
     n = sum(e.target_tokens for e in exs)
     with torch.no_grad():
         packed = model(**collate([exs], 0, "cpu"), use_cache=False, num_items_in_batch=n).loss * n
         alone = sum(model(**collate([[e]], 0, "cpu"), use_cache=False,
                           num_items_in_batch=e.target_tokens).loss * e.target_tokens for e in exs)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="without CUDA only")
-def test_auto_attention_is_sdpa_without_cuda():
-    assert models.attention_implementation("auto") == "sdpa"
-    assert models.attention_implementation("eager") == "eager"
 
 
 def assert_same_weights(tmp_path, tiny_model, *fast) -> None:
@@ -118,36 +101,6 @@ def test_the_gpu_benchmark_runs_its_three_contenders_on_tiny_shapes(tmp_path):
 @pytest.mark.slow
 def test_a_compiled_model_trains_the_same_weights(tmp_path, tiny_model):
     assert_same_weights(tmp_path, tiny_model, "--compile")
-
-
-@pytest.mark.parametrize("lora", [False, True])
-def test_the_chunked_loss_and_its_gradients_equal_the_full_logits_ones(tiny_model, lora):
-    from evertrain.train import chunked_loss
-    from evertrain.config import TrainConfig
-
-    model = models.load_model(str(tiny_model), "float32", "sdpa")
-    if lora:
-        model = models.add_lora(model, TrainConfig(model=str(tiny_model), lora=True, lora_r=4))
-    exs = examples(4)
-    batch, n = collate([exs[:2], exs[2:]], 0, "cpu"), sum(e.target_tokens for e in exs)  # packed, padded
-
-    def loss_and_grads(context):
-        model.zero_grad(set_to_none=True)
-        with context:
-            out = model(**batch, use_cache=False, num_items_in_batch=n)
-            out.loss.backward()
-        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    full, full_grads = loss_and_grads(nullcontext())
-    chunked, chunked_grads = loss_and_grads(chunked_loss.active(model, chunk=7))  # chunks cut through examples
-    assert full.logits.shape[-1] == model.config.vocab_size
-    assert chunked.logits.shape[-1] == model.config.hidden_size  # no logits: the loss took the output layer over
-    torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
-    assert full_grads.keys() == chunked_grads.keys() and len(full_grads) > 2
-    for name in full_grads:
-        torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    with torch.no_grad():  # and outside, the model is itself again: logits for evaluation and generation
-        torch.testing.assert_close(model(**batch, use_cache=False).logits, full.logits)
 
 
 def test_the_chunked_loss_trains_the_same_weights(tmp_path, tiny_model):

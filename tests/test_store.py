@@ -15,12 +15,6 @@ from evertrain.config import TrainConfig
 from evertrain.data import load_file
 from evertrain.data import prepare as prepare_module
 from evertrain.data import store as stores
-from evertrain.models import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model):
-    return load_tokenizer(str(tiny_model))
 
 
 @pytest.fixture

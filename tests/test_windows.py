@@ -11,7 +11,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import cli, run_and_kill_after, text_rows, write_jsonl
+from conftest import cli, run_and_kill_after, settings_saved_without, text_rows, write_jsonl
 from daemon_helpers import by_name, drop, make_ws
 
 from evertrain.config import TrainConfig
@@ -20,14 +20,8 @@ from evertrain.files import sha256_file
 from evertrain.observe import trace
 from evertrain.train import checkpoint
 from evertrain.data.order import held_out_lines
-from evertrain.models import load_tokenizer
 
 LENGTH = 64   # tokens per row: the tiny tokenizer has one token per byte, so a text of n bytes has n + 1 (EOS)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model):
-    return load_tokenizer(str(tiny_model))
 
 
 def document(i: int, words: int) -> str:
@@ -183,19 +177,10 @@ def test_a_run_interrupted_in_a_windowed_file_resumes_each_window_once(tmp_path,
     assert counts == Counter(dict.fromkeys(every, 1))
 
 
-def test_a_run_begun_before_windows_keeps_truncating(tmp_path, tiny_model, monkeypatch):
-    real = TrainConfig.to_dict
-
-    def as_an_older_version_wrote_it(self):
-        d = real(self)
-        for name in ("long_text", "window_overlap", "text_sample_by"):
-            d.pop(name)
-        return d
-
+def test_a_run_begun_before_windows_keeps_truncating(tmp_path, tiny_model):
     out = tmp_path / "run"
-    monkeypatch.setattr(TrainConfig, "to_dict", as_an_older_version_wrote_it)
-    assert train(write_jsonl(tmp_path / "a.jsonl", text_rows(6)), out, tiny_model) == 0
-    monkeypatch.setattr(TrainConfig, "to_dict", real)
+    with settings_saved_without("long_text", "window_overlap", "text_sample_by"):
+        assert train(write_jsonl(tmp_path / "a.jsonl", text_rows(6)), out, tiny_model) == 0
     long = write_jsonl(tmp_path / "long.jsonl", [{"text": document(0, 100)}, {"text": "short"}])
     assert train(long, out, tiny_model) == 0
     saved = json.loads((checkpoint.newest_complete(out).path / "evertrain_config.json").read_text())

@@ -7,7 +7,7 @@ one with that pass's `only_mutate` and tests (`[tool.evertrain.mutate.NAME]` in 
 `mutants` (mutmut's name globs) to check only some functions of a file; the others count as not checked.
 
     .venv/bin/python tools/mutate.py               # every pass, then one summary line per pass
-    .venv/bin/python tools/mutate.py checkpoint    # one pass
+    .venv/bin/python tools/mutate.py resume        # one pass
     .venv/bin/python tools/mutate.py --summary     # the summary of the last runs, running nothing
 """
 

@@ -5,7 +5,7 @@ the backward pass: batch x length x vocabulary logits (one row of 4096 tokens of
 2.5 GB in float32). Inside `active(model)`, the output layer hands its hidden states on unchanged and the loss
 multiplies them by its weight chunk by chunk, only at positions that have a target, each chunk recomputed in
 the backward pass (torch.utils.checkpoint) rather than kept: the peak holds one chunk's logits. The sum is the
-same, up to the order of additions, and so are the gradients (tests/test_speed_paths.py). The model is still
+same, up to the order of additions, and so are the gradients (tests/test_chunked_loss.py). The model is still
 called through its wrappers (DDP, PEFT), so their hooks see every parameter.
 
     evertrain train --dataset F --output-dir D --chunked-loss

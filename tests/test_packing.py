@@ -1,6 +1,8 @@
-"""The pure functions under exactly-once: which examples are held out, and how examples are packed into rows.
+"""data/packing.py: examples packed into rows (best fit decreasing), the rows' index, and `collate` (rows of examples
+-> the model's tensors), where a packed example attends only to itself. Written to kill the mutants `make mutate`
+found alive (see TESTING.md).
 
-Written to kill the mutants `make mutate` found alive (see TESTING.md).
+    pytest -q tests/test_packing.py
 """
 
 from __future__ import annotations
@@ -11,61 +13,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import write_jsonl
 
-from evertrain.data import Example
-from evertrain.data.order import held_out_lines, row_order
+from evertrain.config import TrainConfig
+from evertrain.data import Example, load_file
 from evertrain.data.packing import IGNORE, Rows, collate, pack
-
-SHA_A, SHA_B = "a" * 64, "0123456789abcdef" * 4
-
-
-@pytest.mark.parametrize("n,fraction,cap,expected", [
-    (2, 0.5, 64, 1),     # the smallest file that can lend one example
-    (3, 0.34, 64, 1),
-    (1, 0.5, 64, 0),     # a single example always trains
-    (10, 0.1, 64, 1),    # one example exactly
-    (10, 0.09, 64, 0),   # less than one: none
-    (10, 0.99, 64, 9),   # never all of them: one is left to train
-    (10, 1.0, 64, 9),
-    (100, 0.5, 7, 7),    # the cap
-])
-def test_held_out_counts(n, fraction, cap, expected):
-    held = held_out_lines(SHA_A, 42, n, fraction, cap)
-    assert len(held) == expected and held <= set(range(n))
-
-
-def test_held_out_choice_depends_on_content_and_seed_only():
-    a = held_out_lines(SHA_A, 42, 1000, 0.05, 64)
-    assert a == held_out_lines(SHA_A, 42, 1000, 0.05, 64)
-    assert a != held_out_lines(SHA_B, 42, 1000, 0.05, 64)  # another file holds out other examples
-    assert a != held_out_lines(SHA_A, 43, 1000, 0.05, 64)
-
-
-def test_the_choices_never_change_between_versions():
-    """A run resumed by a newer evertrain must hold out and order exactly what the older one did."""
-    assert sorted(held_out_lines(SHA_B, 42, 20, 0.25, 64)) == [0, 2, 14, 18, 19]
-    assert sorted(held_out_lines(SHA_A, 42, 20, 0.25, 64)) == [6, 10, 14, 15, 17]
-    assert row_order(SHA_B, 42, 0, 10).tolist() == [1, 9, 3, 7, 4, 5, 2, 0, 6, 8]
-
-
-def test_tiny_files_get_one_held_out_example_and_larger_ones_keep_their_slice():
-    assert sorted(held_out_lines(SHA_A, 42, 20, 0.02, 64, min_file=10)) == [17]  # golden, like the others
-    assert sorted(held_out_lines(SHA_B, 42, 12, 0.02, 64, min_file=10)) == [11]
-    assert held_out_lines(SHA_A, 42, 9, 0.02, 64, min_file=10) == set()      # below min_file: none, as before
-    assert held_out_lines(SHA_A, 42, 20, 0.0, 64, min_file=10) == set()      # a fraction of 0 is a choice
-    assert held_out_lines(SHA_A, 42, 20, 0.02, 0, min_file=10) == set()      # and so is a cap of 0
-    assert len(held_out_lines(SHA_A, 42, 20, 0.02, 1, min_file=10)) == 1     # a cap of 1 allows the one
-    assert len(held_out_lines(SHA_A, 42, 10, 0.02, 64, min_file=10)) == 1    # a file of exactly min_file too
-    for n in (50, 51, 99, 100, 333, 1000, 5000):  # wherever the fraction gives a slice, nothing changes
-        assert held_out_lines(SHA_A, 42, n, 0.02, 64, min_file=10) == held_out_lines(SHA_A, 42, n, 0.02, 64)
-
-
-def test_row_order_is_a_permutation_fixed_by_content_seed_and_epoch():
-    order = row_order(SHA_A, 42, 0, 50)
-    assert sorted(order.tolist()) == list(range(50))
-    assert order.tolist() == row_order(SHA_A, 42, 0, 50).tolist()
-    assert order.tolist() != row_order(SHA_A, 42, 1, 50).tolist()
-    assert order.tolist() != row_order(SHA_B, 42, 0, 50).tolist()
 
 
 def reference_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -108,7 +60,16 @@ def test_rows_index_like_a_list():
     assert list(Rows.one_per_example(3)) == [[0], [1], [2]]
 
 
+def test_packing_puts_every_example_in_one_row_within_capacity():
+    lengths = [5, 17, 3, 30, 12, 12, 1, 29, 8]
+    rows = pack(lengths, 32)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 32 for r in rows)
+    assert len(rows) < len(lengths)
+
+
 # ---------------------------------------------------------------- collate: rows of examples -> the model's tensors
+
 
 def _ex(ids: list[int], trained_from: int) -> Example:
     return Example(line=0, format="", input_ids=ids, labels=[IGNORE] * trained_from + ids[trained_from:])
@@ -138,3 +99,19 @@ def test_collate_of_nothing_is_one_padding_token():
         n = max(1, len(rows))
         assert batch["input_ids"].tolist() == [[3]] * n and batch["labels"].tolist() == [[IGNORE]] * n
         assert batch["position_ids"].tolist() == [[0]] * n
+
+
+def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok, tiny_model):
+    """The logits of an example inside a packed row equal its logits alone."""
+    from transformers import AutoModelForCausalLM
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"text": "first example here"}, {"text": "second one"}])
+    data = load_file(f, tok, TrainConfig(model=str(tiny_model), packing=True))
+    assert data.rows == [[0, 1]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in collate([[data.examples[i] for i in r] for r in data.rows], tok.pad_token_id, "cpu").items()
+                          if k != "labels"}, use_cache=False).logits[0]
+        n0 = len(data.examples[0].input_ids)
+        alone = model(input_ids=torch.tensor([data.examples[1].input_ids])).logits[0]
+    torch.testing.assert_close(packed[n0:n0 + alone.shape[0]], alone)
