@@ -1,7 +1,7 @@
 """Who may use the dashboard: one set of rules for every route of the page, those that only read and those
 that change something (the controls and the upload of actions.py, a box that asks the model).
 
-    pytest tests/test_auth.py tests/test_dashboard.py -k "token or credential or host or origin or rules"
+    pytest tests/test_access.py tests/test_dashboard.py -k "token or credential or host or origin or rules"
 
 - The page binds 127.0.0.1 unless told otherwise (`--host`).
 - A token given with `--token` must have at least MIN_TOKEN characters, or the server refuses to start

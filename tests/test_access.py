@@ -1,7 +1,7 @@
-"""dashboard/auth.py: the access rules a binding gets (a token off loopback, made when none is given, refused when
+"""web/access.py: the access rules a binding gets (a token off loopback, made when none is given, refused when
 short). The rules at work on the served dashboard: tests/test_dashboard.py.
 
-    pytest -q tests/test_auth.py
+    pytest -q tests/test_access.py
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from dashboard_run import TOKEN
 
-from evertrain.dashboard import auth
+from evertrain.web import access as auth
 
 
 def test_rules_for_a_binding():
