@@ -50,7 +50,8 @@ def add_release_options(p) -> None:
                    help="LoRA run: release the adapter merged into its base (a whole model) instead of the adapter")
     g.add_argument("--release-gguf", action="store_true", help="also write model-QUANT.gguf (Llama architecture)")
     g.add_argument("--release-quant", choices=QUANTS, help="GGUF tensor type (default: f16)")
-    g.add_argument("--release-keep", type=int, help="releases kept (default: 3); the one `latest` names is never deleted")
+    g.add_argument("--release-keep", type=int,
+                   help="releases kept (default: 3); the one `latest` names is never deleted")
     g.add_argument("--release-base-id", help="LoRA adapter releases: the base model's hub id (needed when the run's "
                                              "base is a local folder)")
     g.add_argument("--notify-command", help="shell command run with one JSON event on stdin for each release "
