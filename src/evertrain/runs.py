@@ -14,6 +14,7 @@ evolution snapshots. For `train` both are the same folder; for the daemon the wo
     WORK/logs/               evertrain.log, metrics.jsonl, evals.jsonl, anchor.jsonl, tensorboard/, tracker_run.json
     WORK/snapshots/          tracked.json, evolution/step-NNNNNNNN.json (observe/snapshots.py)
     WORK/probes.jsonl        a person's own tracked examples
+    WORK/releases/           `evertrain serve --release`: step-N/ exports of the accepted models, latest -> step-N
     WORKSPACE/evertrain.toml, ledger.sqlite, inbox/, queue/, done/, failed/, rejected/, status/ (daemon/)
 
     python -m evertrain.runs DIR      # print where each file of the run in DIR is
@@ -77,6 +78,7 @@ class Run:
     evolution = property(lambda self: self.snapshots / "evolution")
     tracked = property(lambda self: self.snapshots / "tracked.json")
     probes = property(lambda self: self.work_dir / PROBES_FILE)
+    releases = property(lambda self: self.work_dir / "releases")
 
 
 @dataclass
@@ -131,5 +133,5 @@ if __name__ == "__main__":
 
     run = open_run(Path(sys.argv[1] if len(sys.argv) > 1 else "."))
     for name in ("run_dir", "work_dir", "trace", "tokens", "held_out", "replay", "anchor", "logs", "metrics",
-                 "evals", "drift", "snapshots"):
+                 "evals", "drift", "snapshots", "releases"):
         print(f"{name:>10}  {getattr(run, name)}")

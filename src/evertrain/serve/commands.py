@@ -3,11 +3,13 @@
     evertrain serve WS                                   # http://127.0.0.1:8000/v1, loopback only, no token
     evertrain serve WS --host 0.0.0.0                    # off loopback: a token is made and printed
     evertrain serve WS --collect-feedback --release      # feedback into the inbox; each accepted model exported
+    evertrain serve WS --release --release-gguf          # each accepted model in WS/releases/latest (release.py)
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,10 +35,49 @@ def add_commands(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="most tokens a prompt may have")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds an answer may take to generate")
     p.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
+    add_release_options(p)
     p.set_defaults(func=cmd_serve)
 
 
+def add_release_options(p) -> None:
+    from evertrain.export.gguf import QUANTS
+
+    g = p.add_argument_group("releases for other servers (docs/serve.md)")
+    g.add_argument("--release", action="store_true",
+                   help="export each accepted model (as `evertrain export` does) to DIR/releases/step-N, with "
+                        "DIR/releases/latest pointing at the newest, and tell notify_command")
+    g.add_argument("--release-merge", action="store_true",
+                   help="LoRA run: release the adapter merged into its base (a whole model) instead of the adapter")
+    g.add_argument("--release-gguf", action="store_true", help="also write model-QUANT.gguf (Llama architecture)")
+    g.add_argument("--release-quant", choices=QUANTS, help="GGUF tensor type (default: f16)")
+    g.add_argument("--release-keep", type=int,
+                   help="releases kept (default: 3); the one `latest` names is never deleted")
+    g.add_argument("--release-base-id", help="LoRA adapter releases: the base model's hub id (needed when the run's "
+                                             "base is a local folder)")
+    g.add_argument("--notify-command", help="shell command run with one JSON event on stdin for each release "
+                                            "(default: the workspace's [daemon] notify_command)")
+
+
+def release_settings(args):
+    """The ReleaseSettings the options ask for (None: no --release); ValueError names an option given alone."""
+    from evertrain.serve.release import ReleaseSettings
+
+    given = [name for name in ("release_merge", "release_gguf", "release_quant", "release_keep", "release_base_id",
+                               "notify_command") if getattr(args, name) not in (None, False)]
+    if not args.release:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --release")
+        return None
+    if args.release_keep is not None and args.release_keep < 1:
+        raise ValueError("--release-keep must be at least 1")
+    return ReleaseSettings(merge=args.release_merge, gguf=args.release_gguf, quant=args.release_quant or "f16",
+                           keep=3 if args.release_keep is None else args.release_keep,
+                           base_id=args.release_base_id, notify_command=args.notify_command,
+                           command=shlex.join(["evertrain", *args.argv]))
+
+
 def cmd_serve(args) -> int:
+    from evertrain.locks import AlreadyRunning
     from evertrain.serve.server import ServeSettings, serve
     from evertrain.web.access import TokenRefused
 
@@ -50,15 +91,20 @@ def cmd_serve(args) -> int:
     if args.timeout <= 0 or args.poll_seconds <= 0:
         print("evertrain: serve: --timeout and --poll-seconds must be above 0", file=sys.stderr)
         return exits.BAD_INPUT
+    try:
+        release = release_settings(args)
+    except ValueError as e:
+        print(f"evertrain: serve: {e}", file=sys.stderr)
+        return exits.BAD_INPUT
     settings = ServeSettings(root=args.dir, host=args.host, port=args.port, token=args.token,
                              name=args.name or args.dir.resolve().name, follow=args.follow,
                              poll_seconds=args.poll_seconds, concurrency=args.concurrency, queue=args.queue,
                              max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                             timeout=args.timeout, threads=args.threads)
+                             timeout=args.timeout, threads=args.threads, release=release)
     logging.getLogger("evertrain.serve").setLevel(logging.INFO)
     try:
         return serve(settings)
-    except TokenRefused as e:
+    except (TokenRefused, AlreadyRunning) as e:
         print(f"evertrain: serve: {e}", file=sys.stderr)
         return exits.BAD_INPUT
     except OSError as e:

@@ -7,7 +7,8 @@
 1. the access rules (a weak --token refuses to start, before anything listens);
 2. the model to serve now (versions.find_target), loaded;
 3. the follower thread, which swaps to each newer accepted model;
-4. the generation workers (engine.py) and the API (api.py), on the shared HTTP listener (web/listener.py).
+4. the generation workers (engine.py) and the API (api.py), on the shared HTTP listener (web/listener.py);
+5. with --release, the releaser thread (release.py), told of every swap, which exports each accepted model.
 The server only reads the run: it never holds the run's lock, so it runs beside the daemon and outlives its
 restarts (a restart only means no new checkpoint for a while).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from evertrain.serve.api import Limits, build_app
 from evertrain.serve.engine import Engine
+from evertrain.serve.release import Releaser, ReleaseSettings
 from evertrain.serve.versions import ACCEPTED, Follower, Versions, find_target
 from evertrain.web.access import Access
 from evertrain.web.listener import Listener, room_for_connections
@@ -42,6 +44,7 @@ class ServeSettings:
     max_prompt_tokens: int = 4096
     timeout: float = 120.0
     threads: int | None = None
+    release: ReleaseSettings | None = None   # None: no releases
 
 
 class ModelServer(Listener):
@@ -50,19 +53,31 @@ class ModelServer(Listener):
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.access = Access.for_binding(settings.host, settings.token)
-        self.versions = Versions(settings.root)
-        first = self.versions.load(find_target(settings.root, settings.follow))
-        self.versions.install(first)
-        self.follower = Follower(self.versions, settings.follow, settings.poll_seconds, on_swap=self.swapped)
-        self.engine = Engine(self.versions, concurrency=settings.concurrency, queue_size=settings.queue,
-                             threads=settings.threads)
-        limits = Limits(settings.max_tokens, settings.max_prompt_tokens, settings.timeout)
-        super().__init__(build_app(settings.name, self.versions, self.engine, self.access, limits),
-                         settings.host, settings.port)
+        # Before the model loads: a release that could never succeed is refused at once.
+        self.releaser = Releaser(settings.root, settings.release) if settings.release else None
+        try:
+            self.versions = Versions(settings.root)
+            first = self.versions.load(find_target(settings.root, settings.follow))
+            self.versions.install(first)
+            self.follower = Follower(self.versions, settings.follow, settings.poll_seconds, on_swap=self.swapped)
+            self.engine = Engine(self.versions, concurrency=settings.concurrency, queue_size=settings.queue,
+                                 threads=settings.threads)
+            limits = Limits(settings.max_tokens, settings.max_prompt_tokens, settings.timeout)
+            super().__init__(build_app(settings.name, self.versions, self.engine, self.access, limits),
+                             settings.host, settings.port)
+        except BaseException:
+            if self.releaser is not None:
+                self.releaser.close()  # its lock, for the next try
+            raise
+        if self.releaser is not None:
+            self.releaser.start()
+            self.releaser.offer()  # the model served now, unless it is released already
         self.follower.start()
 
     def swapped(self, version) -> None:
         print(f"evertrain: serving {version.label} ({version.target.checkpoint or 'the base model'})", flush=True)
+        if self.releaser is not None:
+            self.releaser.offer()
 
     @property
     def url(self) -> str:
@@ -73,6 +88,8 @@ class ModelServer(Listener):
         self.follower.stop.set()
         self.follower.wake.set()
         super().close()
+        if self.releaser is not None:
+            self.releaser.close()
 
 
 def serve(settings: ServeSettings) -> int:
@@ -81,6 +98,9 @@ def serve(settings: ServeSettings) -> int:
     v = server.versions.current
     print(f"evertrain: serving {settings.name!r} ({v.label}, {v.target.checkpoint or 'the base model'}) of "
           f"{Path(settings.root).resolve()} at {server.url}", flush=True)
+    if server.releaser is not None:
+        print(f"evertrain: releasing each accepted model to {server.releaser.folder} (the newest: "
+              f"{server.releaser.folder / 'latest'})", flush=True)
     if server.access.token:
         print(f"evertrain: clients must send this API key (Authorization: Bearer; the OpenAI client's api_key): "
               f"{server.access.token}", flush=True)
