@@ -7,7 +7,9 @@
 1. the access rules (a weak --token refuses to start, before anything listens);
 2. the model to serve now (versions.find_target), loaded;
 3. the follower thread, which swaps to each newer accepted model;
-4. the generation workers (engine.py) and the API (api.py), on the shared HTTP listener (web/listener.py).
+4. the generation workers (engine.py) and the API (api.py), on the shared HTTP listener (web/listener.py);
+with --collect-feedback, before all of them: the feedback log (feedback.py; a folder that is no workspace is
+refused before any model loads).
 The server only reads the run: it never holds the run's lock, so it runs beside the daemon and outlives its
 restarts (a restart only means no new checkpoint for a while).
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from evertrain.serve.api import Limits, build_app
 from evertrain.serve.engine import Engine
+from evertrain.serve.feedback import Log
 from evertrain.serve.versions import ACCEPTED, Follower, Versions, find_target
 from evertrain.web.access import Access
 from evertrain.web.listener import Listener, room_for_connections
@@ -42,6 +45,11 @@ class ServeSettings:
     max_prompt_tokens: int = 4096
     timeout: float = 120.0
     threads: int | None = None
+    collect_feedback: bool = False
+    feedback_every: int = 50             # records that make a file in the inbox
+    feedback_minutes: float = 60.0       # the longest a record waits for its file
+    feedback_max_bytes: int = 100 << 20
+    feedback_max_answers: int = 100_000
 
 
 class ModelServer(Listener):
@@ -50,15 +58,24 @@ class ModelServer(Listener):
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.access = Access.for_binding(settings.host, settings.token)
-        self.versions = Versions(settings.root)
-        first = self.versions.load(find_target(settings.root, settings.follow))
-        self.versions.install(first)
-        self.follower = Follower(self.versions, settings.follow, settings.poll_seconds, on_swap=self.swapped)
-        self.engine = Engine(self.versions, concurrency=settings.concurrency, queue_size=settings.queue,
-                             threads=settings.threads)
-        limits = Limits(settings.max_tokens, settings.max_prompt_tokens, settings.timeout)
-        super().__init__(build_app(settings.name, self.versions, self.engine, self.access, limits),
-                         settings.host, settings.port)
+        self.feedback = None
+        if settings.collect_feedback:
+            self.feedback = Log(settings.root, every=settings.feedback_every, minutes=settings.feedback_minutes,
+                                max_bytes=settings.feedback_max_bytes, max_answers=settings.feedback_max_answers)
+        try:
+            self.versions = Versions(settings.root)
+            first = self.versions.load(find_target(settings.root, settings.follow))
+            self.versions.install(first)
+            self.follower = Follower(self.versions, settings.follow, settings.poll_seconds, on_swap=self.swapped)
+            self.engine = Engine(self.versions, concurrency=settings.concurrency, queue_size=settings.queue,
+                                 threads=settings.threads)
+            limits = Limits(settings.max_tokens, settings.max_prompt_tokens, settings.timeout)
+            super().__init__(build_app(settings.name, self.versions, self.engine, self.access, limits,
+                                       self.feedback), settings.host, settings.port)
+        except BaseException:
+            if self.feedback is not None:  # its lock and thread go with it: a second try may collect
+                self.feedback.close()
+            raise
         self.follower.start()
 
     def swapped(self, version) -> None:
@@ -73,6 +90,8 @@ class ModelServer(Listener):
         self.follower.stop.set()
         self.follower.wake.set()
         super().close()
+        if self.feedback is not None:
+            self.feedback.close()
 
 
 def serve(settings: ServeSettings) -> int:
@@ -81,6 +100,9 @@ def serve(settings: ServeSettings) -> int:
     v = server.versions.current
     print(f"evertrain: serving {settings.name!r} ({v.label}, {v.target.checkpoint or 'the base model'}) of "
           f"{Path(settings.root).resolve()} at {server.url}", flush=True)
+    if server.feedback is not None:
+        print(f"evertrain: collecting feedback (POST /v1/feedback) into {server.feedback.ws.inbox}: a file every "
+              f"{settings.feedback_every} records or {settings.feedback_minutes:g} minutes", flush=True)
     if server.access.token:
         print(f"evertrain: clients must send this API key (Authorization: Bearer; the OpenAI client's api_key): "
               f"{server.access.token}", flush=True)
