@@ -15,6 +15,8 @@ process lives on). Nothing happens when the variable is unset: `hit` is then a d
     trace-write         a step's line of trace.jsonl, about to be appended
     ledger-write        a ledger row about to be updated
     prepare             a file's token store being built (its records opened, none read yet)
+    feedback-assigned   `serve --collect-feedback`: records assigned to a file, the file not yet written
+    feedback-dropped    `serve --collect-feedback`: the file renamed into inbox/, not yet marked dropped
 
     EVERTRAIN_FAULT=mid-step:7 evertrain train --dataset F --output-dir D     # dies inside the 7th step
     EVERTRAIN_FAULT=enospc:checkpoint-write evertrain train ...                # the first save finds no space
@@ -27,7 +29,7 @@ import os
 import signal
 
 POINTS = ("mid-step", "checkpoint-write", "after-rename", "old-swap", "before-ledger-done", "enqueue", "prepare",
-          "status-write", "metrics-write", "trace-write", "ledger-write")
+          "status-write", "metrics-write", "trace-write", "ledger-write", "feedback-assigned", "feedback-dropped")
 ENOSPC = "enospc:"
 _hits: dict[str, int] = {}
 

@@ -16,6 +16,7 @@ evolution snapshots. For `train` both are the same folder; for the daemon the wo
     WORK/probes.jsonl        a person's own tracked examples
     WORK/releases/           `evertrain serve --release`: step-N/ exports of the accepted models, latest -> step-N
     WORKSPACE/evertrain.toml, ledger.sqlite, inbox/, queue/, done/, failed/, rejected/, status/ (daemon/)
+    WORKSPACE/feedback/      feedback.sqlite: the answers `evertrain serve --collect-feedback` keeps (serve/feedback.py)
 
     python -m evertrain.runs DIR      # print where each file of the run in DIR is
 """
@@ -30,6 +31,7 @@ from evertrain import locks
 
 CONFIG_FILE = "evertrain.toml"          # what makes a folder a workspace
 LEDGER_FILE = "ledger.sqlite"
+FEEDBACK_FILE = "feedback.sqlite"       # in feedback/
 MODEL_DIR = "current_model"
 STATUS_FILE = "training_status.json"    # in status/
 SETTINGS_FILE = "evertrain_config.json"  # the resolved TrainConfig, in every checkpoint
@@ -101,6 +103,8 @@ class Workspace:
     status_file = property(lambda self: self.status_dir / STATUS_FILE)
     logs = property(lambda self: self.root / LOGS_DIR)
     ledger_path = property(lambda self: self.root / LEDGER_FILE)
+    feedback = property(lambda self: self.root / "feedback")
+    feedback_log = property(lambda self: self.feedback / FEEDBACK_FILE)
     lock_path = property(lambda self: self.root / locks.LOCK_NAME)
 
     @property

@@ -10,6 +10,7 @@ GET /api/state              status, files and queue, checkpoints, forgetting mat
 GET /api/metrics?since=N    metric columns of the steps after N, file spans
 GET /api/snapshots          snapshot steps and tracked examples with their per-step summary
 GET /api/snapshot/N         one snapshot (tokens right/wrong, prediction, generation)
+GET /api/feedback           what `evertrain serve --collect-feedback` received, and each file's state in the ledger
 POST /api/ask               two checkpoints' answers to a prompt, streamed (ask.py: generation off the event loop)
 
 Starlette routes served by uvicorn (web/listener.py). Who may ask is decided in web/access.py, for every route. The
@@ -82,6 +83,7 @@ def build_app(run: sources.View, access: auth.Access) -> Starlette:
         ("/api/snapshots", lambda request: as_json(sources.snapshots_index(run))),
         ("/api/snapshot/{step}", snapshot),
         ("/api/evolution/{example}", evolution),
+        ("/api/feedback", lambda request: as_json(sources.feedback(run))),
     ]] + actions.routes(run)
     routes.append(ask.route(run.root))
     return Starlette(routes=routes, lifespan=bounded_threads,

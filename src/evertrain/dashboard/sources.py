@@ -26,6 +26,7 @@ from evertrain.observe.evals import forgetting_matrix
 from evertrain.observe.metrics import add_committed
 from evertrain.observe.snapshots import snapshot_budget
 from evertrain.runs import Run, Workspace, open_run
+from evertrain.serve.feedback import summary as feedback_summary
 from evertrain.train import checkpoint
 
 SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.json$")
@@ -302,6 +303,25 @@ def files(run: View) -> list[dict]:
                     "expected_steps": c.get("total_steps"), "steps_trained": c.get("file_step"),
                     "first_step": c.get("first_step"), "last_step": None})
     return out
+
+
+def feedback(run: View) -> dict:
+    """What `evertrain serve --collect-feedback` kept and received (serve/feedback.py, read-only), each of its
+    files with its fate in the ledger (by the name it was dropped as); {"kept": false} when there is no log."""
+    found = feedback_summary(run.root) if run.daemon else None
+    if found is None:
+        return {"kept": False}
+    ledger = Workspace(run.root).ledger_path
+    taken: dict[str, list[dict]] = {}
+    for row in read_files(ledger) if ledger.is_file() else []:
+        taken.setdefault(row["original_name"], []).append(row)
+    for f in found["files"]:
+        rows = taken.get(f["name"], [])
+        # A file dropped again after a crash is a duplicate of the first copy: the first copy's state is its fate.
+        first = next((r for r in rows if r["state"] != "duplicate"), rows[0] if rows else None)
+        f["state"] = first["state"] if first else "in inbox" if f["dropped_at"] else "not dropped yet"
+        f["ledger"] = [{"id": r["id"], "state": r["state"]} for r in rows]
+    return {"kept": True, **found}
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints, status

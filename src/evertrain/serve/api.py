@@ -28,6 +28,7 @@ import uuid
 from urllib.parse import quote
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -178,7 +179,7 @@ def build_app(name: str, versions: Versions, engine: Engine, access: Access, lim
             raise BadRequest("feedback is not collected by this server (start it with --collect-feedback)",
                              status=404, code="feedback_off")
         body = await read_body(request)
-        return JSONResponse(feedback.rate(body))
+        return JSONResponse(await run_in_threadpool(feedback.rate, body))  # it waits for the disk
 
     routes = [Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]),
               Route("/v1/chat/completions", chat, methods=["POST"]),

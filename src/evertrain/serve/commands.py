@@ -35,6 +35,18 @@ def add_commands(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="most tokens a prompt may have")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds an answer may take to generate")
     p.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
+    f = p.add_argument_group("feedback (docs/serve.md: Feedback becomes training data)")
+    f.add_argument("--collect-feedback", action="store_true",
+                   help="keep every answer and take ratings and corrections on POST /v1/feedback; they become "
+                        "files in the workspace's inbox/, trained by `evertrain run` (a workspace only)")
+    f.add_argument("--feedback-every", type=int, default=50,
+                   help="records (ratings and corrections) that make a file in the inbox (default: 50)")
+    f.add_argument("--feedback-minutes", type=float, default=60.0,
+                   help="the longest a record waits for its file, in minutes (default: 60)")
+    f.add_argument("--feedback-max-mb", type=float, default=100.0,
+                   help="the feedback log's size, in MiB: past it the oldest answers go (default: 100)")
+    f.add_argument("--feedback-max-answers", type=int, default=100_000,
+                   help="answers the feedback log keeps: past it the oldest go (default: 100000)")
     add_release_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -78,18 +90,21 @@ def release_settings(args):
 
 def cmd_serve(args) -> int:
     from evertrain.locks import AlreadyRunning
+    from evertrain.serve.feedback import FeedbackRefused
     from evertrain.serve.server import ServeSettings, serve
     from evertrain.web.access import TokenRefused
 
     if not args.dir.is_dir():
         print(f"evertrain: {args.dir}: no such folder", file=sys.stderr)
         return exits.BAD_INPUT
-    for name, low in (("concurrency", 1), ("queue", 1), ("max_tokens", 1), ("max_prompt_tokens", 1)):
+    for name, low in (("concurrency", 1), ("queue", 1), ("max_tokens", 1), ("max_prompt_tokens", 1),
+                      ("feedback_every", 1), ("feedback_max_answers", 1)):
         if getattr(args, name) < low:
             print(f"evertrain: serve: --{name.replace('_', '-')} must be at least {low}", file=sys.stderr)
             return exits.BAD_INPUT
-    if args.timeout <= 0 or args.poll_seconds <= 0:
-        print("evertrain: serve: --timeout and --poll-seconds must be above 0", file=sys.stderr)
+    if min(args.timeout, args.poll_seconds, args.feedback_minutes, args.feedback_max_mb) <= 0:
+        print("evertrain: serve: --timeout, --poll-seconds, --feedback-minutes and --feedback-max-mb must be above "
+              "0", file=sys.stderr)
         return exits.BAD_INPUT
     try:
         release = release_settings(args)
@@ -100,11 +115,15 @@ def cmd_serve(args) -> int:
                              name=args.name or args.dir.resolve().name, follow=args.follow,
                              poll_seconds=args.poll_seconds, concurrency=args.concurrency, queue=args.queue,
                              max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                             timeout=args.timeout, threads=args.threads, release=release)
+                             timeout=args.timeout, threads=args.threads, release=release,
+                             collect_feedback=args.collect_feedback,
+                             feedback_every=args.feedback_every, feedback_minutes=args.feedback_minutes,
+                             feedback_max_bytes=int(args.feedback_max_mb * 2**20),
+                             feedback_max_answers=args.feedback_max_answers)
     logging.getLogger("evertrain.serve").setLevel(logging.INFO)
     try:
         return serve(settings)
-    except (TokenRefused, AlreadyRunning) as e:
+    except (TokenRefused, FeedbackRefused, AlreadyRunning) as e:
         print(f"evertrain: serve: {e}", file=sys.stderr)
         return exits.BAD_INPUT
     except OSError as e:

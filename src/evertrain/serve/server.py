@@ -9,6 +9,8 @@
 3. the follower thread, which swaps to each newer accepted model;
 4. the generation workers (engine.py) and the API (api.py), on the shared HTTP listener (web/listener.py);
 5. with --release, the releaser thread (release.py), told of every swap, which exports each accepted model.
+With --collect-feedback, before all of them: the feedback log (feedback.py; a folder that is no workspace is
+refused before any model loads).
 The server only reads the run: it never holds the run's lock, so it runs beside the daemon and outlives its
 restarts (a restart only means no new checkpoint for a while).
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from evertrain.serve.api import Limits, build_app
 from evertrain.serve.engine import Engine
+from evertrain.serve.feedback import Log
 from evertrain.serve.release import Releaser, ReleaseSettings
 from evertrain.serve.versions import ACCEPTED, Follower, Versions, find_target
 from evertrain.web.access import Access
@@ -45,6 +48,11 @@ class ServeSettings:
     timeout: float = 120.0
     threads: int | None = None
     release: ReleaseSettings | None = None   # None: no releases
+    collect_feedback: bool = False
+    feedback_every: int = 50             # records that make a file in the inbox
+    feedback_minutes: float = 60.0       # the longest a record waits for its file
+    feedback_max_bytes: int = 100 << 20
+    feedback_max_answers: int = 100_000
 
 
 class ModelServer(Listener):
@@ -53,9 +61,14 @@ class ModelServer(Listener):
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.access = Access.for_binding(settings.host, settings.token)
-        # Before the model loads: a release that could never succeed is refused at once.
-        self.releaser = Releaser(settings.root, settings.release) if settings.release else None
+        self.feedback = self.releaser = None
         try:
+            # Before the model loads: a folder that cannot collect feedback, a release that could never succeed,
+            # are refused at once.
+            if settings.collect_feedback:
+                self.feedback = Log(settings.root, every=settings.feedback_every, minutes=settings.feedback_minutes,
+                                    max_bytes=settings.feedback_max_bytes, max_answers=settings.feedback_max_answers)
+            self.releaser = Releaser(settings.root, settings.release) if settings.release else None
             self.versions = Versions(settings.root)
             first = self.versions.load(find_target(settings.root, settings.follow))
             self.versions.install(first)
@@ -63,11 +76,13 @@ class ModelServer(Listener):
             self.engine = Engine(self.versions, concurrency=settings.concurrency, queue_size=settings.queue,
                                  threads=settings.threads)
             limits = Limits(settings.max_tokens, settings.max_prompt_tokens, settings.timeout)
-            super().__init__(build_app(settings.name, self.versions, self.engine, self.access, limits),
-                             settings.host, settings.port)
+            super().__init__(build_app(settings.name, self.versions, self.engine, self.access, limits,
+                                       self.feedback), settings.host, settings.port)
         except BaseException:
             if self.releaser is not None:
                 self.releaser.close()  # its lock, for the next try
+            if self.feedback is not None:  # its lock and thread go with it: a second try may collect
+                self.feedback.close()
             raise
         if self.releaser is not None:
             self.releaser.start()
@@ -90,6 +105,8 @@ class ModelServer(Listener):
         super().close()
         if self.releaser is not None:
             self.releaser.close()
+        if self.feedback is not None:
+            self.feedback.close()
 
 
 def serve(settings: ServeSettings) -> int:
@@ -101,6 +118,9 @@ def serve(settings: ServeSettings) -> int:
     if server.releaser is not None:
         print(f"evertrain: releasing each accepted model to {server.releaser.folder} (the newest: "
               f"{server.releaser.folder / 'latest'})", flush=True)
+    if server.feedback is not None:
+        print(f"evertrain: collecting feedback (POST /v1/feedback) into {server.feedback.ws.inbox}: a file every "
+              f"{settings.feedback_every} records or {settings.feedback_minutes:g} minutes", flush=True)
     if server.access.token:
         print(f"evertrain: clients must send this API key (Authorization: Bearer; the OpenAI client's api_key): "
               f"{server.access.token}", flush=True)

@@ -522,6 +522,35 @@ async function renderExampleHistory(example, step) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------- feedback
+
+function renderFeedback(fb) {
+  // Hidden unless `evertrain serve --collect-feedback` keeps a log in this workspace.
+  $("feedback-card").hidden = !fb.kept;
+  if (!fb.kept) return;
+  $("feedback-problem").hidden = !fb.problem;
+  $("feedback-problem").textContent = fb.problem || "";
+  const items = fb.problem ? [] : [
+    ["answers kept", fmt.int(fb.answers)],
+    ["rated good", fmt.int(fb.ratings.good)],
+    ["rated bad", fmt.int(fb.ratings.bad)],
+    ["corrections", fmt.int(fb.corrections)],
+    ["waiting for a file", fmt.int(fb.waiting.ratings + fb.waiting.corrections)],
+    ["log size", fmt.bytes(fb.bytes)],
+  ];
+  $("feedback-numbers").replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: v }))));
+  const files = [...fb.files].reverse();
+  $("feedback-files").tBodies[0].replaceChildren(...(files.length ? files.map((f) => el("tr",
+    { "data-name": f.name, "data-state": f.state },
+    el("td", { class: "name", text: f.name, title: f.sha256 }), el("td", { text: `${fmt.int(f.records)} ${f.kind}` }),
+    el("td", { text: f.kind === "ratings" ? `${fmt.int(f.good)} / ${fmt.int(f.bad)}` : "—" }),
+    el("td", { text: fmt.time(f.dropped_at) }),
+    el("td", { title: f.ledger.map((r) => `#${r.id} ${r.state}`).join(", ") }, stateChip(f.state)))) :
+    [emptyRow(5, "No file of feedback yet.")]));
+  $("feedback-more").textContent = fb.files_total > fb.files.length
+    ? `the newest ${fb.files.length} of ${fmt.int(fb.files_total)} files` : "";
+}
+
 // ---------------------------------------------------------------------------------------------- checkpoints
 
 function renderCheckpoints(list) {
@@ -537,7 +566,7 @@ function renderCheckpoints(list) {
 
 // ---------------------------------------------------------------------------------------------- polling
 
-let lastState = "", lastSnapshots = "";
+let lastState = "", lastSnapshots = "", lastFeedback = "";
 
 function showError(text) {
   $("error").hidden = !text;
@@ -555,6 +584,10 @@ async function poll() {
       renderCheckpoints(s.checkpoints);
       renderForgetting(s.forgetting);
       renderDrift(s.drift || []);
+    }
+    if (isWorkspace) {
+      const fb = await get("/api/feedback"), fbKey = JSON.stringify(fb);
+      if (fbKey !== lastFeedback) { lastFeedback = fbKey; renderFeedback(fb); }
     }
     await pollMetrics();
     const snapKey = JSON.stringify(s.snapshots);
