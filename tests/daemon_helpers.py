@@ -117,9 +117,9 @@ def slow_steps(monkeypatch) -> None:
     monkeypatch.setattr(objectives, "collate", collate)
 
 
-def assert_trained_once(ws: Path, lines: dict[str, int]) -> None:
+def assert_trained_once(ws: Path, lines: dict[str, int], epochs: int = 1) -> None:
     """Every file named in `lines` (original name -> its number of lines) is done, and trace.jsonl shows each of
-    its lines trained exactly once, in one unbroken history of global steps."""
+    its lines trained exactly once (`epochs` times), in one unbroken history of global steps."""
     from evertrain.observe import trace
 
     tr = ws / "current_model" / "trace.jsonl"
@@ -130,7 +130,7 @@ def assert_trained_once(ws: Path, lines: dict[str, int]) -> None:
         row = files[name]
         assert row["state"] == "done", (name, row["state"], row["error"])
         counts = coverage[row["sha256"]]
-        assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}, (name, counts)
+        assert sorted(counts) == list(range(n)) and set(counts.values()) == {epochs}, (name, counts)
 
 
 def debris(ws: Path) -> list[str]:

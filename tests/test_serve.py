@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from conftest import cli, text_rows, write_jsonl
-from daemon_helpers import ThreadDaemon, by_name, drop, make_ws, status, wait_for
+from daemon_helpers import ThreadDaemon, assert_trained_once, by_name, drop, make_ws, wait_for
 from serve_helpers import ServedModel, ask
 
 from evertrain.serve import engine as serve_engine
@@ -308,3 +308,59 @@ def test_a_lora_run_swaps_only_its_adapter_on_one_base(tmp_path, tiny_model):
             assert (first, second) == ("Quorra.", "Nova.")
     finally:
         assert daemon.stop() == 0
+
+
+def test_the_loop_closes_a_correction_posted_to_the_server_is_trained_swapped_in_and_answered(tmp_path, tiny_model):
+    """The daemon trains; `serve` answers through the openai client; a correction is posted; the feedback files
+    train into the same run; the server swaps to that model while a client keeps asking, without failing a
+    request; and the same question now gets the corrected answer, greedily."""
+    # forgetting_action off: a correction contradicts what the first file taught, which a gate would catch
+    # (tests above cover the gate with the server); this test is about the loop.
+    ws = make_ws(tmp_path, tiny_model, "--epochs", "30", "--learning-rate", "1e-2", "--warmup-steps", "0",
+                 "--replay-fraction", "0", "--no-anchor-replay", "--forgetting-action", "off")
+    daemon = ThreadDaemon(ws)
+    try:
+        drop(ws, "1-facts.jsonl", facts(8, "Quorra."))
+        wait_for(lambda: by_name(ws).get("1-facts.jsonl", {}).get("state") == "done", timeout=120, what="file 1")
+        with ServedModel(ws, collect_feedback=True, feedback_every=1) as s:
+            client = s.client()
+            before = ask(client, QUESTION)
+            assert before.choices[0].message.content == "Quorra."
+            seen, failures, stop = [], [], threading.Event()
+
+            def keep_asking():
+                while not stop.is_set():
+                    try:
+                        seen.append(ask(client, QUESTION).model)
+                    except Exception as e:  # noqa: BLE001 - every failure is a finding
+                        failures.append(repr(e))
+
+            asker = threading.Thread(target=keep_asking)
+            asker.start()
+            try:
+                posted = httpx.post(f"{s.url}/feedback", json={"id": before.id, "rating": "bad",
+                                                               "correction": "Nova."}, timeout=30)
+                assert posted.status_code == 200, posted.text
+                files = posted.json()["dropped"]
+                assert sorted(f.rsplit("-", 1)[1] for f in files) == ["corrections.jsonl", "ratings.jsonl"]
+                wait_for(lambda: all(by_name(ws).get(f, {}).get("state") == "done" for f in files), timeout=180,
+                         what="the feedback files to train")
+                wait_for(lambda: set(files) <= set(s.versions.current.target.files), timeout=60,
+                         what="the server to swap to the model that learnt them")
+            finally:
+                stop.set()
+                asker.join(60)
+            after = ask(client, QUESTION)
+    finally:
+        assert daemon.stop() == 0
+    assert after.choices[0].message.content == "Nova."
+    assert after.model == f"ws:{s.versions.current.label}" != before.model
+    assert not failures, failures[:3]
+    # one client, one request after another: the first model, then each accepted file's, never back
+    accepted = {f"ws:step-{r['last_step']}" for r in by_name(ws).values() if r["state"] == "done"}
+    steps = [int(m.rsplit("-", 1)[1]) for m in seen]
+    assert set(seen) <= accepted and before.model in seen and steps == sorted(steps)
+    # the feedback trained once each, in the same run, after the first file
+    assert_trained_once(ws, {"1-facts.jsonl": 8, **{f: 1 for f in files}}, epochs=30)
+    ratings = next(f for f in files if f.endswith("ratings.jsonl"))
+    assert by_name(ws)[ratings]["format"].endswith("feedback")  # KTO: a rated answer

@@ -18,9 +18,8 @@ import httpx
 import pytest
 from conftest import cli
 from daemon_helpers import ThreadDaemon, assert_trained_once, by_name, drop, ledger_rows, make_ws, rows, wait_for
-from dashboard_run import Served
+from dashboard_run import Served, Tree, chromium
 from serve_helpers import ServedModel, ask
-from test_dashboard_browser import Tree, browser, chromium  # noqa: F401  (browser: the fixture)
 
 from evertrain.observe import trace
 

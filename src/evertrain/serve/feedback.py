@@ -212,7 +212,10 @@ class Log:
         with self.lock:
             if force or self._due() <= 0:
                 self._assign()
-            names = [r[0] for r in self.db.execute("SELECT name FROM files WHERE dropped_at IS NULL ORDER BY name")]
+            # A batch's ratings before its corrections (the order they were assigned in, FILE_KIND's): the daemon
+            # trains files in the order they arrive, and a correction is the last word on an answer.
+            names = [r[0] for r in self.db.execute(
+                "SELECT name FROM files WHERE dropped_at IS NULL ORDER BY batch, kind = 'corrections', name")]
             dropped = []
             for name in names:
                 try:
