@@ -88,7 +88,7 @@ def test_reconcile_makes_every_file_agree_with_the_checkpoint(tmp_path):
 
 
 def test_place_moves_a_file_into_the_folder_of_its_state(tmp_path):
-    from evertrain.daemon.ledger import place
+    from evertrain.daemon.workspace import place
 
     ws, ledger = ledger_ws(tmp_path)
     assert place(ws, None) is None and place(ws, {"name": None, "state": "done"}) is None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -286,6 +287,19 @@ def test_a_daemon_killed_mid_commit_and_restarted_never_makes_the_server_read_a_
     assert not [p for _step, p in served if p], {p for _s, p in served if p}  # no load ever failed on a torn folder
 
 
+def greedy_alone(ws: Path, step: int, question: str = QUESTION, max_tokens: int = 24) -> str:
+    """The answer the model of checkpoint `step` gives loaded on its own (its own base and adapter, no server)."""
+    import torch
+    from evertrain.export.chat import speaker
+
+    who = speaker(ws, step)
+    ids = who.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = who.model.generate(**ids, do_sample=False, max_new_tokens=max_tokens)
+    return who.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def test_a_lora_run_swaps_only_its_adapter_on_one_base(tmp_path, tiny_model):
     ws = make_ws(tmp_path, tiny_model, "--lora", "--lora-r", "4", "--epochs", "10", "--learning-rate", "5e-2",
                  "--replay-fraction", "0", "--no-anchor-replay")
@@ -297,6 +311,7 @@ def test_a_lora_run_swaps_only_its_adapter_on_one_base(tmp_path, tiny_model):
             before = s.versions.current
             base = s.versions.base
             first = ask(s.client(), QUESTION).choices[0].message.content
+            first_alone = greedy_alone(ws, before.target.step)
             drop(ws, "2.jsonl", facts(8, "Nova."))
             wait_for(lambda: s.versions.current is not before and before.model is None, timeout=120,
                      what="the swap, and the old adapter let go once unused")
@@ -305,9 +320,12 @@ def test_a_lora_run_swaps_only_its_adapter_on_one_base(tmp_path, tiny_model):
             assert after.model is base
             assert len(s.versions.loaded) == 1 and list(base.peft_config) == [after.adapter]
             second = ask(s.client(), QUESTION).choices[0].message.content
-            assert (first, second) == ("Quorra.", "Nova.")
     finally:
         assert daemon.stop() == 0
+    # Each answer is the one its own checkpoint gives alone: the server applied the right adapter each time. (The
+    # tiny random model's frozen output layer keeps a LoRA from learning the answers by heart: the two adapters
+    # are told apart by what they say, not by "Quorra." and "Nova.".)
+    assert (first, second) == (first_alone, greedy_alone(ws, after.target.step)) and first != second
 
 
 def test_the_loop_closes_a_correction_posted_to_the_server_is_trained_swapped_in_and_answered(tmp_path, tiny_model):

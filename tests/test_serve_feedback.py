@@ -140,7 +140,7 @@ def test_feedback_files_have_the_documented_shapes_and_train_once_with_kto(ws):
             text = client.completions.create(model="ws", prompt="The sky is", max_tokens=6, temperature=0)
             assert post(s, {"id": good.id, "rating": "good"}).json()["dropped"] == []
             dropped = post(s, {"id": bad.id, "rating": "bad", "correction": "Santiago."}).json()["dropped"]
-            assert [n.rsplit("-", 1)[1] for n in dropped] == ["corrections.jsonl", "ratings.jsonl"]
+            assert [n.rsplit("-", 1)[1] for n in dropped] == ["ratings.jsonl", "corrections.jsonl"]
             assert post(s, {"id": text.id, "rating": "bad"}).json()["waiting"] == 1
         # The server stopped: the last rating went into a file of its own, batch 2.
         c1, r1, r2 = [f["name"] for f in sorted(log_rows(ws, "files"), key=lambda f: (f["batch"], f["name"]))]

@@ -37,14 +37,11 @@ from pathlib import Path
 
 from evertrain import faults
 from evertrain.config import ConfigError
-from evertrain.daemon.workspace import PRIORITIES
+from evertrain.daemon.workspace import PRIORITIES, place
 from evertrain.runs import Workspace
 from evertrain.train import checkpoint
 
 STATES = ("queued", "training", "done", "duplicate", "skipped", "failed", "rejected")
-# Where a file of each state lives.
-FOLDER = {"queued": "queue", "training": "queue", "done": "done", "duplicate": "done", "skipped": "done",
-          "failed": "failed", "rejected": "rejected"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -396,18 +393,3 @@ def read_pins(path: Path) -> set[str]:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pins'").fetchone():
             return set()
         return {r[0] for r in db.execute("SELECT name FROM pins")}
-
-
-def place(ws: Workspace, row: dict) -> Path | None:
-    """Move a file into the folder of its state (it may be in any of queue/, done/, failed/); its path."""
-    if not row or not row["name"]:
-        return None
-    target = ws.root / FOLDER[row["state"]] / row["name"]
-    if target.exists() or target.is_symlink():
-        return target
-    for folder in ("queue", "done", "failed", "rejected"):
-        src = ws.root / folder / row["name"]
-        if src.exists() or src.is_symlink():
-            src.rename(target)
-            return target
-    return None

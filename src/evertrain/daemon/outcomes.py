@@ -12,7 +12,7 @@ import time
 from evertrain import faults
 from evertrain.daemon import controls
 from evertrain.daemon.inbox import write_error
-from evertrain.daemon.ledger import place
+from evertrain.daemon.workspace import place
 from evertrain.train import driver
 
 

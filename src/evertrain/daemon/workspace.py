@@ -191,3 +191,23 @@ def printable(name: str) -> str:
     """A file name as text, whatever bytes it holds (undecodable bytes shown as \\xNN)."""
     text = os.fsencode(name).decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# Where a file of each state (ledger.STATES) lives.
+FOLDER = {"queued": "queue", "training": "queue", "done": "done", "duplicate": "done", "skipped": "done",
+          "failed": "failed", "rejected": "rejected"}
+
+
+def place(ws: Workspace, row: dict) -> Path | None:
+    """Move a file into the folder of its state (it may be in any of queue/, done/, failed/); its path."""
+    if not row or not row["name"]:
+        return None
+    target = ws.root / FOLDER[row["state"]] / row["name"]
+    if target.exists() or target.is_symlink():
+        return target
+    for folder in ("queue", "done", "failed", "rejected"):
+        src = ws.root / folder / row["name"]
+        if src.exists() or src.is_symlink():
+            src.rename(target)
+            return target
+    return None
