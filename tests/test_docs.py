@@ -5,7 +5,10 @@ builds with `mkdocs build --strict` (a broken nav entry, link or anchor there is
     pytest -q tests/test_docs.py      # a few seconds
 """
 
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -13,6 +16,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import markdown
+
+from evertrain import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # The extensions of mkdocs.yml that change what is a heading or a link (superfences: a fence inside a list).
@@ -119,3 +124,32 @@ def test_every_setting_is_on_the_options_page():
     page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name.replace('_', '-')}`" not in page]
     assert not missing, f"settings without a row in docs/options.md: {missing}"
+
+
+def _help(*argv: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        cli.main([*argv, "--help"])
+    return out.getvalue()
+
+
+def test_every_option_of_every_command_is_on_the_options_page():
+    """Each option `evertrain CMD --help` lists is on docs/options.md: as `--name` (with or without its value), as
+    its settings key `name_with_underscores` (the daemon's table), or, for `--no-name`, as `--name`."""
+    page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
+
+    def documented(option: str) -> bool:
+        name = option.removeprefix("--")
+        if re.search(rf"`--{re.escape(name)}[` ]", page) or f"`{name.replace('-', '_')}`" in page:
+            return True
+        return name.startswith("no-") and documented("--" + name[3:])
+
+    commands = re.search(r"\{([a-z,-]+)\}", _help()).group(1).split(",")
+    assert {"train", "init", "run", "serve", "export"} <= set(commands)
+    missing = {}
+    for command in commands:
+        options = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]+)", _help(command), re.M)) - {"--help"}
+        assert command != "train" or "--learning-rate" in options, "the help's option lines were not parsed"
+        if undocumented := sorted(o for o in options if not documented(o)):
+            missing[command] = undocumented
+    assert not missing, f"options without a mention in docs/options.md: {missing}"
