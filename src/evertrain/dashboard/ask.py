@@ -17,7 +17,6 @@ own Origin; server.build_app puts this route behind it like every other.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import queue
@@ -35,6 +34,7 @@ from evertrain.runs import open_run
 from evertrain.train import checkpoint
 from evertrain.config import ConfigError
 from evertrain.dashboard.answers import BadQuery, as_json
+from evertrain.web.listener import worker_events
 
 QUEUE = 4              # questions waiting behind the one being answered
 MAX_NEW_TOKENS = 200   # per answer
@@ -164,14 +164,7 @@ def route(root: Path) -> Route:
 
     async def ask(request: Request) -> Response:
         asked = await read_question(request)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict] = asyncio.Queue()
-        def emit(event: dict) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the server stopped while the worker answered: nobody is listening
-                pass
-
+        events, emit = worker_events()
         question = Question(**asked, emit=emit)
         if not asker.submit(question):
             return as_json({"error": f"busy: {asker.waiting.maxsize} questions are already waiting; ask again in a moment"}, 429,

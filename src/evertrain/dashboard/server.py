@@ -142,10 +142,5 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 8777, token: str | No
           f"at {server.url}", flush=True)
     if server.access.token:
         print("evertrain: the token is required from every client; keep this URL private", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:  # uvicorn stops on SIGINT, then raises it again for the caller
-        pass
-    finally:
-        server.close()
+    server.serve_until_stopped()
     return 0

@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from evertrain.serve.engine import Ask, Engine
 from evertrain.serve.versions import Version, Versions
 from evertrain.web.access import Access
-from evertrain.web.listener import Guard
+from evertrain.web.listener import Guard, worker_events
 
 MAX_BODY = 1 << 20        # bytes of a request's JSON
 ROLES = {"system", "developer", "user", "assistant"}
@@ -102,15 +102,7 @@ def build_app(name: str, versions: Versions, engine: Engine, access: Access, lim
     async def respond(request: Request, body: dict, kind: str, *, messages=None, prompt=None) -> Response:
         settings = parse_settings(body, limits)
         check_prompt_length(versions.current, messages, prompt, limits)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict] = asyncio.Queue()
-
-        def emit(event: dict) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the server stopped while a worker answered: nobody is listening
-                pass
-
+        events, emit = worker_events()
         ask = Ask(messages=messages, prompt=prompt, emit=emit, timeout=limits.timeout, **settings)
         if not engine.submit(ask):
             return error(429, f"busy: {engine.waiting.maxsize} requests are already waiting; try again shortly",

@@ -124,10 +124,5 @@ def serve(settings: ServeSettings) -> int:
     if server.access.token:
         print(f"evertrain: clients must send this API key (Authorization: Bearer; the OpenAI client's api_key): "
               f"{server.access.token}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:  # uvicorn stops on SIGINT, then raises it again for the caller
-        pass
-    finally:
-        server.close()
+    server.serve_until_stopped()
     return 0

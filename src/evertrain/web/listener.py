@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import socket
+from collections.abc import Callable
 
 import h11
 import uvicorn
@@ -127,11 +128,34 @@ class Listener:
         """Until `shutdown` (from another thread) or, in the main thread, SIGINT/SIGTERM."""
         self.server.run(sockets=[self.socket])
 
+    def serve_until_stopped(self) -> None:
+        """`serve_forever`, then `close` however it ended: how a command runs its server to the end."""
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:  # uvicorn stops on SIGINT, then raises it again for the caller
+            pass
+        finally:
+            self.close()
+
     def shutdown(self) -> None:
         self.server.should_exit = True
 
     def close(self) -> None:
         self.socket.close()
+
+
+def worker_events() -> tuple[asyncio.Queue, Callable[[dict], None]]:
+    """A queue on the running event loop and the `emit` a worker thread puts its events into it with."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict] = asyncio.Queue()
+
+    def emit(event: dict) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the server stopped while the worker answered: nobody is listening
+            pass
+
+    return events, emit
 
 
 def room_for_connections() -> None:
