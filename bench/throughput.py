@@ -8,11 +8,18 @@ step (allocation warm-up); the two alternate for several rounds, and the median 
 compared, which a busy machine disturbs less than totals do. The per-step losses of the two must agree: the
 proof that the batches and the math were the same.
 
+`--case smollm2` does the same on the embedded SmolLM2-135M-Instruct (the default model) and generated chats
+(bench/data_scale.py's), packed into rows of 512 tokens, batch 4; evertrain there turns its guard off with the
+documented switch (`--forgetting-action off --no-anchor-replay`, so no anchor set is made) and `--replay-fraction
+0`, and keeps its held-out slices and snapshots: the case where issue 23 found the guard's cost.
+
 With `--processes N` it also trains the same file under `accelerate launch` with N processes, once with DDP and
 once with FSDP2 (gloo on a machine without CUDA), batch size divided by N so the global batch and the losses
 stay the same, and reports each whole-run rate against the 1-process evertrain run of the same round.
 
     python bench/throughput.py [--rounds 5] [--examples 600] [--processes 2]
+    python bench/throughput.py --case smollm2       # 48 chats, 2 rounds (--rounds, --examples): ~9 min on 2 cores
+    python bench/throughput.py --case smollm2 --model tiny --examples 12 --rounds 1    # its smoke run
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -30,9 +38,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from tiny import make_model_dir, make_tokenizer  # noqa: E402  (the byte tokenizer the tests use)
+sys.path.insert(0, str(ROOT / "bench"))
+from data_scale import write_chat_file  # noqa: E402  (seeded chats, as in the data benchmark)
+from tiny import make_model_dir  # noqa: E402
 
-from evertrain import cli, data, exits  # noqa: E402
+from evertrain import cli, data, exits, models  # noqa: E402
 from evertrain.data.packing import collate  # noqa: E402
 from evertrain.config import TrainConfig  # noqa: E402
 
@@ -53,6 +63,23 @@ def write_mixed_file(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
 
 
+def tiny_model(work: Path) -> Path:
+    return make_model_dir(work / "model", hidden=256, layers=4)
+
+
+# Each case: its model, its file, the settings of both sides, and what evertrain turns off so that it trains
+# the very rows the bare loop does (none of the default replay, no anchor set to build).
+CASES = {
+    "tiny": {"model": tiny_model, "write": write_mixed_file, "examples": 600, "rounds": 5,
+             "options": OPTIONS,
+             "evertrain": ["--replay-fraction", "0", "--no-anchor-replay", "--anchor-size", "0"]},
+    # The default learning rate: 3e-4 without warmup or clipping is a lot for a pretrained model.
+    "smollm2": {"model": lambda work: Path(models.resolve_model(None)), "write": write_chat_file, "examples": 48,
+                "rounds": 2, "options": {**OPTIONS, "batch_size": 4, "learning_rate": 5e-5},
+                "evertrain": ["--replay-fraction", "0", "--no-anchor-replay", "--forgetting-action", "off"]},
+}
+
+
 def step_rates(tokens: list[int], stamps: list[float]) -> list[float]:
     """Tokens per second of steps 2..N, each from the end of the step before to its own end (so whatever a
     loop does between steps counts); step 1 pays the allocator's warm-up on both sides."""
@@ -64,14 +91,13 @@ def whole_rate(tokens: list[int], stamps: list[float]) -> float:
     return sum(tokens[1:]) / (stamps[-1] - stamps[0])
 
 
-def run_evertrain(dataset: Path, model_dir: Path, work: Path, processes: int = 1,
+def run_evertrain(case: dict, dataset: Path, model_dir: Path, work: Path, processes: int = 1,
                   fsdp: bool = False) -> tuple[float, list[float]]:
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
-    # The same rows as the Trainer and the bare loop: none of the default replay, no anchor set to build.
+    options = case["options"]
     argv = ["train", "--dataset", str(dataset), "--output-dir", str(out), "--model", str(model_dir),
-            "--packing", "--save-steps", "0", "--log-steps", "1000", "--replay-fraction", "0", "--no-anchor-replay",
-            "--anchor-size", "0"]
-    for key, value in {**OPTIONS, "batch_size": OPTIONS["batch_size"] // processes}.items():
+            "--packing", "--save-steps", "0", "--log-steps", "1000", *case["evertrain"]]
+    for key, value in {**options, "batch_size": options["batch_size"] // processes}.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     if processes == 1:
         code = cli.main(argv)
@@ -93,6 +119,7 @@ def run_evertrain(dataset: Path, model_dir: Path, work: Path, processes: int = 1
         raise SystemExit(f"evertrain train ({processes} process(es)) failed with exit code {code}")
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     tokens, stamps = [r["tokens"] for r in records], [r["time"] for r in records]
+    shutil.rmtree(out)  # a SmolLM2 run's checkpoint and optimizer state: 1.6 GB
     return step_rates(tokens, stamps), [r["loss"] for r in records], whole_rate(tokens, stamps)
 
 
@@ -108,13 +135,13 @@ def planned_batches(dataset: Path, tokenizer, config: TrainConfig) -> tuple[data
     return fd, batches
 
 
-def run_bare(batches: list, model_dir: Path) -> tuple[float, list[float]]:
+def run_bare(batches: list, model_dir: Path, options: dict) -> tuple[float, list[float]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIONS["learning_rate"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options["learning_rate"], weight_decay=0.0)
     stamps, losses = [], []
     for batch, n_target, _ in batches:
         out = model(**batch, num_items_in_batch=n_target)
@@ -127,9 +154,9 @@ def run_bare(batches: list, model_dir: Path) -> tuple[float, list[float]]:
     return step_rates(tokens, stamps), losses, whole_rate(tokens, stamps)
 
 
-def padding(dataset: Path, tokenizer, packing: bool) -> tuple[float, int]:
+def padding(dataset: Path, tokenizer, options: dict, packing: bool) -> tuple[float, int]:
     """Padding share of the batches evertrain trains (in its data order), and the number of rows."""
-    config = TrainConfig(**{**OPTIONS, "packing": packing})
+    config = TrainConfig(**{**options, "packing": packing})
     fd = data.load_file(dataset, tokenizer, config)
     order = [fd.rows[r] for s in range(fd.total_steps(config.batch_size, 1))
              for r in fd.step_rows(s, config.batch_size, config.seed)]
@@ -138,26 +165,35 @@ def padding(dataset: Path, tokenizer, packing: bool) -> tuple[float, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=5, help="alternating evertrain/bare pairs")
-    p.add_argument("--examples", type=int, default=600, help="lines in the generated file of mixed lengths")
+    p.add_argument("--case", choices=tuple(CASES), default="tiny", help="tiny: a small Llama built in code on "
+                   "plain texts; smollm2: the embedded SmolLM2-135M-Instruct on generated chats")
+    p.add_argument("--rounds", type=int, help="alternating evertrain/bare pairs (tiny 5, smollm2 2)")
+    p.add_argument("--examples", type=int, help="lines in the generated file (tiny 600 texts of mixed lengths, "
+                   "smollm2 48 chats)")
     p.add_argument("--processes", type=int, default=1, help="also train under accelerate launch with this many")
+    p.add_argument("--model", help="another model for the case: a folder, or tiny (the tiny case's Llama; for a "
+                   "smoke run of the smollm2 case's file and settings)")
     args = p.parse_args()
+    case = CASES[args.case]
+    options, rounds = case["options"], args.rounds or case["rounds"]
 
     with tempfile.TemporaryDirectory(prefix="evertrain-bench-") as tmp:
         work = Path(tmp)
-        model_dir = make_model_dir(work / "model", hidden=256, layers=4)
-        dataset = work / "mixed.jsonl"
-        write_mixed_file(dataset, args.examples)
-        tokenizer = make_tokenizer()
-        fd, batches = planned_batches(dataset, tokenizer, TrainConfig(**OPTIONS))
-        print(f"bench: {len(fd.examples)} examples, {fd.tokens} tokens, {len(batches)} steps of "
-              f"{OPTIONS['batch_size']} packed rows <= {OPTIONS['max_length']} tokens, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+        model_dir = (tiny_model(work) if args.model == "tiny" else Path(args.model) if args.model
+                     else case["model"](work))
+        dataset = work / "data.jsonl"
+        case["write"](dataset, args.examples or case["examples"])
+        tokenizer = models.load_tokenizer(str(model_dir))  # as evertrain loads it
+        fd, batches = planned_batches(dataset, tokenizer, TrainConfig(**options))
+        print(f"bench ({args.case}, {model_dir.name}): {len(fd.examples)} examples, {fd.tokens} tokens, "
+              f"{len(batches)} steps of {options['batch_size']} packed rows <= {options['max_length']} tokens, "
+              f"evertrain with {' '.join(case['evertrain'])}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads", flush=True)
 
         ours, bare, whole, multi = [], [], [], {"DDP": [], "FSDP2": []}  # per-step tokens/s; whole-run ratios
-        for k in range(args.rounds):
-            ev_rates, ev_losses, ev_whole = run_evertrain(dataset, model_dir, work)
-            bare_rates, bare_losses, bare_whole = run_bare(batches, model_dir)
+        for k in range(rounds):
+            ev_rates, ev_losses, ev_whole = run_evertrain(case, dataset, model_dir, work)
+            bare_rates, bare_losses, bare_whole = run_bare(batches, model_dir, options)
             whole.append(ev_whole / bare_whole)
             diff = max(abs(a - b) for a, b in zip(ev_losses, bare_losses))
             if len(ev_losses) != len(bare_losses) or diff > 1e-3:
@@ -165,7 +201,7 @@ def main() -> None:
             ours += ev_rates
             bare += bare_rates
             for kind in (multi if args.processes > 1 else ()):
-                _rates, mp_losses, mp_whole = run_evertrain(dataset, model_dir, work, args.processes,
+                _rates, mp_losses, mp_whole = run_evertrain(case, dataset, model_dir, work, args.processes,
                                                             fsdp=kind == "FSDP2")
                 multi[kind].append(mp_whole / ev_whole)
                 diff_mp = max(abs(a - b) for a, b in zip(ev_losses, mp_losses))
@@ -176,8 +212,8 @@ def main() -> None:
                   f"ratio {ev / br:.3f}; whole run {ev_whole:,.0f} vs {bare_whole:,.0f} tok/s, ratio "
                   f"{whole[-1]:.3f}; per-step losses agree within {diff:.1e}", flush=True)
 
-        on, rows_on = padding(dataset, tokenizer, packing=True)
-        off, rows_off = padding(dataset, tokenizer, packing=False)
+        on, rows_on = padding(dataset, tokenizer, options, packing=True)
+        off, rows_off = padding(dataset, tokenizer, options, packing=False)
         ev, br = statistics.median(ours), statistics.median(bare)
         print(f"\nmedian over {len(ours)} steps each: evertrain train {ev:,.0f} tok/s, "
               f"bare PyTorch loop {br:,.0f} tok/s, ratio {ev / br:.3f} (target >= 0.95)")
@@ -188,7 +224,7 @@ def main() -> None:
                 print(f"{args.processes} processes ({kind}) against one process, whole runs: median ratio "
                       f"{statistics.median(ratios):.3f} over {len(ratios)} rounds ({torch.get_num_threads()} "
                       f"threads for one process; the launched processes share the same cores)")
-        print(f"padding, batch {OPTIONS['batch_size']}: packing on {on:.1%} ({rows_on} rows), "
+        print(f"padding, batch {options['batch_size']}: packing on {on:.1%} ({rows_on} rows), "
               f"packing off {off:.1%} ({rows_off} rows)")
 
 

@@ -7,6 +7,7 @@ step with replay feeds no more rows than its own.
 
 from __future__ import annotations
 
+import json
 import random
 import types
 
@@ -83,6 +84,10 @@ def test_a_step_with_replay_feeds_no_more_rows_than_its_own(tmp_path, tiny_model
     replayed = [r for r in trace.read(out / "trace.jsonl") if r.get("replay")]
     assert len(replayed) == 2 and all(len(r["replay"]) == 2 for r in replayed)  # half a batch of 4, each step
     assert widths == [4, 4]
+    # metrics.jsonl counts the replayed tokens apart, inside each step's tokens (bench/guard.py's dose)
+    steps = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [(s["replayed"], s["replay_tokens"] > 0) for s in steps] == [(0, False)] * 2 + [(2, True)] * 2
+    assert all(s["replay_tokens"] < s["tokens"] for s in steps)
 
 
 def test_replay_dose_is_exact_with_a_floor():

@@ -99,6 +99,38 @@ def test_the_gpu_benchmark_runs_its_three_contenders_on_tiny_shapes(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_guard_benchmark_prints_each_configuration_and_what_it_replayed():
+    """bench/guard.py is measured on the embedded SmolLM2 (BENCHMARKS.md); here the same code on the tiny model:
+    the defaults replay (the anchor set, in the padding of the rows), the guard turned off replays nothing."""
+    import re
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "guard.py"
+    proc = subprocess.run([sys.executable, str(bench), "--model", "tiny", "--chats", "12", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = [[c.strip() for c in line.strip().strip("|").split("|")] for line in proc.stdout.splitlines()
+             if line.startswith("| ")]
+    head, rows = table[0], {row[0]: dict(zip(table[0], row)) for row in table[1:]}
+    assert set(rows) == {"defaults", "off"} and all(len(row) == len(head) for row in table)
+
+    def number(cell: str) -> float:
+        return float(re.match(r"[+-]?[\d,.]+", cell).group().replace(",", ""))
+
+    for name, row in rows.items():
+        for key in ("steps", "median step", "step ratio", "whole run (before step 1's end / after the last step)",
+                    "wall ratio", "file tokens", "peak RSS"):
+            assert number(row[key]) > 0, (name, key, row[key])
+    replayed = {name: number(row["replayed tokens (examples)"]) for name, row in rows.items()}
+    assert replayed["off"] == 0 < replayed["defaults"]
+    assert number(rows["off"]["dose"]) == 0 < number(rows["defaults"]["dose"])
+    assert rows["off"]["goal: cost <= dose + 3%"] == "baseline"
+    assert rows["defaults"]["goal: cost <= dose + 3%"].startswith(("PASS (", "FAIL ("))
+    # the baseline trains the whole file; the defaults hold a slice out
+    assert number(rows["off"]["file tokens"]) > number(rows["defaults"]["file tokens"])
+
+
+@pytest.mark.slow
 def test_a_compiled_model_trains_the_same_weights(tmp_path, tiny_model):
     assert_same_weights(tmp_path, tiny_model, "--compile")
 

@@ -115,6 +115,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         progress.global_step += 1
         cursor.file_step += 1
         step_tokens = sum(len(e.input_ids) for row in rows for e in row)
+        replay_tokens = sum(len(e.input_ids) for _sha, e in replayed)
         progress.tokens_seen += step_tokens
         progress.examples_seen += n_trained
         cursor.replayed += len(replayed)
@@ -127,7 +128,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         record = StepRecord(step=progress.global_step, file=data.sha256, file_name=data.name,
                             file_step=cursor.file_step, file_total_steps=total, loss=step_loss, lr=lr,
                             grad_norm=grad_norm, tokens=step_tokens, examples=n_trained, replayed=len(replayed),
-                            tokens_per_second=rate, time=time.time(),
+                            replay_tokens=replay_tokens, tokens_per_second=rate, time=time.time(),
                             objective=sums.reduced(acc) if counts.judged else {})
         observers.step_ended(model, progress, data, record, seen)
         if session.writing.thread is not None and session.writing.thread.done():

@@ -117,6 +117,7 @@ class StepRecord:
     tokens: int                # input tokens of the step, all processes
     examples: int              # the file's own examples in the step
     replayed: int              # examples replayed from earlier files
+    replay_tokens: int         # their input tokens (part of `tokens`): the dose replay costs in compute
     tokens_per_second: float   # over the last few steps (RATE_STEPS), not since the file began
     time: float                # wall clock (time.time()) at the step's end
     objective: dict = field(default_factory=dict)  # preference, feedback: the step's rewards, accuracy, margin,
