@@ -253,3 +253,35 @@ def test_feedback_loss_equals_trls_kto_trainer(tiny_model, tmp_path, trl):
                                      for k, d in enumerate(data)],
                           beta=0.2, desirable_weight=1.2, undesirable_weight=0.8)
     assert_same(ours, theirs, ev_model, trainer.model)
+
+
+# ------------------------------------------------------------------------------------------------- the benchmark
+
+@pytest.mark.slow
+def test_the_preference_benchmark_measures_both_contenders_on_the_same_pairs():
+    """bench/preference.py --case dpo on the tiny model: evertrain and TRL's DPOTrainer each in a process, each with
+    its figures; the same pairs in the same steps (their per-step losses agree), the same held-out accuracy."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(root / "bench" / "preference.py"), "--model", "tiny", "--case", "dpo",
+                           "--rounds", "1", "--pairs", "8", "--held-out", "4"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    number = r"([\d,.]+)"
+    figures = {name: [float(x.replace(",", "")) for x in found] for name, *found in re.findall(
+        rf"round 1: (evertrain|TRL): median step {number} tok/s, whole training {number} tok/s, peak {number} MiB, "
+        rf"held-out accuracy {number} margin (-?[\d.]+)", proc.stdout)}
+    assert set(figures) == {"evertrain", "TRL"}, proc.stdout
+    for step, whole, peak, accuracy, _margin in figures.values():
+        assert step > 0 and whole > 0 and peak > 100 and 0 <= accuracy <= 1
+    assert figures["evertrain"][3:] == pytest.approx(figures["TRL"][3:], abs=1e-3)
+    assert float(re.search(r"per-step losses differ by at most ([\d.]+)", proc.stdout)[1]) < 1e-3
+    assert re.search(r"^\| \*\*median\*\* \| \*\*[\d,]+ tok/s\*\* \| \*\*[\d,]+ tok/s\*\* \| \*\*[\d.]+\*\* \|",
+                     proc.stdout, re.M), proc.stdout
+    assert len(re.findall(r"^- .*: (PASS|FAIL)$", proc.stdout, re.M)) == 4
