@@ -23,7 +23,7 @@ the `openai` package in this process, without retries.
    every request by phase, failed ones above all (goal: none); none answered by the old model once the new one
    has answered.
 
-    .venv/bin/python bench/serve.py        # the embedded SmolLM2-135M-Instruct, about 5 minutes on 2 CPU cores
+    .venv/bin/python bench/serve.py        # the embedded SmolLM2-135M-Instruct; about 5 minutes on 2 quiet CPU cores
     .venv/bin/python bench/serve.py --threads 1   # the same with one torch thread on each side (cores shared)
     .venv/bin/python bench/serve.py --model tiny --rounds 1 --requests 1 --max-tokens 8 --poll-seconds 0.2 \
         --swap-clients 1 --threads 1       # the smoke test's run (tests/test_serve.py), seconds
