@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import subprocess
 import sys
 import threading
@@ -79,8 +82,11 @@ def test_the_openai_client_gets_the_answer_whole_and_streamed_with_the_version_i
 
         listed = client.models.list().data
         assert [m.id for m in listed] == ["ws"]
-        assert listed[0].model_extra["evertrain"] | {"loaded_at": 0} == {
-            "version": f"step-{step}", "step": step, "checkpoint": f"checkpoint-{step}", "files": ["a.jsonl"], "loaded_at": 0}
+        described = listed[0].model_extra["evertrain"]
+        assert described | {"loaded_at": 0, "load_seconds": 0} == {
+            "version": f"step-{step}", "step": step, "checkpoint": f"checkpoint-{step}", "files": ["a.jsonl"],
+            "loaded_at": 0, "load_seconds": 0}
+        assert 0 < described["load_seconds"] < 60
 
 
 @pytest.mark.parametrize("body, status, param, words", [
@@ -382,3 +388,39 @@ def test_the_loop_closes_a_correction_posted_to_the_server_is_trained_swapped_in
     assert_trained_once(ws, {"1-facts.jsonl": 8, **{f: 1 for f in files}}, epochs=30)
     ratings = next(f for f in files if f.endswith("ratings.jsonl"))
     assert by_name(ws)[ratings]["format"].endswith("feedback")  # KTO: a rated answer
+
+
+def test_the_serving_benchmark_runs_end_to_end_and_its_swap_fails_no_request():
+    """bench/serve.py at its smallest, on the tiny model: the real server against the pipeline, 1, 4 and 16
+    clients, and a swap to a second file's model trained while a client asks."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "serve.py"
+    done = subprocess.run([sys.executable, str(bench), "--model", "tiny", "--rounds", "1", "--requests", "1",
+                           "--max-tokens", "8", "--poll-seconds", "0.2", "--swap-clients", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # the daemon too: 3 processes, shared cores
+    out = done.stdout
+    assert done.returncode == 0 and "serve: PASS" in out, out[-4000:] + done.stderr[-3000:]
+    figures = json.loads(out[out.index("\n{\n") + 1:out.rindex("\n}\n") + 2])
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+    assert figures["same_answers"] is True  # the same weights and settings on both sides
+    assert all(number(figures["one_client"][k]) and figures["one_client"][k] > 0 for k in (
+        "server_ttft", "pipeline_ttft", "server_rate", "pipeline_rate", "ttft_ratio", "rate_ratio"))
+    levels = figures["concurrency"]
+    assert sorted(levels, key=int) == ["1", "4", "16"]
+    for clients, lv in levels.items():
+        assert lv["ok"] == lv["requests"] == int(clients) and lv["failed"] == lv["rejected_429"] == 0, lv
+        assert all(number(lv[k]) for k in ("p50", "p99", "max", "answers_per_s", "tokens_per_s"))
+        assert lv["p50"] <= lv["p99"] <= lv["max"]
+    swap = figures["swap"]
+    assert swap["new_step"] > swap["old_step"] and swap["failed"] == 0 and swap["old_after_new"] == 0
+    assert all(number(swap[k]) for k in ("train_seconds", "load_seconds", "commit_to_install",
+                                          "commit_to_first_new_answer"))
+    assert swap["commit_to_install"] <= swap["commit_to_first_new_answer"]
+    phases = swap["phases"]
+    assert phases["after"]["new_model"] == phases["after"]["requests"] >= 2
+    assert phases["before training"]["old_model"] == phases["before training"]["requests"] >= 1
+    assert sum(p["failed"] + p["rejected_429"] for p in phases.values()) == 0
+    assert "| clients | answers | 429 | failed | p50 | p99 |" in out  # the tables to paste

@@ -229,7 +229,8 @@ def sse(data: dict) -> str:
 
 def describe(v: Version) -> dict:
     return {"version": v.label, "step": v.target.step, "checkpoint": v.target.checkpoint,
-            "files": list(v.target.files), "loaded_at": v.loaded_at}
+            "files": list(v.target.files), "loaded_at": v.loaded_at,
+            "load_seconds": round(v.load_seconds, 3)}
 
 
 def fingerprint(v: Version) -> str:

@@ -90,7 +90,8 @@ class ModelServer(Listener):
         self.follower.start()
 
     def swapped(self, version) -> None:
-        print(f"evertrain: serving {version.label} ({version.target.checkpoint or 'the base model'})", flush=True)
+        print(f"evertrain: serving {version.label} ({version.target.checkpoint or 'the base model'}, loaded in "
+              f"{version.load_seconds:.1f} s)", flush=True)
         if self.releaser is not None:
             self.releaser.offer()
 

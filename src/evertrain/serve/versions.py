@@ -52,6 +52,7 @@ class Version:
     adapter: str | None = None       # a LoRA version's adapter name in the shared base (None: a whole model)
     users: int = 0
     loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0        # reading it in (not the wait for room beside two models)
 
     @property
     def label(self) -> str:
@@ -129,7 +130,9 @@ class Versions:
                 if stop is not None and stop.is_set():
                     return None
                 self.lock.wait(0.2)
+        started = time.monotonic()
         version = self._read(target)
+        version.load_seconds = time.monotonic() - started
         with self.lock:
             self.loaded.append(version)
         return version
