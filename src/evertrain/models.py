@@ -115,7 +115,9 @@ def attention_implementation(asked: str) -> str:
     return "sdpa"
 
 
-def load_model(source: str, dtype: str, attention: str = "auto", load_in_4bit: bool = False):
+def load_model(source: str, dtype: str, attention: str = "sdpa", load_in_4bit: bool = False):
+    """Training passes its `attention` setting; the readers (export, chat, serve) take sdpa: packed rows are
+    training's concern, and generation's growing lengths suit a kernel that needs no block mask built per shape."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {}

@@ -65,9 +65,11 @@ class Version:
 
 def find_target(root: Path, follow: str = ACCEPTED) -> Target:
     """What the run in `root` offers now: its newest accepted model (or, following checkpoints, its newest
-    complete checkpoint); the base model when there is none yet. Reads only; never renames."""
+    complete checkpoint); the base model when there is none yet. Reads only; never renames. Sizes only, not
+    sha256s: the server looks every few seconds, and hashing a model's gigabytes each time would take a core from
+    its answers; the version it then loads is verified in full (export.open_source)."""
     run = open_run(root)
-    newest = checkpoint.newest_complete(run.run_dir, warn=lambda _text: None)
+    newest = checkpoint.newest_complete(run.run_dir, warn=lambda _text: None, full=False)
     if newest is None:
         return Target(None, None)
     progress = newest.state.get("evertrain") or {}

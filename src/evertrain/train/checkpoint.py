@@ -200,8 +200,9 @@ def unreadable(output_dir: Path) -> list[tuple[Path, str]]:
     return out
 
 
-def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip") -> Checkpoint | None:
-    """The newest checkpoint that verifies; broken newer ones are reported and passed over.
+def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip", full: bool = True) -> Checkpoint | None:
+    """The newest checkpoint that verifies (`full`: its sha256s too, else its files and their sizes, which is what
+    a poller can afford every few seconds); broken newer ones are reported and passed over.
 
     It only reads (export, chat, the page and `status` call it beside a live daemon), unless `damaged` says
     otherwise. When checkpoints exist but none verifies, `damaged` decides: "skip" returns None (the caller's
@@ -212,7 +213,7 @@ def newest_complete(output_dir: Path, *, warn=print, damaged: str = "skip") -> C
     output_dir = Path(output_dir)
     problems, found = [], None
     for ckpt in candidates(output_dir):
-        problem = verify(ckpt)
+        problem = verify(ckpt, full=full)
         if problem is None:
             found = ckpt
             break
