@@ -23,7 +23,7 @@ the `openai` package in this process, without retries.
    every request by phase, failed ones above all (goal: none); none answered by the old model once the new one
    has answered.
 
-    .venv/bin/python bench/serve.py        # the embedded SmolLM2-135M-Instruct; about 5 minutes on 2 quiet CPU cores
+    .venv/bin/python bench/serve.py        # the embedded SmolLM2-135M-Instruct; about 6 minutes on 2 quiet CPU cores
     .venv/bin/python bench/serve.py --threads 1   # the same with one torch thread on each side (cores shared)
     .venv/bin/python bench/serve.py --model tiny --rounds 1 --requests 1 --max-tokens 8 --poll-seconds 0.2 \
         --swap-clients 1 --threads 1       # the smoke test's run (tests/test_serve.py), seconds
@@ -468,8 +468,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded",
                    help="embedded (SmolLM2-135M-Instruct, the default), tiny (tests/tiny.py), or a folder / hub id")
-    p.add_argument("--rounds", type=int, default=3, help="alternating server/pipeline rounds (one client)")
-    p.add_argument("--requests", type=int, default=2, help="answers per side per round, and per client per level")
+    p.add_argument("--rounds", type=int, default=5, help="alternating server/pipeline rounds (one client)")
+    p.add_argument("--requests", type=int, default=3, help="answers per side per round, and per client per level")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (greedy; both sides)")
     p.add_argument("--swap-clients", type=int, default=4, help="clients asking through the swap")
     p.add_argument("--poll-seconds", type=float, default=2.0, help="the server's --poll-seconds (its default: 2)")
