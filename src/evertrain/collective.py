@@ -54,12 +54,6 @@ def end_process(code: int) -> NoReturn:
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()
-    if code == 0 and launched():
-        # Every process got here (a run that ended well ends on all of them): none still has work in gloo's
-        # threads when a peer's connections close, and the group is taken down while the interpreter is whole.
-        # Not on a failure or a stop: a process that failed alone would leave the others in the barrier.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
