@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from dashboard_run import Serving
@@ -36,3 +37,32 @@ def ask(client, question: str, *, model: str = "ws", max_tokens: int = 24, **kwa
     """One greedy chat answer (the whole response object)."""
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                           temperature=0, max_tokens=max_tokens, **kwargs)
+
+
+class Asking:
+    """`clients` threads asking `question` again and again, from start() until stop(): the model version of each
+    answer in `seen`, each failure in `failures` (every one a finding)."""
+
+    def __init__(self, client, question: str, clients: int = 1):
+        self.client, self.question = client, question
+        self.seen: list[str] = []
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._ask) for _ in range(clients)]
+
+    def _ask(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.seen.append(ask(self.client, self.question).model)
+            except Exception as e:  # noqa: BLE001
+                self.failures.append(repr(e))
+
+    def start(self) -> "Asking":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(60)

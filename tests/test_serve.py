@@ -19,7 +19,7 @@ import openai
 import pytest
 from conftest import cli, text_rows, write_jsonl
 from daemon_helpers import ThreadDaemon, assert_trained_once, by_name, drop, make_ws, wait_for
-from serve_helpers import ServedModel, ask
+from serve_helpers import Asking, ServedModel, ask
 
 from evertrain.serve import engine as serve_engine
 from evertrain.train import checkpoint
@@ -215,18 +215,7 @@ def test_it_follows_the_accepted_model_swaps_without_failing_a_request_and_never
     with ServedModel(ws) as s:
         client = s.client()
         assert ask(client, QUESTION).model == "ws:base"  # nothing accepted yet: the base model
-        seen, failures, stop = [], [], threading.Event()
-
-        def keep_asking():
-            while not stop.is_set():
-                try:
-                    seen.append(ask(client, QUESTION).model)
-                except Exception as e:  # noqa: BLE001 - every failure is a finding
-                    failures.append(repr(e))
-
-        askers = [threading.Thread(target=keep_asking) for _ in range(2)]
-        for t in askers:
-            t.start()
+        asking = Asking(client, QUESTION, clients=2).start()
         daemon = ThreadDaemon(ws)
         try:
             drop(ws, "1-good.jsonl", facts(8, "Quorra."))
@@ -246,18 +235,16 @@ def test_it_follows_the_accepted_model_swaps_without_failing_a_request_and_never
             wait_for(lambda: by_name(ws).get("3-bad.jsonl", {}).get("state") in ("rejected", "done"),
                      timeout=180, what="file 3's verdict")
         finally:
-            stop.set()
-            for t in askers:
-                t.join(60)
+            asking.stop()
             assert daemon.stop() == 0
         assert by_name(ws)["3-bad.jsonl"]["state"] == "rejected", by_name(ws)["3-bad.jsonl"]["forgetting"]
         time.sleep(0.5)  # several polls: the server looks, and must still serve the second file's model
         assert s.versions.current.target == second
-    assert not failures, failures[:3]
-    steps = [m.split(":")[1] for m in seen]
+    assert not asking.failures, asking.failures[:3]
+    steps = [m.split(":")[1] for m in asking.seen]
     allowed = {"base", f"step-{first.step}", f"step-{second.step}"}
     assert set(steps) <= allowed, set(steps) - allowed  # never a rejected file's weights, never a mid-file checkpoint
-    assert len(seen) > 10 and s.versions.swaps == 2
+    assert len(asking.seen) > 10 and s.versions.swaps == 2
 
 
 def test_a_daemon_killed_mid_commit_and_restarted_never_makes_the_server_read_a_partial_checkpoint(
@@ -350,17 +337,7 @@ def test_the_loop_closes_a_correction_posted_to_the_server_is_trained_swapped_in
             client = s.client()
             before = ask(client, QUESTION)
             assert before.choices[0].message.content == "Quorra."
-            seen, failures, stop = [], [], threading.Event()
-
-            def keep_asking():
-                while not stop.is_set():
-                    try:
-                        seen.append(ask(client, QUESTION).model)
-                    except Exception as e:  # noqa: BLE001 - every failure is a finding
-                        failures.append(repr(e))
-
-            asker = threading.Thread(target=keep_asking)
-            asker.start()
+            asking = Asking(client, QUESTION).start()
             try:
                 posted = httpx.post(f"{s.url}/feedback", json={"id": before.id, "rating": "bad",
                                                                "correction": "Nova."}, timeout=30)
@@ -372,18 +349,17 @@ def test_the_loop_closes_a_correction_posted_to_the_server_is_trained_swapped_in
                 wait_for(lambda: set(files) <= set(s.versions.current.target.files), timeout=60,
                          what="the server to swap to the model that learnt them")
             finally:
-                stop.set()
-                asker.join(60)
+                asking.stop()
             after = ask(client, QUESTION)
     finally:
         assert daemon.stop() == 0
     assert after.choices[0].message.content == "Nova."
     assert after.model == f"ws:{s.versions.current.label}" != before.model
-    assert not failures, failures[:3]
+    assert not asking.failures, asking.failures[:3]
     # one client, one request after another: the first model, then each accepted file's, never back
     accepted = {f"ws:step-{r['last_step']}" for r in by_name(ws).values() if r["state"] == "done"}
-    steps = [int(m.rsplit("-", 1)[1]) for m in seen]
-    assert set(seen) <= accepted and before.model in seen and steps == sorted(steps)
+    steps = [int(m.rsplit("-", 1)[1]) for m in asking.seen]
+    assert set(asking.seen) <= accepted and before.model in asking.seen and steps == sorted(steps)
     # the feedback trained once each, in the same run, after the first file
     assert_trained_once(ws, {"1-facts.jsonl": 8, **{f: 1 for f in files}}, epochs=30)
     ratings = next(f for f in files if f.endswith("ratings.jsonl"))
