@@ -65,6 +65,24 @@ def launch(*args, processes: int = 2, env: dict | None = None, **popen) -> subpr
                             env={**clean_env(), **(env or {})}, start_new_session=True, **popen)
 
 
+def exit_handlers_report_the_process_group(folder: Path) -> dict:
+    """The environment of a launch whose ranks each write, from an exit handler, whether their process group was
+    still up then: folder/rank-N (a sitecustomize module, which every Python process of the launch imports)."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(f"""
+import atexit, os
+def _report():
+    import sys
+    dist = sys.modules.get("torch.distributed")
+    if "RANK" in os.environ and dist is not None:
+        up = dist.is_available() and dist.is_initialized()
+        with open(os.path.join({str(folder)!r}, "rank-" + os.environ["RANK"]), "w") as f:
+            f.write("process group up" if up else "process group down")
+atexit.register(_report)
+""")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 def single(*args) -> subprocess.Popen:
     """One process, not a launch: `evertrain ARGS` started in a clean environment."""
     return evertrain(*args, wait=False, env=clean_env())
@@ -374,8 +392,13 @@ def test_the_forgetting_gate_rolls_back_every_rank_to_the_checkpoint_before_the_
             "--learning-rate", "3e-3", "--warmup-steps", "0", "--held-out-fraction", "0.2", "--trace",
             "--save-steps", "4", "--keep-checkpoints", "1", "--forgetting-action", "rollback",
             "--replay-fraction", "0", "--no-anchor-replay")  # the default replay keeps the gate shut here
-    first = launch("train", "--dataset", write_jsonl(tmp_path / "old.jsonl", OLD), *opts)
+    first = launch("train", "--dataset", write_jsonl(tmp_path / "old.jsonl", OLD), *opts,
+                   env=exit_handlers_report_the_process_group(tmp_path / "at-exit"))
     assert first.wait(600) == 0, first.stderr.read()
+    # Each rank ended through collective.end_process with its process group still up (tracker closing once took
+    # it down on each rank alone, and a rank then aborted in the interpreter's teardown, now and then).
+    assert sorted(p.name for p in (tmp_path / "at-exit").glob("rank-*")) == ["rank-0", "rank-1"]
+    assert {p.read_text() for p in (tmp_path / "at-exit").glob("rank-*")} == {"process group up"}
     before = checkpoint.newest_complete(out)
     second = launch("train", "--dataset", write_jsonl(tmp_path / "new.jsonl", CONTRADICTING), *opts)
     _stdout, stderr = second.communicate(timeout=600)

@@ -149,9 +149,13 @@ class Metrics:
                 {"anchor/loss": drift["loss"], "anchor/kl": drift["kl"]}, step=step))
 
     def finish(self) -> None:
-        """Close the trackers (a wandb or mlflow run is marked finished; the next start continues it)."""
+        """Close the trackers (a wandb or mlflow run is marked finished; the next start continues it).
+
+        Not `Accelerator.end_training`: it also takes the process group down, each process at its own moment, and a
+        launch then ends in the interpreter's teardown that collective.end_process exists to avoid (a rank aborted:
+        "terminate called without an active exception")."""
         if self.acc.log_with:
-            self.degraded.attempt("the trackers", self.acc.end_training)
+            self.degraded.attempt("the trackers", lambda: [tracker.finish() for tracker in self.acc.trackers])
 
     def _to_trackers(self, what: str, write) -> None:
         """A tracker write, skipped (said once) on a full disk: it reports, and must never stop the training."""
