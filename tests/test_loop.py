@@ -42,6 +42,26 @@ def test_micro_batches_deal_every_row_of_a_step_to_exactly_one_process_and_micro
         assert len(dealt[0]) == min(accum, n)
 
 
+@pytest.mark.parametrize("own,extra,accum,world,per", [(4, 1, 1, 1, 4), (8, 3, 2, 2, 2), (2, 5, 1, 2, 1),
+                                                       (4, 1, 2, 2, 1), (4, 0, 2, 1, 2)])
+def test_rows_of_replay_alone_get_micro_batches_of_their_own_the_same_count_on_every_process(
+        own, extra, accum, world, per):
+    """Rows of replay alone (after the file's `own`) never share a micro-batch with the file's rows, which would pad
+    them to the file's width; each process runs accum + ceil(extra / (world x per)) micro-batches under a launch."""
+    rows = _rows(own + extra)
+    dealt = {rank: list(loop.micro_batches(rows, accum, world, rank, own, per)) for rank in range(world)}
+    assert sorted(id(row) for b in dealt.values() for _m, mine in b for row in mine) == sorted(map(id, rows))
+    n = accum + -(-extra // (world * per))
+    for rank, batches in dealt.items():
+        for m, mine in batches:
+            assert len(mine) <= per
+            assert {rows.index(row) < own for row in mine} <= {m < accum}  # the file's rows, or replay's alone
+        if world > 1:
+            assert [m for m, _mine in batches] == list(range(n))
+    if world == 1:
+        assert len(dealt[0]) == n
+
+
 def test_evidence_tells_replayed_examples_from_the_files_own_by_identity():
     own, again = _rows(2, per_row=2), _rows(1)  # again[0][0] has line 0, like own[0][0]
     rows = [own[0], again[0], own[1]]

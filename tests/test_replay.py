@@ -90,6 +90,35 @@ def test_a_step_with_replay_feeds_no_more_rows_than_its_own(tmp_path, tiny_model
     assert all(s["replay_tokens"] < s["tokens"] for s in steps)
 
 
+def test_replay_that_fits_no_rows_padding_runs_as_a_micro_batch_of_its_own(tmp_path, tiny_model, monkeypatch):
+    """Rows full to max_length leave no padding: the replayed examples are packed into rows of their own and
+    computed apart, not beside the file's rows (where each would be padded to their width)."""
+    from conftest import cli, text_rows, write_jsonl
+
+    from evertrain.observe import trace
+    from evertrain.train import objectives
+
+    opts = ("--model", tiny_model, "--batch-size", 4, "--no-packing", "--held-out-fraction", 0, "--trace",
+            "--replay-fraction", 0.5, "--anchor-size", 0, "--max-length", 8, "--long-text", "truncate")
+    out = tmp_path / "run"
+    assert cli("train", "--dataset", write_jsonl(tmp_path / "a.jsonl", text_rows(8, "a")), "--output-dir", out,
+               *opts) == 0
+    shapes, real = [], objectives.collate
+
+    def collate(rows, pad_id, device):
+        batch = real(rows, pad_id, device)
+        shapes.append(tuple(batch["input_ids"].shape))
+        return batch
+
+    monkeypatch.setattr(objectives, "collate", collate)
+    assert cli("train", "--dataset", write_jsonl(tmp_path / "b.jsonl", text_rows(8, "b")), "--output-dir", out,
+               *opts) == 0
+    assert shapes == [(4, 8), (2, 8)] * 2  # each step: the file's 4 full rows, then the 2 replayed ones apart
+    replayed = [r for r in trace.read(out / "trace.jsonl") if r.get("replay")]
+    assert [[(mb["index"], len(mb["examples"])) for mb in r["micro_batches"]] for r in replayed] == [[(0, 4), (1, 0)]] * 2
+    assert all(len(r["replay"]) == 2 for r in replayed)
+
+
 def test_replay_dose_is_exact_with_a_floor():
     per_step = 0.3
     assert sum(replay.rows_at(s, per_step, 0) for s in range(1, 101)) == 30

@@ -85,6 +85,7 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
         rows = [[data.examples[i] for i in data.rows[r]] for r in data.step_rows(cursor.file_step, G, cfg.seed)]
         n_trained = sum(len(row) for row in rows)
         replayed = session.replay.draw(progress, data.sha256, G, observers.anchor_examples())
+        own = len(rows)
         rows = replay.place(rows, [e for _sha, e in replayed], data.row_capacity or cfg.max_length)
         replayed_ids = {id(e): sha for sha, e in replayed}
         counts = Counts.of(rows)  # the denominators of the step's means, the same on every process
@@ -94,8 +95,9 @@ def fit(session: Session, data: FileData) -> Generator[StepRecord, str | None, F
             group["lr"] = lr
 
         loss_sum, seen, sums = torch.zeros((), device=acc.device), [], Sums()
-        for m, mine in micro_batches(rows, accum, world, rank):
-            with gradient_sync(session, sync=m == accum - 1):
+        batches = list(micro_batches(rows, accum, world, rank, own, G // (world * accum)))
+        for m, mine in batches:
+            with gradient_sync(session, sync=m == batches[-1][0]):
                 loss = objectives.loss(model, mine, counts, pad_id, sums)
                 # DDP averages gradients over processes; each loss is already a share of the global sum.
                 acc.backward(loss * world)
@@ -212,10 +214,19 @@ def guard_problems(session: Session, result: FileResult) -> list[str]:
     return problems
 
 
-def micro_batches(rows: list[list[Example]], accum: int, world: int, rank: int):
-    """(index, rows) of each micro-batch this process runs in one optimizer step: rows dealt round-robin."""
-    for m in range(accum):
-        mine = [row for i, row in enumerate(rows) if i % (world * accum) == m * world + rank]
+def micro_batches(rows: list[list[Example]], accum: int, world: int, rank: int, own: int | None = None,
+                  per_process: int = 1):
+    """(index, rows) of each micro-batch this process runs in one optimizer step.
+
+    The step's first `own` rows (the file's, replay.place filled their padding) are dealt round-robin over `accum`
+    micro-batches; the rows of replay alone after them go into micro-batches of their own (at most `per_process`
+    rows on each process), so they are padded to their own length: beside the file's rows a 40-token replayed
+    answer would be padded to their 512. Every process derives the same count from the same rows."""
+    own = len(rows) if own is None else own
+    extra = -(-(len(rows) - own) // (world * per_process))  # micro-batches of replay alone
+    groups = [(rows[:own], k, accum) for k in range(accum)] + [(rows[own:], k, extra) for k in range(extra)]
+    for m, (group, k, n) in enumerate(groups):
+        mine = [row for i, row in enumerate(group) if i % (world * n) == k * world + rank]
         if mine or world > 1:  # every process runs every micro-batch, so DDP's collectives stay in step
             yield m, mine
 
