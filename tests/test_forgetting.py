@@ -202,11 +202,15 @@ def test_gate_off_records_no_verdict_and_without_anchor_replay_makes_no_anchor_s
     assert "anchor set" not in capsys.readouterr().out
 
 
-def test_anchor_is_built_once_deterministically_and_measures_drift(tmp_path, tiny_model):
+def test_anchor_is_built_once_deterministically_and_measures_drift(tmp_path, tiny_model, monkeypatch):
+    measured, real = [], anchor.Anchor.measure
+    monkeypatch.setattr(anchor.Anchor, "measure", lambda self, model: measured.append(1) or real(self, model))
     for name in ("a", "b"):
         sub = tmp_path / name
         sub.mkdir()
         assert train(sub, tiny_model, "old.jsonl", OLD) == exits.OK
+    # Once where the drift plot starts (the gate's baseline is that same measurement), once after the file.
+    assert len(measured) == 2 * 2
     first = (tmp_path / "a" / "run" / "anchor.json").read_bytes()
     assert json.loads(first)["built_at_step"] == 0
     items = json.loads(first)["items"]

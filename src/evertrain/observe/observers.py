@@ -55,9 +55,12 @@ class Observers:
         self.acc.wait_for_everyone()  # every process evaluates the slice the main one just stored
         self._evals(self.evals.measure(model, [data.sha256], step, before_file=data))
         self.degraded.attempt("snapshots/tracked.json", lambda: self.snapshots.track_file(data))
+        earlier = [s for s in seen_files(progress) if s != data.sha256]
         if self.anchor.build(model, data, step, self.snapshots.load_tracked):
-            self._drift(model, step, None)  # where the drift plot starts
-        baseline = self.gate.baseline(model, [s for s in seen_files(progress) if s != data.sha256], step)
+            drift = self._drift(model, step, None)  # where the drift plot starts
+            if not earlier:  # the gate's baseline is this measurement: the model has not changed since
+                self.gate.remember(step, {}, drift and drift["by_source"])
+        baseline = self.gate.baseline(model, earlier, step)
         self.event(f"start {data.name} ({data.sha256[:12]}) at global step {step}: {total} steps", step)
         return baseline
 
