@@ -29,7 +29,7 @@ def _rows(n: int, per_row: int = 1) -> list[list[Example]]:
                                            (5, 3, 2)])
 def test_micro_batches_deal_every_row_of_a_step_to_exactly_one_process_and_micro_batch(n, accum, world):
     rows = _rows(n)
-    dealt = {rank: list(loop.micro_batches(rows, accum, world, rank)) for rank in range(world)}
+    dealt = {rank: list(loop.micro_batches(rows, accum, world, rank, n, 1)) for rank in range(world)}
     seen = [id(row) for batches in dealt.values() for _m, mine in batches for row in mine]
     assert sorted(seen) == sorted(map(id, rows))  # every row once: none dropped, none twice
     for rank, batches in dealt.items():

@@ -214,15 +214,13 @@ def guard_problems(session: Session, result: FileResult) -> list[str]:
     return problems
 
 
-def micro_batches(rows: list[list[Example]], accum: int, world: int, rank: int, own: int | None = None,
-                  per_process: int = 1):
+def micro_batches(rows: list[list[Example]], accum: int, world: int, rank: int, own: int, per_process: int):
     """(index, rows) of each micro-batch this process runs in one optimizer step.
 
     The step's first `own` rows (the file's, replay.place filled their padding) are dealt round-robin over `accum`
     micro-batches; the rows of replay alone after them go into micro-batches of their own (at most `per_process`
     rows on each process), so they are padded to their own length: beside the file's rows a 40-token replayed
     answer would be padded to their 512. Every process derives the same count from the same rows."""
-    own = len(rows) if own is None else own
     extra = -(-(len(rows) - own) // (world * per_process))  # micro-batches of replay alone
     groups = [(rows[:own], k, accum) for k in range(accum)] + [(rows[own:], k, extra) for k in range(extra)]
     for m, (group, k, n) in enumerate(groups):
