@@ -216,6 +216,14 @@ def test_newest_complete_passes_over_broken_newer_ones_and_says_so(tmp_path):
         assert checkpoint.newest_complete(out, warn=said.append, damaged=damaged).step == 2
     assert (out / "checkpoint-3").is_dir() and not (out / "damaged").exists()
     assert checkpoint.newest_complete(tmp_path / "empty", damaged="refuse") is None
+    # A flipped byte keeps the size: the full verification (the default) sees it; sizes only (full=False: serve's
+    # follower, which verifies in full the one it loads) take the checkpoint.
+    weights = out / "checkpoint-2" / "model.safetensors"
+    flipped = bytearray(weights.read_bytes())
+    flipped[-1] ^= 1
+    weights.write_bytes(bytes(flipped))
+    assert checkpoint.newest_complete(out, warn=said.append).step == 1
+    assert checkpoint.newest_complete(out, warn=said.append, full=False).step == 2
 
 
 def test_when_no_checkpoint_verifies_newest_complete_refuses_or_sets_them_aside(tmp_path):

@@ -34,6 +34,20 @@ def test_progress_round_trips_through_the_checkpoint_state_and_finds_finished_fi
     assert TrainingProgress.from_state_dict({"global_step": 3}) == TrainingProgress(global_step=3)
 
 
+def test_the_accepted_file_is_the_newest_done_one_the_gate_did_not_trip_on():
+    """What `serve` serves and retention never deletes: the model after the newest file that finished and passed
+    the gate (or had none)."""
+    tripped = dict(record("d").__dict__, forgetting={"tripped": True, "action": "alert"})
+    passed = dict(record("b").__dict__, forgetting={"tripped": False})
+    progress = TrainingProgress(files=[record("a"), FileRecord(**passed), record("c", "rejected"),
+                                       FileRecord(**tripped), record("e", "failed", 1), record("f", "skipped", 0)])
+    assert progress.accepted() is progress.files[1]
+    progress.files.append(record("g"))  # no gate: accepted once done
+    assert progress.accepted() is progress.files[-1]
+    assert TrainingProgress(files=[record("c", "rejected"), FileRecord(**tripped)]).accepted() is None
+    assert TrainingProgress().accepted() is None
+
+
 def test_a_cursor_and_record_saved_before_the_forgetting_gate_load_as_a_first_attempt_at_the_plain_dose():
     """A checkpoint written before the gate existed has none of its keys: its open file is a first attempt (a retry
     is still allowed), replayed at the plain dose, with no baseline (the gate then has no verdict), and its
