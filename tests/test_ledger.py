@@ -108,6 +108,10 @@ def test_place_moves_a_file_into_the_folder_of_its_state(tmp_path):
     assert place(ws, {"name": "3-c.jsonl", "state": "duplicate"}) == ws.root / "done" / "3-c.jsonl"
     assert (ws.root / "queue" / "3-c.jsonl").exists()  # already where it belongs: nothing moved over it
     assert place(ws, {"name": "4-d.jsonl", "state": "queued"}) is None
+    (ws.root / "rejected").mkdir(exist_ok=True)
+    (ws.root / "rejected" / "5-e.jsonl").write_text("e")  # a rejected file queued again (retrain)
+    assert place(ws, {"name": "5-e.jsonl", "state": "queued"}) == ws.root / "queue" / "5-e.jsonl"
+    assert not (ws.root / "rejected" / "5-e.jsonl").exists()
     ledger.close()
 
 

@@ -199,7 +199,7 @@ FOLDER = {"queued": "queue", "training": "queue", "done": "done", "duplicate": "
 
 
 def place(ws: Workspace, row: dict) -> Path | None:
-    """Move a file into the folder of its state (it may be in any of queue/, done/, failed/); its path."""
+    """Move a file into the folder of its state (it may be in any of queue/, done/, failed/, rejected/); its path."""
     if not row or not row["name"]:
         return None
     target = ws.root / FOLDER[row["state"]] / row["name"]
