@@ -17,7 +17,7 @@ from conftest import write_jsonl
 
 from evertrain.config import TrainConfig
 from evertrain.data import Example, load_file
-from evertrain.data.packing import IGNORE, Rows, collate, pack
+from evertrain.data.packing import IGNORE, Rows, collate, next_token_logits, pack
 
 
 def reference_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -109,9 +109,17 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok, tiny_model):
     data = load_file(f, tok, TrainConfig(model=str(tiny_model), packing=True))
     assert data.rows == [[0, 1]]
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    with torch.no_grad():
-        packed = model(**{k: v for k, v in collate([[data.examples[i] for i in r] for r in data.rows], tok.pad_token_id, "cpu").items()
-                          if k != "labels"}, use_cache=False).logits[0]
+    with torch.no_grad():  # packing.next_token_logits, which evaluation calls: logits shifted by one
+        batch = collate([[data.examples[i] for i in r] for r in data.rows], tok.pad_token_id, "cpu")
+        packed, labels = next_token_logits(model, batch)
         n0 = len(data.examples[0].input_ids)
         alone = model(input_ids=torch.tensor([data.examples[1].input_ids])).logits[0]
-    torch.testing.assert_close(packed[n0:n0 + alone.shape[0]], alone)
+    torch.testing.assert_close(packed[0, n0:n0 + alone.shape[0] - 1], alone[:-1])
+    assert labels.tolist() == [batch["labels"][0, 1:].tolist()]
+
+
+def test_a_preference_pairs_rejected_sequence_restarts_its_positions():
+    """Its two sequences share a row and never attend to each other: positions 0.. for each."""
+    pair = Example(line=0, format="", input_ids=[5, 6, 7, 8, 9], labels=[IGNORE, 6, 7, IGNORE, 9], split=3)
+    batch = collate([[pair, _ex([4, 2], 0)]], pad_id=0, device="cpu")
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
