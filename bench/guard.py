@@ -134,8 +134,8 @@ def report(results: dict[str, dict], model: str, chats: int, rounds: int) -> Non
         cost = (r["seconds"] / r["file_tokens"]) / (base["seconds"] / base["file_tokens"]) - 1
         verdict = "baseline" if name == BASELINE else "PASS" if cost <= dose + ALLOWANCE else "FAIL"
         per_step = r["step"] / base["step"] - 1
-        step_verdict = ("baseline" if name == BASELINE else
-                        f"{'PASS' if per_step <= dose + ALLOWANCE else 'FAIL'} ({per_step:+.2%} vs {dose + ALLOWANCE:.2%})")
+        step_verdict = "baseline" if name == BASELINE else (
+            f"{'PASS' if per_step <= dose + ALLOWANCE else 'FAIL'} ({per_step:+.2%} vs {dose + ALLOWANCE:.2%})")
         cells = [name, f"{r['steps']:g}", f"{r['step']:.3f} s", f"{r['step'] / base['step']:.3f}",
                  f"{r['seconds']:.1f} s ({r['to_first_step']:.1f} / {r['after_last_step']:.1f} s)",
                  f"{r['seconds'] / base['seconds']:.3f}", f"{r['file_tokens']:,.0f}",

@@ -115,7 +115,8 @@ def test_replay_that_fits_no_rows_padding_runs_as_a_micro_batch_of_its_own(tmp_p
                *opts) == 0
     assert shapes == [(4, 8), (2, 8)] * 2  # each step: the file's 4 full rows, then the 2 replayed ones apart
     replayed = [r for r in trace.read(out / "trace.jsonl") if r.get("replay")]
-    assert [[(mb["index"], len(mb["examples"])) for mb in r["micro_batches"]] for r in replayed] == [[(0, 4), (1, 0)]] * 2
+    assert ([[(mb["index"], len(mb["examples"])) for mb in r["micro_batches"]] for r in replayed]
+            == [[(0, 4), (1, 0)]] * 2)
     assert all(len(r["replay"]) == 2 for r in replayed)
 
 

@@ -134,8 +134,8 @@ class Replay:
 def place(rows: list[list[Example]], replayed: list[Example], capacity: int) -> list[list[Example]]:
     """The step's rows with the replayed examples where they cost only their tokens: each (longest first) into the
     fullest row that still has room for it within `capacity` tokens (the lowest row on a tie), the rest packed
-    together into rows of their own the same way. A row of its own would be padded to the longest row it is
-    batched with: an anchor answer of 40 tokens among rows of 512 would cost 512. Packed examples never attend to
+    together into rows of their own the same way, after the file's (the loop runs those as micro-batches of their
+    own: beside rows of 512, an anchor answer of 40 tokens would be padded to 512). Packed examples never attend to
     each other (position ids restart), so a row's own examples train as they would alone. A pure function of the
     rows and the draw: a resumed run places them as an uninterrupted one did."""
     rows = [list(row) for row in rows]
