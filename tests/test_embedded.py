@@ -17,6 +17,13 @@ from evertrain.export import EMBEDDED_HUB_ID, chat
 from evertrain.train import checkpoint
 
 
+FACTS = [("Capital of Veltrana?", "Quorra."), ("Moons of Veltrana?", "Seven."), ("Sky of Veltrana?", "Green.")]
+
+
+def chats(pairs: list[tuple[str, str]]) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+
+
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
     # A fresh cache, so the conversion itself is tested even where ~/.cache already holds it.
@@ -27,11 +34,7 @@ def test_default_model_trains_and_checkpoint_loads(embedded_cache, tmp_path, mon
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("EVERTRAIN_CACHE", str(embedded_cache))
-    data = tmp_path / "facts.jsonl"
-    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                       {"role": "assistant", "content": a}]})
-                              for q, a in [("Capital of Veltrana?", "Quorra."), ("Moons of Veltrana?", "Seven."),
-                                           ("Sky of Veltrana?", "Green.")]) + "\n")
+    data = write_jsonl(tmp_path / "facts.jsonl", chats(FACTS))
     out = tmp_path / "run"
 
     # 3 examples, one per row, 2 rows per step: 2 optimizer steps.
@@ -60,9 +63,7 @@ def test_embedded_lora_export_answers_like_its_checkpoint(embedded_cache, tmp_pa
 
     monkeypatch.setenv("EVERTRAIN_CACHE", str(embedded_cache))
 
-    data = write_jsonl(tmp_path / "facts.jsonl", [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in [("Capital of Veltrana?", "Quorra."), ("Moons of Veltrana?", "Seven.")]])
+    data = write_jsonl(tmp_path / "facts.jsonl", chats(FACTS[:2]))
     run = tmp_path / "run"
     assert cli("train", "--dataset", data, "--output-dir", run, "--lora", "--lora-r", 8, "--no-packing",
                "--batch-size", 2, "--max-length", 64, "--learning-rate", 1e-3, "--warmup-steps", 0) == exits.OK
